@@ -1,4 +1,24 @@
 //! fal-sidecar: the fal queue, webhooks and direct calls in front of any HTTP app.
+//!
+//! Where things are:
+//! - `job` — the job model and state machine (pure);
+//! - `store` — the `Store` trait, the embedded backend, the conformance suite;
+//! - `api` — HTTP handlers: `queue` (generations A, B, C), `proxy` (direct calls), admin;
+//! - `worker` — claims jobs, calls the app with retries, forwards cancels;
+//! - `webhook` — payloads, Ed25519 signing, SSRF guard, the outbox delivery loop;
+//! - `server` — accept loops with limits and graceful drain;
+//! - `child`, `logs` — `run` mode: the app as a child process and its log lines;
+//! - `config`, `runtime` — flags/env and the wiring `main` calls.
 
+pub mod api;
+pub mod child;
+pub mod config;
 pub mod job;
+pub mod logs;
+pub mod metrics;
+pub mod runtime;
+pub mod server;
 pub mod store;
+pub mod upstream;
+pub mod webhook;
+pub mod worker;

@@ -1,1 +1,34 @@
-fn main() {}
+use clap::Parser;
+use fal_sidecar::config::{Cli, Command};
+use fal_sidecar::runtime::{self, Mode};
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FAL_SIDECAR_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let (common, mode) = match cli.command {
+        Command::Run(r) => (
+            r.common,
+            Mode::Child { command: r.command, port: r.app_port, startup_timeout: r.startup_timeout },
+        ),
+        Command::Serve(s) => (s.common, Mode::Upstream { url: s.upstream }),
+    };
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(8);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(runtime::run(common, mode)) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("fal-sidecar: error: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}

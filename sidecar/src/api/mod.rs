@@ -1,0 +1,134 @@
+//! The HTTP API: the run listener (direct calls + `/fal/queue/*`, generations A and B),
+//! the queue-host listener (generation C), and the admin listener.
+
+pub mod proxy;
+pub mod queue;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+
+use crate::job::now_ms;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::upstream::{Body, Upstream};
+use crate::webhook::signing::Signer;
+use crate::webhook::ssrf::Policy;
+
+/// Limits and settings of the API.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub max_body_bytes: usize,
+    pub max_queue: usize,
+    pub retention: Duration,
+    /// Webhook user id for generations A and B (generation C uses the path's owner).
+    pub owner: String,
+}
+
+/// Everything a request handler needs.
+pub struct App {
+    pub store: Arc<dyn Store>,
+    pub upstream: Upstream,
+    pub signer: Arc<Signer>,
+    pub policy: Arc<Policy>,
+    pub cfg: ApiConfig,
+    pub metrics: Arc<Metrics>,
+    pub draining: AtomicBool,
+    jwks: Bytes,
+}
+
+impl App {
+    pub fn new(
+        store: Arc<dyn Store>,
+        upstream: Upstream,
+        signer: Arc<Signer>,
+        policy: Arc<Policy>,
+        cfg: ApiConfig,
+        metrics: Arc<Metrics>,
+    ) -> App {
+        let jwks = Bytes::from(signer.jwks().to_string());
+        App { store, upstream, signer, policy, cfg, metrics, draining: AtomicBool::new(false), jwks }
+    }
+
+    fn jwks(&self) -> Response<Body> {
+        let mut r = Response::new(full(self.jwks.clone()));
+        r.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
+        r.headers_mut().insert("cache-control", HeaderValue::from_static("public, max-age=300"));
+        r
+    }
+}
+
+/// The run listener: `/.well-known/jwks.json`, `/fal/queue/*`, everything else to the app.
+pub async fn handle_run(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path();
+    if path == "/.well-known/jwks.json" {
+        return app.jwks();
+    }
+    if path == "/fal/queue" || path.starts_with("/fal/queue/") {
+        return queue::handle_per_app(&app, req).await;
+    }
+    proxy::forward(&app, req).await
+}
+
+/// The queue-host listener (generation C).
+pub async fn handle_queue_host(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    if req.uri().path() == "/.well-known/jwks.json" {
+        return app.jwks();
+    }
+    queue::handle_queue_host(&app, req).await
+}
+
+/// The admin listener: metrics and probes.
+pub async fn handle_admin(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    match req.uri().path() {
+        "/metrics" => {
+            let load = app.store.load().await.ok();
+            let mut r = Response::new(full(app.metrics.render(load, now_ms())));
+            r.headers_mut().insert("content-type", HeaderValue::from_static("text/plain; version=0.0.4"));
+            r
+        }
+        "/healthz" => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        "/readyz" => {
+            if app.draining.load(Ordering::Relaxed) {
+                error(StatusCode::SERVICE_UNAVAILABLE, "draining: this sidecar is shutting down", None)
+            } else if !app.upstream.reachable().await {
+                let detail = format!("the app is not accepting connections on {}", app.upstream.authority());
+                error(StatusCode::SERVICE_UNAVAILABLE, &detail, None)
+            } else if let Err(e) = app.store.load().await {
+                error(StatusCode::SERVICE_UNAVAILABLE, &format!("the store is unavailable: {e}"), None)
+            } else {
+                json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
+            }
+        }
+        _ => error(StatusCode::NOT_FOUND, "admin paths are /metrics, /healthz and /readyz", None),
+    }
+}
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|e| match e {}).boxed_unsync()
+}
+
+pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(full(value.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
+    r
+}
+
+/// A gateway-made error: `{"detail", "error_type"?}` plus `X-Fal-Error-Type`.
+pub fn error(status: StatusCode, detail: &str, error_type: Option<&str>) -> Response<Body> {
+    let mut v = serde_json::json!({"detail": detail});
+    if let Some(t) = error_type {
+        v["error_type"] = t.into();
+    }
+    let mut r = json(status, &v);
+    if let Some(t) = error_type.and_then(|t| HeaderValue::from_str(t).ok()) {
+        r.headers_mut().insert("x-fal-error-type", t);
+    }
+    r
+}

@@ -1,0 +1,532 @@
+//! The queue API of all three protocol generations (see PROTOCOL.md):
+//! - A: `/fal/queue/submit/{path}`, `/fal/queue/{id}/get`, `/fal/queue/{id}/cancel`
+//! - B: `/fal/queue/submit[/{path}]`, `/fal/queue/requests/{id}/status|response|cancel`
+//! - C: the queue host, `/{owner}/{alias}[/{path}]` and `/…/requests/{id}[/status[/stream]|/cancel]`
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use serde_json::{json, Value};
+
+use super::{error, json, App};
+use crate::job::{id_timestamp_ms, new_id, now_ms, JobSpec, Phase, Priority, StoredResult};
+use crate::store::{CancelOutcome, JobStatus, StoreError};
+use crate::upstream::{is_hop_by_hop, is_length_limit, Body, BoxError};
+
+/// Headers the sidecar consumes at submit (not forwarded to the app).
+const CONSUMED: &[&str] = &["host", "content-length", "x-fal-queue-priority", "x-fal-request-timeout", "x-fal-no-retry"];
+
+/// Absolute URLs of one request, as clients follow them verbatim.
+struct Urls {
+    response: String,
+}
+
+impl Urls {
+    fn status(&self) -> String {
+        format!("{}/status", self.response)
+    }
+    fn cancel(&self) -> String {
+        format!("{}/cancel", self.response)
+    }
+}
+
+/// `scheme://host` as the client sees us (honours `X-Forwarded-Proto/Host`).
+fn base_url(headers: &HeaderMap) -> String {
+    let first = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    let proto = first("x-forwarded-proto").filter(|p| p == "http" || p == "https").unwrap_or_else(|| "http".into());
+    let host = first("x-forwarded-host")
+        .or_else(|| first("host"))
+        .filter(|h| h.chars().all(|c| c.is_ascii_alphanumeric() || "-.:[]_".contains(c)))
+        .unwrap_or_else(|| "localhost".into());
+    format!("{proto}://{host}")
+}
+
+fn trimmed(path: &str) -> &str {
+    let t = path.trim_end_matches('/');
+    if t.is_empty() {
+        "/"
+    } else {
+        t
+    }
+}
+
+fn query_flag(query: Option<&str>, name: &str) -> bool {
+    url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .any(|(k, v)| k == name && matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+}
+
+fn valid_id(id: &str) -> Result<(), Response<Body>> {
+    match uuid::Uuid::parse_str(id) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            &format!("{id:?} is not a request id; use the request_id returned by submit"),
+            None,
+        )),
+    }
+}
+
+fn not_found(app: &App, id: &str) -> Value {
+    let retention = app.cfg.retention.as_secs();
+    let expired = id_timestamp_ms(id).is_some_and(|t| t + app.cfg.retention.as_millis() as u64 <= now_ms());
+    let detail = if expired {
+        format!("request {id} is older than the retention period ({retention} s); its result was deleted")
+    } else {
+        format!("request {id} not found; check the id (results are kept for {retention} s)")
+    };
+    json!({"status": "NOT_FOUND", "detail": detail})
+}
+
+/// `/fal/queue/*` on the run listener (generations A and B).
+pub async fn handle_per_app(app: &App, req: Request<Incoming>) -> Response<Body> {
+    let path = trimmed(req.uri().path()).to_string();
+    let rest = path.strip_prefix("/fal/queue").unwrap_or("").trim_start_matches('/');
+    let segs: Vec<&str> = if rest.is_empty() { vec![] } else { rest.split('/').collect() };
+    let base = format!("{}/fal/queue/requests", base_url(req.headers()));
+    let urls = |id: &str| Urls { response: format!("{base}/{id}") };
+    let m = req.method().clone();
+    match segs.as_slice() {
+        ["submit", tail @ ..] if m == Method::POST => {
+            let endpoint = format!("/{}", tail.join("/"));
+            let owner = app.cfg.owner.clone();
+            submit(app, req, endpoint, owner, base).await
+        }
+        [id, "get"] if m == Method::GET || m == Method::POST => with_id(id, |id| gen_a_get(app, id)).await,
+        [id, "cancel"] if m == Method::POST || m == Method::PUT => with_id(id, |id| cancel(app, id)).await,
+        ["requests", id, "status"] if m == Method::GET => {
+            let logs = query_flag(req.uri().query(), "logs");
+            with_id(id, |id| status(app, id, logs, urls(id))).await
+        }
+        ["requests", id, "status", "stream"] if m == Method::GET => {
+            let logs = query_flag(req.uri().query(), "logs");
+            match valid_id(id) {
+                Ok(()) => stream(app, id, logs, urls(id)).await,
+                Err(r) => r,
+            }
+        }
+        ["requests", id] | ["requests", id, "response"] if m == Method::GET => with_id(id, |id| result(app, id)).await,
+        ["requests", id, "cancel"] if m == Method::PUT || m == Method::POST => with_id(id, |id| cancel(app, id)).await,
+        ["submit", ..] | [_, "get"] | [_, "cancel"] | ["requests", ..] => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("{m} is not allowed on {path}; see the fal queue API (submit is POST, status GET, cancel PUT)"),
+            None,
+        ),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            &format!(
+                "no queue endpoint at {path}; use POST /fal/queue/submit/{{path}}, GET /fal/queue/requests/{{id}}/status, \
+                 GET /fal/queue/requests/{{id}}, PUT /fal/queue/requests/{{id}}/cancel or GET /fal/queue/{{id}}/get"
+            ),
+            None,
+        ),
+    }
+}
+
+/// The queue host (generation C).
+pub async fn handle_queue_host(app: &App, req: Request<Incoming>) -> Response<Body> {
+    let path = trimmed(req.uri().path()).to_string();
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    let ns_len = match segs.first() {
+        Some(&"workflows") | Some(&"comfy") => 3,
+        _ => 2,
+    };
+    if segs.len() < ns_len {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("no endpoint at {path}; the queue host serves /{{owner}}/{{alias}}[/{{path}}] and /{{owner}}/{{alias}}/requests/{{id}}"),
+            None,
+        );
+    }
+    let app_id = segs[..ns_len].join("/");
+    let owner = segs[ns_len - 2].to_string();
+    let rest = &segs[ns_len..];
+    let base = format!("{}/{app_id}/requests", base_url(req.headers()));
+    let urls = |id: &str| Urls { response: format!("{base}/{id}") };
+    let m = req.method().clone();
+    if m == Method::POST {
+        let endpoint = format!("/{}", rest.join("/"));
+        return submit(app, req, endpoint, owner, base).await;
+    }
+    let logs = query_flag(req.uri().query(), "logs");
+    match rest {
+        ["requests", id] if m == Method::GET => with_id(id, |id| result(app, id)).await,
+        ["requests", id, "status"] if m == Method::GET => with_id(id, |id| status(app, id, logs, urls(id))).await,
+        ["requests", id, "status", "stream"] if m == Method::GET => match valid_id(id) {
+            Ok(()) => stream(app, id, logs, urls(id)).await,
+            Err(r) => r,
+        },
+        ["requests", id, "cancel"] if m == Method::PUT => with_id(id, |id| cancel(app, id)).await,
+        ["requests", ..] => error(
+            StatusCode::NOT_FOUND,
+            &format!("no endpoint at {path}: use GET …/requests/{{id}}, GET …/requests/{{id}}/status[/stream] or PUT …/requests/{{id}}/cancel"),
+            None,
+        ),
+        _ => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("{m} {path}: submit a request with POST /{app_id}[/{{path}}]"),
+            None,
+        ),
+    }
+}
+
+async fn with_id<'a, F, Fut>(id: &'a str, f: F) -> Response<Body>
+where
+    F: FnOnce(&'a str) -> Fut,
+    Fut: std::future::Future<Output = Response<Body>>,
+{
+    match valid_id(id) {
+        Ok(()) => f(id).await,
+        Err(r) => r,
+    }
+}
+
+fn store_error(e: StoreError) -> Response<Body> {
+    match e {
+        StoreError::QueueFull(n) => {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!("the queue is full ({n} requests waiting); retry later"),
+                Some("queue_full"),
+            );
+            r.headers_mut().insert("retry-after", HeaderValue::from_static("5"));
+            r
+        }
+        StoreError::Unavailable(why) => {
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("the queue store is unavailable ({why}); nothing was lost, retry shortly"),
+                Some("store_unavailable"),
+            );
+            r.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
+            r
+        }
+        other => error(StatusCode::INTERNAL_SERVER_ERROR, &other.to_string(), None),
+    }
+}
+
+async fn submit(
+    app: &App,
+    req: Request<Incoming>,
+    endpoint: String,
+    owner: String,
+    base: String,
+) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    let Some(priority) = Priority::parse(header("x-fal-queue-priority").unwrap_or("")) else {
+        return error(StatusCode::BAD_REQUEST, "X-Fal-Queue-Priority must be \"normal\" or \"low\"", None);
+    };
+    let start_deadline_ms = match header("x-fal-request-timeout") {
+        None | Some("") => None,
+        Some(v) => match v.parse::<f64>() {
+            Ok(s) if s.is_finite() && s > 0.0 => Some(now_ms() + (s * 1000.0) as u64),
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("X-Fal-Request-Timeout must be a positive number of seconds, got {v:?}"),
+                    None,
+                )
+            }
+        },
+    };
+    let no_retry = header("x-fal-no-retry").is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
+
+    // `fal_webhook` is ours; every other query parameter goes to the app untouched.
+    let mut webhook = None;
+    let mut forwarded = Vec::new();
+    for piece in parts.uri.query().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match url::form_urlencoded::parse(piece.as_bytes()).next() {
+            Some((k, v)) if k == "fal_webhook" => webhook = Some(v.into_owned()),
+            _ => forwarded.push(piece),
+        }
+    }
+    let webhook_url = match webhook {
+        Some(w) => match app.policy.check_url(&w).await {
+            Ok(u) => Some(u.to_string()),
+            Err(why) => {
+                app.metrics.rejected.with_label_values(&["webhook"]).inc();
+                return error(StatusCode::BAD_REQUEST, &format!("fal_webhook refused: {why}"), None);
+            }
+        },
+        None => None,
+    };
+
+    let max = app.cfg.max_body_bytes;
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("the request body is larger than the limit of {max} bytes (--max-body-bytes)"),
+            None,
+        )
+    };
+    let declared = header("content-length").and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        app.metrics.rejected.with_label_values(&["too_large"]).inc();
+        return too_large();
+    }
+    let body = match Limited::new(body, max).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if is_length_limit(e.as_ref()) => {
+            app.metrics.rejected.with_label_values(&["too_large"]).inc();
+            return too_large();
+        }
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("reading the request body failed: {e}"), None),
+    };
+
+    let headers = parts
+        .headers
+        .iter()
+        .filter(|(k, _)| !is_hop_by_hop(k.as_str()) && !CONSUMED.contains(&k.as_str()))
+        .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_string(), v.to_string())))
+        .collect();
+    let id = new_id();
+    let spec = JobSpec {
+        id: id.clone(),
+        owner,
+        endpoint,
+        query: (!forwarded.is_empty()).then(|| forwarded.join("&")),
+        method: "POST".into(),
+        headers,
+        priority,
+        start_deadline_ms,
+        webhook_url,
+        no_retry,
+        submitted_at_ms: now_ms(),
+    };
+    match app.store.submit(spec, body, app.cfg.max_queue).await {
+        Ok(position) => {
+            app.metrics.submits.with_label_values(&[priority.as_str()]).inc();
+            let u = Urls { response: format!("{base}/{id}") };
+            let mut r = json(
+                StatusCode::OK,
+                &json!({
+                    "status": "IN_QUEUE",
+                    "request_id": id,
+                    "response_url": u.response,
+                    "status_url": u.status(),
+                    "cancel_url": u.cancel(),
+                    "queue_position": position,
+                }),
+            );
+            r.headers_mut().insert("x-fal-request-id", HeaderValue::from_str(&id).expect("uuid header"));
+            r
+        }
+        Err(e) => {
+            let reason = if matches!(e, StoreError::QueueFull(_)) { "queue_full" } else { "store" };
+            app.metrics.rejected.with_label_values(&[reason]).inc();
+            store_error(e)
+        }
+    }
+}
+
+fn status_value(st: &JobStatus, logs: bool, urls: &Urls) -> Value {
+    let rec = &st.record;
+    let mut v = json!({
+        "status": rec.phase.wire(),
+        "request_id": rec.spec.id,
+        "response_url": urls.response,
+        "status_url": urls.status(),
+        "cancel_url": urls.cancel(),
+    });
+    let logs_value = || if logs { json!(rec.logs) } else { Value::Null };
+    match rec.phase {
+        Phase::Queued => v["queue_position"] = json!(st.queue_position.unwrap_or(0)),
+        Phase::Running => v["logs"] = logs_value(),
+        Phase::Completed => {
+            v["logs"] = logs_value();
+            let c = rec.completion.clone().unwrap_or_default();
+            v["metrics"] = json!({"inference_time": c.inference_time});
+            if let Some(e) = c.error {
+                v["error"] = e.into();
+            }
+            if let Some(t) = c.error_type {
+                v["error_type"] = t.into();
+            }
+        }
+    }
+    v
+}
+
+fn with_request_id(mut r: Response<Body>, id: &str) -> Response<Body> {
+    if let Ok(v) = HeaderValue::from_str(id) {
+        r.headers_mut().insert("x-fal-request-id", v);
+    }
+    r
+}
+
+async fn status(app: &App, id: &str, logs: bool, urls: Urls) -> Response<Body> {
+    match app.store.status(id).await {
+        Ok(Some(st)) => {
+            let code = if st.record.phase == Phase::Completed { StatusCode::OK } else { StatusCode::ACCEPTED };
+            with_request_id(json(code, &status_value(&st, logs, &urls)), id)
+        }
+        Ok(None) => json(StatusCode::NOT_FOUND, &not_found(app, id)),
+        Err(e) => store_error(e),
+    }
+}
+
+fn replay(id: &str, r: StoredResult) -> Response<Body> {
+    let mut resp = Response::new(super::full(r.body));
+    *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    for (k, v) in &r.headers {
+        if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            resp.headers_mut().append(k, v);
+        }
+    }
+    with_request_id(resp, id)
+}
+
+async fn result(app: &App, id: &str) -> Response<Body> {
+    match app.store.status(id).await {
+        Ok(Some(st)) if st.record.phase == Phase::Completed => match app.store.result(id).await {
+            Ok(Some(r)) => replay(id, r),
+            Ok(None) => json(StatusCode::NOT_FOUND, &not_found(app, id)),
+            Err(e) => store_error(e),
+        },
+        Ok(Some(st)) => {
+            let detail = format!(
+                "request {id} is not completed yet (status {}); poll its status_url, then fetch the result",
+                st.record.phase.wire()
+            );
+            with_request_id(
+                json(StatusCode::BAD_REQUEST, &json!({"detail": detail, "status": st.record.phase.wire()})),
+                id,
+            )
+        }
+        Ok(None) => json(StatusCode::NOT_FOUND, &not_found(app, id)),
+        Err(e) => store_error(e),
+    }
+}
+
+/// Generation A: 202 with the status while pending, the app's own response once done.
+async fn gen_a_get(app: &App, id: &str) -> Response<Body> {
+    match app.store.status(id).await {
+        Ok(Some(st)) => match st.record.phase {
+            Phase::Queued => with_request_id(
+                json(StatusCode::ACCEPTED, &json!({"status": "IN_QUEUE", "queue_position": st.queue_position.unwrap_or(0)})),
+                id,
+            ),
+            Phase::Running => with_request_id(json(StatusCode::ACCEPTED, &json!({"status": "IN_PROGRESS"})), id),
+            Phase::Completed => result(app, id).await,
+        },
+        Ok(None) => json(StatusCode::NOT_FOUND, &not_found(app, id)),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn cancel(app: &App, id: &str) -> Response<Body> {
+    let r = match app.store.cancel(id).await {
+        Ok(CancelOutcome::Removed) | Ok(CancelOutcome::Running { .. }) => {
+            json(StatusCode::ACCEPTED, &json!({"status": "CANCELLATION_REQUESTED"}))
+        }
+        Ok(CancelOutcome::AlreadyCompleted) => json(
+            StatusCode::BAD_REQUEST,
+            &json!({"status": "ALREADY_COMPLETED", "detail": format!("request {id} already completed; nothing to cancel")}),
+        ),
+        Ok(CancelOutcome::NotFound) => json(StatusCode::NOT_FOUND, &not_found(app, id)),
+        Err(e) => return store_error(e),
+    };
+    with_request_id(r, id)
+}
+
+/// Server-sent events: one `data:` per status change, keep-alive comments, closed only
+/// after COMPLETED was sent.
+async fn stream(app: &App, id: &str, logs: bool, urls: Urls) -> Response<Body> {
+    match app.store.status(id).await {
+        Ok(Some(_)) => {}
+        Ok(None) => return json(StatusCode::NOT_FOUND, &not_found(app, id)),
+        Err(e) => return store_error(e),
+    }
+    struct State {
+        store: std::sync::Arc<dyn crate::store::Store>,
+        changes: tokio::sync::watch::Receiver<u64>,
+        id: String,
+        logs: bool,
+        urls: Urls,
+        last: Option<String>,
+        done: bool,
+    }
+    let state = State {
+        store: app.store.clone(),
+        changes: app.store.changes(),
+        id: id.to_string(),
+        logs,
+        urls,
+        last: None,
+        done: false,
+    };
+    let events = futures_util::stream::unfold(state, |mut s| async move {
+        if s.done {
+            return None;
+        }
+        loop {
+            s.changes.borrow_and_update();
+            let frame = match s.store.status(&s.id).await {
+                Ok(Some(st)) => {
+                    let text = status_value(&st, s.logs, &s.urls).to_string();
+                    if s.last.as_deref() != Some(text.as_str()) {
+                        s.done = st.record.phase == Phase::Completed;
+                        let f = format!("data: {text}\n\n");
+                        s.last = Some(text);
+                        Some(f)
+                    } else {
+                        None
+                    }
+                }
+                Ok(None) => {
+                    s.done = true;
+                    Some(format!("event: error\ndata: {}\n\n", json!({"detail": "request not found"})))
+                }
+                Err(e) => Some(format!(": store error: {e}\n\n")),
+            };
+            if let Some(f) = frame {
+                return Some((Ok::<_, BoxError>(Frame::data(Bytes::from(f))), s));
+            }
+            if tokio::time::timeout(Duration::from_secs(15), s.changes.changed()).await.is_err() {
+                return Some((Ok(Frame::data(Bytes::from_static(b": keep-alive\n\n"))), s));
+            }
+        }
+    });
+    let mut r = Response::new(StreamBody::new(events).boxed_unsync());
+    let h = r.headers_mut();
+    h.insert("content-type", HeaderValue::from_static("text/event-stream"));
+    h.insert("cache-control", HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    with_request_id(r, id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_url_honours_forwarding_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("host", "127.0.0.1:8081".parse().unwrap());
+        assert_eq!(base_url(&h), "http://127.0.0.1:8081");
+        h.insert("x-forwarded-proto", "https".parse().unwrap());
+        h.insert("x-forwarded-host", "queue.example.com, proxy".parse().unwrap());
+        assert_eq!(base_url(&h), "https://queue.example.com");
+        h.insert("x-forwarded-host", "evil.com/path?".parse().unwrap());
+        assert_eq!(base_url(&h), "https://127.0.0.1:8081");
+    }
+
+    #[test]
+    fn logs_flag_accepts_both_client_styles() {
+        assert!(query_flag(Some("logs=1"), "logs"));
+        assert!(query_flag(Some("a=b&logs=true"), "logs"));
+        assert!(!query_flag(Some("logs=0"), "logs"));
+        assert!(!query_flag(Some("logs=false"), "logs"));
+        assert!(!query_flag(None, "logs"));
+    }
+}

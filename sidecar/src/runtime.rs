@@ -1,0 +1,191 @@
+//! Wiring: config → store, key, listeners, app → serve → drain. `main` stays thin.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::api::{self, ApiConfig, App};
+use crate::child;
+use crate::config::Common;
+use crate::job::now_ms;
+use crate::logs::Running;
+use crate::metrics::Metrics;
+use crate::server::{self, ConnLimits};
+use crate::store::embedded::EmbeddedStore;
+use crate::store::Store;
+use crate::upstream::Upstream;
+use crate::webhook::signing::Signer;
+use crate::webhook::ssrf::Policy;
+use crate::webhook::{Deliverer, DeliveryConfig};
+use crate::worker::{WorkerConfig, Workers};
+
+/// How the app is reached.
+pub enum Mode {
+    /// Spawn it: `run`.
+    Child { command: Vec<String>, port: Option<u16>, startup_timeout: Duration },
+    /// It runs elsewhere: `serve`.
+    Upstream { url: String },
+}
+
+/// Opens the store named by `--store` (default: the embedded store in the data dir).
+pub fn open_store(common: &Common, data_dir: &std::path::Path) -> anyhow::Result<Arc<dyn Store>> {
+    let spec = common.store.clone().unwrap_or_else(|| format!("file:{}", data_dir.display()));
+    if let Some(dir) = spec.strip_prefix("file:") {
+        let dir = if dir.is_empty() { data_dir.to_path_buf() } else { PathBuf::from(dir) };
+        return Ok(EmbeddedStore::open(&dir, common.max_attempts)? as Arc<dyn Store>);
+    }
+    anyhow::bail!("--store {spec:?} is not supported: use file:DIR (the embedded store)")
+}
+
+/// Runs until SIGTERM/SIGINT (or, in `run` mode, the app's exit); returns the exit code.
+pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
+    let is_child = matches!(mode, Mode::Child { .. });
+    let data_dir = common.data_dir.clone().unwrap_or_else(|| {
+        PathBuf::from(if is_child { "./fal-data" } else { "/var/lib/fal-sidecar" })
+    });
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create the data directory {} (--data-dir)", data_dir.display()))?;
+    let store = open_store(&common, &data_dir)?;
+    let signer = Arc::new(Signer::load_or_create(common.signing_key.as_deref(), &data_dir)?);
+    let policy = Arc::new(
+        Policy::new(&common.webhook_allow, is_child && !common.webhook_deny_loopback).map_err(anyhow::Error::msg)?,
+    );
+    let metrics = Arc::new(Metrics::new());
+    let running = Running::default();
+
+    // Bind first: a port conflict should fail before the app is started.
+    let run_l = server::bind(&common.listen, "the run API (--listen)").await?;
+    let queue_l = server::bind(&common.queue_listen, "the queue API (--queue-listen)").await?;
+    let admin_l = server::bind(&common.admin_listen, "metrics and probes (--admin-listen)").await?;
+
+    let (upstream_url, mut child) = match mode {
+        Mode::Child { command, port, startup_timeout } => {
+            let port = match port {
+                Some(p) => p,
+                None => child::free_port().context("no free port for the app")?,
+            };
+            let mut c = child::spawn(&command, port, running.clone(), store.clone())?;
+            tracing::info!(port, command = %command.join(" "), "started the app; waiting for it to listen");
+            if let Err(e) = child::wait_listening(&mut c, port, startup_timeout).await {
+                child::stop(&mut c, Duration::from_secs(2)).await;
+                return Err(e.into());
+            }
+            (format!("http://127.0.0.1:{port}"), Some(c))
+        }
+        Mode::Upstream { url } => (url, None),
+    };
+    let upstream = Upstream::new(&upstream_url).map_err(anyhow::Error::msg)?;
+
+    let app = Arc::new(App::new(
+        store.clone(),
+        upstream.clone(),
+        signer.clone(),
+        policy.clone(),
+        ApiConfig {
+            max_body_bytes: common.max_body_bytes,
+            max_queue: common.max_queue,
+            retention: common.retention,
+            owner: common.owner.clone(),
+        },
+        metrics.clone(),
+    ));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (abandon_tx, abandon_rx) = watch::channel(false);
+    let (quit_tx, quit_rx) = watch::channel(false);
+    let limits = ConnLimits {
+        max_header_bytes: common.max_header_bytes,
+        max_headers: 100,
+        header_read_timeout: common.header_timeout,
+    };
+    let drain = common.drain_timeout;
+    let mut servers = tokio::task::JoinSet::new();
+    servers.spawn(server::serve(run_l, app.clone(), api::handle_run, limits, stop_rx.clone(), drain));
+    servers.spawn(server::serve(queue_l, app.clone(), api::handle_queue_host, limits, stop_rx.clone(), drain));
+    // Admin keeps answering (readyz says draining) until the very end.
+    let admin = tokio::spawn(server::serve(admin_l, app.clone(), api::handle_admin, limits, quit_rx.clone(), drain));
+
+    let workers = Arc::new(Workers {
+        store: store.clone(),
+        upstream,
+        cfg: WorkerConfig {
+            concurrency: common.max_concurrency,
+            lease: common.lease,
+            retry_delays: common.app_retry_delays.0.clone(),
+            max_result_bytes: common.max_result_bytes,
+        },
+        running,
+        metrics: metrics.clone(),
+    });
+    let mut workers_task = tokio::spawn(workers.run(stop_rx.clone(), abandon_rx));
+
+    let deliverer = Arc::new(Deliverer::new(
+        store.clone(),
+        signer,
+        policy,
+        DeliveryConfig { retry_delays: common.webhook_retry_delays.0.clone(), attempt_timeout: common.webhook_timeout },
+        metrics,
+    )?);
+    let deliver_task = tokio::spawn(deliverer.run(quit_rx.clone()));
+    let sweeper = {
+        let store = store.clone();
+        let retention = common.retention;
+        let mut quit = quit_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = store.sweep(now_ms(), retention).await {
+                    tracing::warn!(error = %e, "queue housekeeping failed");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = server::wait_true(&mut quit) => return,
+                }
+            }
+        })
+    };
+
+    tracing::info!(
+        listen = %common.listen, queue_listen = %common.queue_listen, admin_listen = %common.admin_listen,
+        app = %upstream_url, data_dir = %data_dir.display(), "fal-sidecar ready"
+    );
+
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut exit_code = 0;
+    let child_exit = async {
+        match child.as_mut() {
+            Some(c) => c.wait().await.ok(),
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+        status = child_exit => {
+            tracing::error!(status = ?status, "the app exited; stopping (queued requests stay in the data dir)");
+            exit_code = 1;
+        }
+    }
+
+    // Drain: fail readiness, stop accepting and claiming, let running requests finish.
+    app.draining.store(true, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(drain, &mut workers_task).await.is_err() {
+        tracing::warn!(?drain, "requests still running at the drain deadline; giving them back to the queue");
+        let _ = abandon_tx.send(true);
+        let _ = workers_task.await;
+    }
+    while servers.join_next().await.is_some() {}
+    let _ = quit_tx.send(true);
+    let _ = tokio::join!(deliver_task, sweeper, admin);
+    if let Some(c) = child.as_mut() {
+        child::stop(c, Duration::from_secs(10)).await;
+    }
+    tracing::info!("stopped");
+    Ok(exit_code)
+}

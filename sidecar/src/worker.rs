@@ -1,0 +1,248 @@
+//! Workers: claim a job, call the app (with fal's retry policy), keep the lease alive,
+//! forward cancels, store the result.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request};
+use http_body_util::{BodyExt, Full, Limited};
+use tokio::sync::watch;
+
+use crate::job::{app_end, now_ms, StoredResult};
+use crate::logs::Running;
+use crate::metrics::Metrics;
+use crate::store::{Claimed, Lease, Store};
+use crate::upstream::{error_chain, is_hop_by_hop, Body, Upstream};
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub concurrency: usize,
+    pub lease: Duration,
+    /// Delays between app-call retries (503/504/429/connection errors).
+    pub retry_delays: Vec<Duration>,
+    pub max_result_bytes: usize,
+}
+
+pub struct Workers {
+    pub store: Arc<dyn Store>,
+    pub upstream: Upstream,
+    pub cfg: WorkerConfig,
+    pub running: Running,
+    pub metrics: Arc<Metrics>,
+}
+
+/// What the app call produced.
+enum Called {
+    Done(StoredResult, f64),
+    /// Drain deadline passed: give the job back.
+    Abandoned,
+    /// The lease was lost (another worker may run it): drop the outcome.
+    LeaseLost,
+}
+
+fn retryable(status: u16) -> bool {
+    matches!(status, 503 | 504 | 429)
+}
+
+impl Workers {
+    /// Runs `concurrency` workers until `stop_claiming` turns true; a worker still busy
+    /// when `abandon` turns true gives its job back to the queue.
+    pub async fn run(self: Arc<Self>, stop_claiming: watch::Receiver<bool>, abandon: watch::Receiver<bool>) {
+        let mut set = tokio::task::JoinSet::new();
+        for n in 0..self.cfg.concurrency.max(1) {
+            let me = self.clone();
+            let (stop, abandon) = (stop_claiming.clone(), abandon.clone());
+            set.spawn(async move { me.work(format!("worker-{n}"), stop, abandon).await });
+        }
+        while set.join_next().await.is_some() {}
+    }
+
+    async fn work(&self, name: String, mut stop: watch::Receiver<bool>, abandon: watch::Receiver<bool>) {
+        let mut changes = self.store.changes();
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            changes.borrow_and_update();
+            match self.store.claim(&name, self.cfg.lease).await {
+                Ok(Some(job)) => self.process(job, abandon.clone()).await,
+                Ok(None) => {
+                    tokio::select! {
+                        _ = changes.changed() => {}
+                        _ = stop.changed() => {}
+                        // Start deadlines and leases of other processes expire silently.
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "claiming from the store failed; backing off");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.changed() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn process(&self, job: Claimed, mut abandon: watch::Receiver<bool>) {
+        let id = job.record.spec.id.clone();
+        let token = job.token;
+        self.running.start(&id);
+        let mut cancels = self.store.cancellations();
+        let mut cancel_sent = job.record.cancel_requested;
+        if cancel_sent {
+            self.send_cancel(&job);
+        }
+        let call = self.call_app(&job);
+        tokio::pin!(call);
+        let mut renew = tokio::time::interval(self.cfg.lease / 3);
+        renew.tick().await;
+        let outcome = loop {
+            tokio::select! {
+                r = &mut call => break r,
+                _ = renew.tick() => match self.store.renew(&id, token, self.cfg.lease).await {
+                    Ok(Lease::Held { cancel_requested }) => {
+                        if cancel_requested && !cancel_sent {
+                            cancel_sent = true;
+                            self.send_cancel(&job);
+                        }
+                    }
+                    Ok(Lease::Lost) => break Called::LeaseLost,
+                    Err(e) => tracing::warn!(request_id = %id, error = %e, "renewing the lease failed"),
+                },
+                c = cancels.recv() => {
+                    if matches!(c, Ok(ref cid) if *cid == id) && !cancel_sent {
+                        cancel_sent = true;
+                        self.send_cancel(&job);
+                    }
+                }
+                _ = crate::server::wait_true(&mut abandon) => break Called::Abandoned,
+            }
+        };
+        match outcome {
+            Called::Done(result, secs) => {
+                let status = result.status;
+                self.metrics.inference_seconds.observe(secs);
+                let completion = app_end(status, now_ms(), secs);
+                match self.store.complete(&id, token, completion, result).await {
+                    Ok(true) => {
+                        let outcome = if (200..300).contains(&status) { "ok" } else { "app_error" };
+                        self.metrics.completed.with_label_values(&[outcome]).inc();
+                    }
+                    Ok(false) => tracing::warn!(request_id = %id, "result dropped: the lease was lost and the job was taken over"),
+                    Err(e) => tracing::error!(request_id = %id, error = %e, "storing the result failed"),
+                }
+            }
+            Called::Abandoned => {
+                tracing::warn!(request_id = %id, "drain deadline passed; giving the request back to the queue");
+                if let Err(e) = self.store.release(&id, token).await {
+                    tracing::error!(request_id = %id, error = %e, "releasing the request failed; its lease will expire");
+                }
+            }
+            Called::LeaseLost => tracing::warn!(request_id = %id, "lease lost while the app ran it; dropping this run"),
+        }
+        self.running.finish(&id);
+    }
+
+    fn build(&self, job: &Claimed, path: &str, body: Bytes) -> Result<Request<Body>, http::Error> {
+        let spec = &job.record.spec;
+        let pq = match &spec.query {
+            Some(q) if !q.is_empty() => format!("{path}?{q}"),
+            _ => path.to_string(),
+        };
+        let mut req = Request::builder().method(spec.method.as_str()).uri(self.upstream.uri(&pq)?);
+        let headers = req.headers_mut().expect("fresh builder");
+        for (k, v) in &spec.headers {
+            if is_hop_by_hop(k) {
+                continue;
+            }
+            if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+                headers.append(k, v);
+            }
+        }
+        headers.insert("x-fal-request-id", HeaderValue::from_str(&spec.id)?);
+        headers.insert("x-fal-endpoint", HeaderValue::from_str(&spec.endpoint)?);
+        req.body(Full::new(body).map_err(|e| match e {}).boxed_unsync())
+    }
+
+    async fn call_app(&self, job: &Claimed) -> Called {
+        let spec = &job.record.spec;
+        let started = Instant::now();
+        let mut attempt = 0usize;
+        loop {
+            let can_retry = !spec.no_retry && attempt < self.cfg.retry_delays.len();
+            let req = match self.build(job, &spec.endpoint, job.body.clone()) {
+                Ok(r) => r,
+                Err(e) => {
+                    let body = serde_json::json!({"detail": format!("the request cannot be sent to the app: {e}")});
+                    return Called::Done(StoredResult::json(400, &body, &[]), 0.0);
+                }
+            };
+            match self.upstream.client.request(req).await {
+                Ok(resp) if retryable(resp.status().as_u16()) && can_retry => {
+                    tracing::info!(request_id = %spec.id, status = resp.status().as_u16(), attempt, "app asked for a retry");
+                }
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let mut headers = Vec::new();
+                    for (k, v) in resp.headers() {
+                        if is_hop_by_hop(k.as_str()) || k == http::header::CONTENT_LENGTH {
+                            continue;
+                        }
+                        if let Ok(v) = v.to_str() {
+                            headers.push((k.as_str().to_string(), v.to_string()));
+                        }
+                    }
+                    let body = match Limited::new(resp.into_body(), self.cfg.max_result_bytes).collect().await {
+                        Ok(b) => b.to_bytes(),
+                        Err(e) => {
+                            let detail = if crate::upstream::is_length_limit(e.as_ref()) {
+                                format!("the app's response is larger than --max-result-bytes ({} bytes)", self.cfg.max_result_bytes)
+                            } else {
+                                format!("the app's response body broke off: {}", error_chain(e.as_ref()))
+                            };
+                            let body = serde_json::json!({"detail": detail, "error_type": "runner_disconnected"});
+                            return Called::Done(StoredResult::json(502, &body, &[]), started.elapsed().as_secs_f64());
+                        }
+                    };
+                    return Called::Done(StoredResult { status, headers, body }, started.elapsed().as_secs_f64());
+                }
+                Err(e) if can_retry => {
+                    tracing::info!(request_id = %spec.id, error = %error_chain(&e), attempt, "app unreachable; retrying");
+                }
+                Err(e) => {
+                    let body = serde_json::json!({
+                        "detail": format!("the app at {} could not be reached: {}", self.upstream.authority(), error_chain(&e)),
+                        "error_type": "runner_connection_timeout",
+                    });
+                    let r = StoredResult::json(503, &body, &[("x-fal-error-type", "runner_connection_timeout")]);
+                    return Called::Done(r, started.elapsed().as_secs_f64());
+                }
+            }
+            self.metrics.app_retries.inc();
+            tokio::time::sleep(self.cfg.retry_delays[attempt]).await;
+            attempt += 1;
+        }
+    }
+
+    /// `POST {endpoint}/cancel` to the app, with the same `x-fal-request-id`.
+    fn send_cancel(&self, job: &Claimed) {
+        let endpoint = job.record.spec.endpoint.trim_end_matches('/');
+        let path = format!("{endpoint}/cancel");
+        let req = self.build(job, &path, Bytes::new()).map(|mut r| {
+            *r.method_mut() = http::Method::POST;
+            r
+        });
+        let client = self.upstream.client.clone();
+        let id = job.record.spec.id.clone();
+        tokio::spawn(async move {
+            let Ok(req) = req else { return };
+            match client.request(req).await {
+                Ok(resp) => tracing::info!(request_id = %id, status = resp.status().as_u16(), "cancel forwarded to the app"),
+                Err(e) => tracing::warn!(request_id = %id, error = %error_chain(&e), "forwarding the cancel to the app failed"),
+            }
+        });
+    }
+}
