@@ -102,6 +102,9 @@ pub struct Common {
     /// (comma-separated seconds; attempts = delays + 1).
     #[arg(long, env = "FAL_SIDECAR_APP_RETRY_DELAYS", default_value = "0.5,1,2,4,8,15,30,30,30", value_parser = secs_list)]
     pub app_retry_delays: DelayList,
+    /// Upper bound on app calls per claim, retries included (fal: 10).
+    #[arg(long, env = "FAL_SIDECAR_MAX_APP_ATTEMPTS", default_value_t = 10)]
+    pub max_app_attempts: usize,
     /// Allow webhooks to this CIDR, IP or host name (repeatable). `run` allows loopback by default.
     #[arg(long = "webhook-allow", env = "FAL_SIDECAR_WEBHOOK_ALLOW", value_delimiter = ',')]
     pub webhook_allow: Vec<String>,

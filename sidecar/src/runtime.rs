@@ -116,7 +116,7 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
         cfg: WorkerConfig {
             concurrency: common.max_concurrency,
             lease: common.lease,
-            retry_delays: common.app_retry_delays.0.clone(),
+            retry_delays: common.app_retry_delays.0.iter().copied().take(common.max_app_attempts.saturating_sub(1)).collect(),
             max_result_bytes: common.max_result_bytes,
         },
         running,

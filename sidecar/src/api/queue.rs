@@ -171,9 +171,14 @@ pub async fn handle_queue_host(app: &App, req: Request<Incoming>) -> Response<Bo
             &format!("no endpoint at {path}: use GET …/requests/{{id}}, GET …/requests/{{id}}/status[/stream] or PUT …/requests/{{id}}/cancel"),
             None,
         ),
-        _ => error(
+        [] if m != Method::GET => error(
             StatusCode::METHOD_NOT_ALLOWED,
             &format!("{m} {path}: submit a request with POST /{app_id}[/{{path}}]"),
+            None,
+        ),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            &format!("no endpoint at {m} {path}: submit with POST /{app_id}[/{{path}}], read with GET /{app_id}/requests/{{id}}[/status]"),
             None,
         ),
     }

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (.ci/run calls this):
+#   1. Rust unit and conformance tests of every crate (cargo nextest);
+#   2. the operator's rendered objects validated by kubernetes-validate;
+#   3. the end-to-end suite: the real sidecar binary, the example app, a webhook
+#      receiver, redis-server and the real PyPI fal-client, all on loopback.
+# Installs what it needs (Python venv, redis-server) when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+# --- system packages -------------------------------------------------------------
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "== installing ${need_apt[*]}"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  # The package's own service is not wanted: tests start their own servers.
+  (command -v systemctl >/dev/null && $SUDO systemctl stop redis-server 2>/dev/null) || true
+fi
+
+# --- Python venv (fal-client, cryptography, kubernetes-validate, …) -----------------
+VENV=${FAL_TEST_VENV:-$ROOT/.venv}
+stamp="$VENV/.requirements.sha"
+want=$(sha256sum tests/requirements.txt | cut -d' ' -f1)
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "== creating the test venv in $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -r tests/requirements.txt
+  echo "$want" > "$stamp"
+fi
+
+# --- Rust ----------------------------------------------------------------------------
+echo "== cargo build"
+cargo build --workspace --bins --locked
+TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | "$VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+export FAL_SIDECAR_BIN="$TARGET_DIR/debug/fal-sidecar"
+export FAL_OPERATOR_BIN="$TARGET_DIR/debug/fal-operator"
+
+echo "== cargo nextest (unit, conformance, reconcile tests)"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
+
+# --- operator manifests ----------------------------------------------------------------
+if [ -x scripts/test-operator.sh ]; then
+  echo "== operator: rendered objects against the Kubernetes schema"
+  scripts/test-operator.sh "$VENV/bin/python"
+fi
+
+# --- end to end ----------------------------------------------------------------------------
+echo "== end-to-end (real processes on loopback)"
+"$VENV/bin/python" -m pytest tests/e2e -q -p no:cacheprovider "$@"
