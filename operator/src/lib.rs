@@ -1,0 +1,27 @@
+//! fal-operator: the Kubernetes side of self-hosted fal-serverless.
+//!
+//! Where things live:
+//! - [`crd`]: the `FalFunction` resource; [`catalog`]: machine types;
+//! - [`deployment`], [`sidecar`], [`service`]: a FalFunction becomes objects (pure);
+//! - [`status`], [`conditions`]: what its status should say (pure);
+//! - [`render`]: the same objects from a manifest, without a cluster;
+//! - [`controller`]: the thin reconcile loop around all of the above;
+//! - [`metrics`]: `/metrics` and `/healthz`.
+
+pub mod catalog;
+pub mod conditions;
+pub mod config;
+pub mod controller;
+pub mod crd;
+pub mod deployment;
+pub mod diff;
+mod error;
+pub mod labels;
+pub mod metrics;
+pub mod render;
+pub mod service;
+pub mod sidecar;
+pub mod status;
+pub mod validate;
+
+pub use error::{error_chain, Error, Result};
