@@ -247,13 +247,15 @@ impl MachineCatalog {
                 known: self.names().collect::<Vec<_>>().join(", "),
             })?;
         let gpus = match spec.num_gpus {
-            Some(n) if machine.gpus == 0 => return Err(Error::invalid(
-                "spec.numGpus",
-                format!(
+            Some(n) if machine.gpus == 0 => {
+                return Err(Error::invalid(
+                    "spec.numGpus",
+                    format!(
                     "{n} GPUs requested but machine type {} has no GPU; pick a GPU-* machine type",
                     spec.machine_type
                 ),
-            )),
+                ))
+            }
             Some(n) if n < 1 => return Err(Error::invalid("spec.numGpus", "must be at least 1")),
             Some(n) => n,
             None => machine.gpus,
