@@ -14,13 +14,21 @@ pub enum ChildError {
     #[error("cannot start the app {cmd:?}: {source}")]
     Spawn { cmd: String, source: std::io::Error },
     #[error("the app exited ({status}) before it listened on port {port}; its output is above")]
-    ExitedEarly { status: std::process::ExitStatus, port: u16 },
+    ExitedEarly {
+        status: std::process::ExitStatus,
+        port: u16,
+    },
     #[error("the app did not listen on port {port} within {secs} s (it must listen on $PORT); raise --startup-timeout if it loads slowly")]
     NeverListened { port: u16, secs: u64 },
 }
 
 /// Spawns `cmd` with `PORT=port`, pumping its output into logs.
-pub fn spawn(cmd: &[String], port: u16, running: Running, store: Arc<dyn Store>) -> Result<Child, ChildError> {
+pub fn spawn(
+    cmd: &[String],
+    port: u16,
+    running: Running,
+    store: Arc<dyn Store>,
+) -> Result<Child, ChildError> {
     let mut c = Command::new(&cmd[0]);
     c.args(&cmd[1..])
         .env("PORT", port.to_string())
@@ -29,7 +37,10 @@ pub fn spawn(cmd: &[String], port: u16, running: Running, store: Arc<dyn Store>)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let mut child = c.spawn().map_err(|source| ChildError::Spawn { cmd: cmd.join(" "), source })?;
+    let mut child = c.spawn().map_err(|source| ChildError::Spawn {
+        cmd: cmd.join(" "),
+        source,
+    })?;
     if let Some(out) = child.stdout.take() {
         tokio::spawn(pump(out, "STDOUT", running.clone(), store.clone()));
     }
@@ -40,17 +51,27 @@ pub fn spawn(cmd: &[String], port: u16, running: Running, store: Arc<dyn Store>)
 }
 
 /// Waits until `127.0.0.1:port` accepts connections, or the child exits, or time runs out.
-pub async fn wait_listening(child: &mut Child, port: u16, timeout: Duration) -> Result<(), ChildError> {
+pub async fn wait_listening(
+    child: &mut Child,
+    port: u16,
+    timeout: Duration,
+) -> Result<(), ChildError> {
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait().ok().flatten() {
             return Err(ChildError::ExitedEarly { status, port });
         }
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             return Ok(());
         }
         if start.elapsed() > timeout {
-            return Err(ChildError::NeverListened { port, secs: timeout.as_secs() });
+            return Err(ChildError::NeverListened {
+                port,
+                secs: timeout.as_secs(),
+            });
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
@@ -72,5 +93,7 @@ pub async fn stop(child: &mut Child, grace: Duration) {
 
 /// A free loopback port (for the app when `--app-port` is not given).
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }

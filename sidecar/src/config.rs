@@ -7,7 +7,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "fal-sidecar", version, about = "fal queue, webhooks and direct calls in front of any HTTP app")]
+#[command(
+    name = "fal-sidecar",
+    version,
+    about = "fal queue, webhooks and direct calls in front of any HTTP app"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -53,10 +57,18 @@ pub struct Common {
     #[arg(long, env = "FAL_SIDECAR_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
     /// Queue-host API (queue.fal.run style): /{owner}/{alias}/…
-    #[arg(long, env = "FAL_SIDECAR_QUEUE_LISTEN", default_value = "127.0.0.1:8081")]
+    #[arg(
+        long,
+        env = "FAL_SIDECAR_QUEUE_LISTEN",
+        default_value = "127.0.0.1:8081"
+    )]
     pub queue_listen: String,
     /// Admin: /metrics, /healthz, /readyz.
-    #[arg(long, env = "FAL_SIDECAR_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    #[arg(
+        long,
+        env = "FAL_SIDECAR_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
     pub admin_listen: String,
     /// Where the embedded store and the webhook key live
     /// [default: ./fal-data for run, /var/lib/fal-sidecar for serve].
@@ -106,7 +118,11 @@ pub struct Common {
     #[arg(long, env = "FAL_SIDECAR_MAX_APP_ATTEMPTS", default_value_t = 10)]
     pub max_app_attempts: usize,
     /// Allow webhooks to this CIDR, IP or host name (repeatable). `run` allows loopback by default.
-    #[arg(long = "webhook-allow", env = "FAL_SIDECAR_WEBHOOK_ALLOW", value_delimiter = ',')]
+    #[arg(
+        long = "webhook-allow",
+        env = "FAL_SIDECAR_WEBHOOK_ALLOW",
+        value_delimiter = ','
+    )]
     pub webhook_allow: Vec<String>,
     /// In `run` mode, refuse loopback webhooks too (as `serve` does).
     #[arg(long, env = "FAL_SIDECAR_WEBHOOK_DENY_LOOPBACK")]
@@ -138,14 +154,18 @@ pub fn secs(s: &str) -> Result<Duration, String> {
         }
         return Err(format!("{s:?} must be a non-negative number of seconds"));
     }
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration ({e}); use seconds like 1.5 or 250ms"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); use seconds like 1.5 or 250ms"))
 }
 
 pub fn secs_list(s: &str) -> Result<DelayList, String> {
     if s.trim().is_empty() || s.trim() == "none" {
         return Ok(DelayList(Vec::new()));
     }
-    s.split(',').map(secs).collect::<Result<Vec<_>, _>>().map(DelayList)
+    s.split(',')
+        .map(secs)
+        .collect::<Result<Vec<_>, _>>()
+        .map(DelayList)
 }
 
 #[cfg(test)]
@@ -159,14 +179,26 @@ mod tests {
         assert_eq!(secs("1h").unwrap(), Duration::from_secs(3600));
         assert!(secs("-1").is_err());
         assert!(secs("soon").is_err());
-        assert_eq!(secs_list("0.1, 2").unwrap().0, vec![Duration::from_millis(100), Duration::from_secs(2)]);
+        assert_eq!(
+            secs_list("0.1, 2").unwrap().0,
+            vec![Duration::from_millis(100), Duration::from_secs(2)]
+        );
         assert!(secs_list("none").unwrap().0.is_empty());
         assert!(secs_list("1,x").is_err());
     }
 
     #[test]
     fn run_needs_a_command_and_parses_flags() {
-        let cli = Cli::try_parse_from(["fal-sidecar", "run", "--max-concurrency", "2", "--", "python3", "app.py"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "fal-sidecar",
+            "run",
+            "--max-concurrency",
+            "2",
+            "--",
+            "python3",
+            "app.py",
+        ])
+        .unwrap();
         match cli.command {
             Command::Run(r) => {
                 assert_eq!(r.command, vec!["python3", "app.py"]);
@@ -176,6 +208,9 @@ mod tests {
             _ => panic!("run expected"),
         }
         assert!(Cli::try_parse_from(["fal-sidecar", "run"]).is_err());
-        assert!(Cli::try_parse_from(["fal-sidecar", "serve"]).is_err(), "serve needs --upstream");
+        assert!(
+            Cli::try_parse_from(["fal-sidecar", "serve"]).is_err(),
+            "serve needs --upstream"
+        );
     }
 }

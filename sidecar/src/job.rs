@@ -132,10 +132,17 @@ impl StoredResult {
         for (k, v) in extra {
             headers.push((k.to_string(), v.to_string()));
         }
-        StoredResult { status, headers, body: Bytes::from(value.to_string()) }
+        StoredResult {
+            status,
+            headers,
+            body: Bytes::from(value.to_string()),
+        }
     }
     pub fn content_type(&self) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("content-type")).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -177,12 +184,20 @@ pub enum SystemEnd {
 /// Completion and result for a job the sidecar ended itself.
 pub fn system_end(kind: SystemEnd, now_ms: u64, attempts: u32) -> (Completion, StoredResult) {
     let (status, detail, error_type, extra): (u16, String, &str, &[(&str, &str)]) = match kind {
-        SystemEnd::Cancelled => (499, "Request was cancelled before it started.".into(), "request_cancelled", &[]),
+        SystemEnd::Cancelled => (
+            499,
+            "Request was cancelled before it started.".into(),
+            "request_cancelled",
+            &[],
+        ),
         SystemEnd::StartTimeout => (
             504,
             "Request timed out before processing started (X-Fal-Request-Timeout).".into(),
             "request_timeout",
-            &[("x-fal-request-timeout-type", "user"), ("x-fal-error-type", "request_timeout")],
+            &[
+                ("x-fal-request-timeout-type", "user"),
+                ("x-fal-error-type", "request_timeout"),
+            ],
         ),
         SystemEnd::Lost => (
             503,
@@ -208,15 +223,31 @@ pub fn app_end(status: u16, now_ms: u64, inference_time: f64) -> Completion {
     let (error, error_type) = if (200..300).contains(&status) {
         (None, None)
     } else if status == 499 {
-        (Some("Request was cancelled.".to_string()), Some("request_cancelled".to_string()))
+        (
+            Some("Request was cancelled.".to_string()),
+            Some("request_cancelled".to_string()),
+        )
     } else {
-        (Some(format!("Invalid status code: {status}")), Some("app_error".to_string()))
+        (
+            Some(format!("Invalid status code: {status}")),
+            Some("app_error".to_string()),
+        )
     };
-    Completion { completed_at_ms: now_ms, error, error_type, inference_time: Some(inference_time) }
+    Completion {
+        completed_at_ms: now_ms,
+        error,
+        error_type,
+        inference_time: Some(inference_time),
+    }
 }
 
 /// What a claim should do with a job whose attempts so far are `attempts`.
-pub fn claim_decision(attempts: u32, max_attempts: u32, start_deadline_ms: Option<u64>, now_ms: u64) -> ClaimDecision {
+pub fn claim_decision(
+    attempts: u32,
+    max_attempts: u32,
+    start_deadline_ms: Option<u64>,
+    now_ms: u64,
+) -> ClaimDecision {
     if start_deadline_ms.is_some_and(|d| now_ms >= d) {
         ClaimDecision::End(SystemEnd::StartTimeout)
     } else if attempts >= max_attempts {
@@ -259,8 +290,14 @@ mod tests {
     #[test]
     fn claim_decision_order() {
         assert_eq!(claim_decision(0, 3, None, 10), ClaimDecision::Run);
-        assert_eq!(claim_decision(3, 3, None, 10), ClaimDecision::End(SystemEnd::Lost));
-        assert_eq!(claim_decision(0, 3, Some(10), 10), ClaimDecision::End(SystemEnd::StartTimeout));
+        assert_eq!(
+            claim_decision(3, 3, None, 10),
+            ClaimDecision::End(SystemEnd::Lost)
+        );
+        assert_eq!(
+            claim_decision(0, 3, Some(10), 10),
+            ClaimDecision::End(SystemEnd::StartTimeout)
+        );
         assert_eq!(claim_decision(0, 3, Some(11), 10), ClaimDecision::Run);
     }
 
@@ -268,7 +305,10 @@ mod tests {
     fn system_end_results() {
         let (c, r) = system_end(SystemEnd::StartTimeout, 5, 0);
         assert_eq!(r.status, 504);
-        assert!(r.headers.iter().any(|(k, v)| k == "x-fal-request-timeout-type" && v == "user"));
+        assert!(r
+            .headers
+            .iter()
+            .any(|(k, v)| k == "x-fal-request-timeout-type" && v == "user"));
         assert_eq!(c.error_type.as_deref(), Some("request_timeout"));
         let (_, r) = system_end(SystemEnd::Cancelled, 5, 0);
         assert_eq!(r.status, 499);
@@ -280,8 +320,14 @@ mod tests {
     #[test]
     fn app_end_marks_errors() {
         assert_eq!(app_end(200, 1, 0.5).error, None);
-        assert_eq!(app_end(422, 1, 0.5).error.as_deref(), Some("Invalid status code: 422"));
-        assert_eq!(app_end(499, 1, 0.5).error_type.as_deref(), Some("request_cancelled"));
+        assert_eq!(
+            app_end(422, 1, 0.5).error.as_deref(),
+            Some("Invalid status code: 422")
+        );
+        assert_eq!(
+            app_end(499, 1, 0.5).error_type.as_deref(),
+            Some("request_cancelled")
+        );
     }
 
     #[test]
@@ -290,6 +336,9 @@ mod tests {
         let t = id_timestamp_ms(&id).unwrap();
         assert!(t.abs_diff(now_ms()) < 60_000);
         assert_eq!(id_timestamp_ms("not-a-uuid"), None);
-        assert_eq!(id_timestamp_ms("6f1c1b5e-1a7b-4c57-9f3e-6c1f2a3b4c5d"), None); // v4
+        assert_eq!(
+            id_timestamp_ms("6f1c1b5e-1a7b-4c57-9f3e-6c1f2a3b4c5d"),
+            None
+        ); // v4
     }
 }

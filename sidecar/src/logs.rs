@@ -14,10 +14,16 @@ pub struct Running(Arc<Mutex<Vec<String>>>);
 
 impl Running {
     pub fn start(&self, id: &str) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(id.to_string());
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(id.to_string());
     }
     pub fn finish(&self, id: &str) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).retain(|x| x != id);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|x| x != id);
     }
     /// The one running request, if exactly one runs.
     pub fn only(&self) -> Option<String> {
@@ -28,7 +34,12 @@ impl Running {
 
 /// Copies lines from `reader` to our stdout (`STDOUT`) or stderr (`STDERR`) and to the
 /// running request's logs.
-pub async fn pump<R: AsyncRead + Unpin>(reader: R, level: &'static str, running: Running, store: Arc<dyn Store>) {
+pub async fn pump<R: AsyncRead + Unpin>(
+    reader: R,
+    level: &'static str,
+    running: Running,
+    store: Arc<dyn Store>,
+) {
     let mut lines = BufReader::new(reader).lines();
     loop {
         let line = match lines.next_line().await {
@@ -45,7 +56,10 @@ pub async fn pump<R: AsyncRead + Unpin>(reader: R, level: &'static str, running:
             println!("{line}");
         }
         if let Some(id) = running.only() {
-            if let Err(e) = store.append_logs(&id, vec![LogLine::new(line, level)]).await {
+            if let Err(e) = store
+                .append_logs(&id, vec![LogLine::new(line, level)])
+                .await
+            {
                 tracing::debug!(error = %e, "attaching a log line failed");
             }
         }

@@ -5,7 +5,8 @@ use fal_sidecar::runtime::{self, Mode};
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FAL_SIDECAR_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("FAL_SIDECAR_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -14,11 +15,17 @@ fn main() {
     let (common, mode) = match cli.command {
         Command::Run(r) => (
             r.common,
-            Mode::Child { command: r.command, port: r.app_port, startup_timeout: r.startup_timeout },
+            Mode::Child {
+                command: r.command,
+                port: r.app_port,
+                startup_timeout: r.startup_timeout,
+            },
         ),
         Command::Serve(s) => (s.common, Mode::Upstream { url: s.upstream }),
     };
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(8);
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(8);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()

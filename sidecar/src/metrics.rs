@@ -1,6 +1,8 @@
 //! Prometheus metrics (served on the admin listener).
 
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 use crate::store::Load;
 
@@ -27,24 +29,91 @@ impl Metrics {
             c
         }
         Metrics {
-            direct_requests: reg(&r, IntCounter::new("fal_direct_requests_total", "Direct calls proxied to the app").unwrap()),
-            direct_errors: reg(&r, IntCounter::new("fal_direct_errors_total", "Direct calls that failed before the app answered").unwrap()),
-            submits: reg(&r, IntCounterVec::new(Opts::new("fal_queue_submits_total", "Accepted queue submits"), &["priority"]).unwrap()),
-            rejected: reg(&r, IntCounterVec::new(Opts::new("fal_queue_rejected_total", "Refused queue submits"), &["reason"]).unwrap()),
-            completed: reg(&r, IntCounterVec::new(Opts::new("fal_queue_completed_total", "Completed queue requests"), &["outcome"]).unwrap()),
-            app_retries: reg(&r, IntCounter::new("fal_app_retries_total", "Retries of app calls (503/504/429/connection errors)").unwrap()),
-            webhooks: reg(&r, IntCounterVec::new(Opts::new("fal_webhook_attempts_total", "Webhook delivery attempts"), &["result"]).unwrap()),
-            inference_seconds: reg(
+            direct_requests: reg(
                 &r,
-                Histogram::with_opts(
-                    HistogramOpts::new("fal_inference_seconds", "Time the app took per queued request")
-                        .buckets(vec![0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0]),
+                IntCounter::new(
+                    "fal_direct_requests_total",
+                    "Direct calls proxied to the app",
                 )
                 .unwrap(),
             ),
-            queued: reg(&r, IntGauge::new("fal_queue_depth", "Requests waiting in the queue").unwrap()),
-            in_flight: reg(&r, IntGauge::new("fal_queue_in_flight", "Requests the app is running").unwrap()),
-            oldest_wait_seconds: reg(&r, IntGauge::new("fal_queue_oldest_wait_seconds", "Age of the oldest queued request").unwrap()),
+            direct_errors: reg(
+                &r,
+                IntCounter::new(
+                    "fal_direct_errors_total",
+                    "Direct calls that failed before the app answered",
+                )
+                .unwrap(),
+            ),
+            submits: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("fal_queue_submits_total", "Accepted queue submits"),
+                    &["priority"],
+                )
+                .unwrap(),
+            ),
+            rejected: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("fal_queue_rejected_total", "Refused queue submits"),
+                    &["reason"],
+                )
+                .unwrap(),
+            ),
+            completed: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("fal_queue_completed_total", "Completed queue requests"),
+                    &["outcome"],
+                )
+                .unwrap(),
+            ),
+            app_retries: reg(
+                &r,
+                IntCounter::new(
+                    "fal_app_retries_total",
+                    "Retries of app calls (503/504/429/connection errors)",
+                )
+                .unwrap(),
+            ),
+            webhooks: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("fal_webhook_attempts_total", "Webhook delivery attempts"),
+                    &["result"],
+                )
+                .unwrap(),
+            ),
+            inference_seconds: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "fal_inference_seconds",
+                        "Time the app took per queued request",
+                    )
+                    .buckets(vec![
+                        0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+                    ]),
+                )
+                .unwrap(),
+            ),
+            queued: reg(
+                &r,
+                IntGauge::new("fal_queue_depth", "Requests waiting in the queue").unwrap(),
+            ),
+            in_flight: reg(
+                &r,
+                IntGauge::new("fal_queue_in_flight", "Requests the app is running").unwrap(),
+            ),
+            oldest_wait_seconds: reg(
+                &r,
+                IntGauge::new(
+                    "fal_queue_oldest_wait_seconds",
+                    "Age of the oldest queued request",
+                )
+                .unwrap(),
+            ),
             registry: r,
         }
     }
@@ -54,10 +123,15 @@ impl Metrics {
         if let Some(l) = load {
             self.queued.set(l.queued as i64);
             self.in_flight.set(l.in_flight as i64);
-            self.oldest_wait_seconds.set(l.oldest_queued_ms.map_or(0, |t| (now_ms.saturating_sub(t) / 1000) as i64));
+            self.oldest_wait_seconds.set(
+                l.oldest_queued_ms
+                    .map_or(0, |t| (now_ms.saturating_sub(t) / 1000) as i64),
+            );
         }
         let mut out = Vec::new();
-        prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("encode metrics");
+        prometheus::TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encode metrics");
         out
     }
 }

@@ -27,16 +27,27 @@ use crate::worker::{WorkerConfig, Workers};
 /// How the app is reached.
 pub enum Mode {
     /// Spawn it: `run`.
-    Child { command: Vec<String>, port: Option<u16>, startup_timeout: Duration },
+    Child {
+        command: Vec<String>,
+        port: Option<u16>,
+        startup_timeout: Duration,
+    },
     /// It runs elsewhere: `serve`.
     Upstream { url: String },
 }
 
 /// Opens the store named by `--store` (default: the embedded store in the data dir).
 pub fn open_store(common: &Common, data_dir: &std::path::Path) -> anyhow::Result<Arc<dyn Store>> {
-    let spec = common.store.clone().unwrap_or_else(|| format!("file:{}", data_dir.display()));
+    let spec = common
+        .store
+        .clone()
+        .unwrap_or_else(|| format!("file:{}", data_dir.display()));
     if let Some(dir) = spec.strip_prefix("file:") {
-        let dir = if dir.is_empty() { data_dir.to_path_buf() } else { PathBuf::from(dir) };
+        let dir = if dir.is_empty() {
+            data_dir.to_path_buf()
+        } else {
+            PathBuf::from(dir)
+        };
         return Ok(EmbeddedStore::open(&dir, common.max_attempts)? as Arc<dyn Store>);
     }
     anyhow::bail!("--store {spec:?} is not supported: use file:DIR (the embedded store)")
@@ -46,14 +57,29 @@ pub fn open_store(common: &Common, data_dir: &std::path::Path) -> anyhow::Result
 pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
     let is_child = matches!(mode, Mode::Child { .. });
     let data_dir = common.data_dir.clone().unwrap_or_else(|| {
-        PathBuf::from(if is_child { "./fal-data" } else { "/var/lib/fal-sidecar" })
+        PathBuf::from(if is_child {
+            "./fal-data"
+        } else {
+            "/var/lib/fal-sidecar"
+        })
     });
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("cannot create the data directory {} (--data-dir)", data_dir.display()))?;
+    std::fs::create_dir_all(&data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {} (--data-dir)",
+            data_dir.display()
+        )
+    })?;
     let store = open_store(&common, &data_dir)?;
-    let signer = Arc::new(Signer::load_or_create(common.signing_key.as_deref(), &data_dir)?);
+    let signer = Arc::new(Signer::load_or_create(
+        common.signing_key.as_deref(),
+        &data_dir,
+    )?);
     let policy = Arc::new(
-        Policy::new(&common.webhook_allow, is_child && !common.webhook_deny_loopback).map_err(anyhow::Error::msg)?,
+        Policy::new(
+            &common.webhook_allow,
+            is_child && !common.webhook_deny_loopback,
+        )
+        .map_err(anyhow::Error::msg)?,
     );
     let metrics = Arc::new(Metrics::new());
     let running = Running::default();
@@ -64,7 +90,11 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
     let admin_l = server::bind(&common.admin_listen, "metrics and probes (--admin-listen)").await?;
 
     let (upstream_url, mut child) = match mode {
-        Mode::Child { command, port, startup_timeout } => {
+        Mode::Child {
+            command,
+            port,
+            startup_timeout,
+        } => {
             let port = match port {
                 Some(p) => p,
                 None => child::free_port().context("no free port for the app")?,
@@ -105,10 +135,31 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
     };
     let drain = common.drain_timeout;
     let mut servers = tokio::task::JoinSet::new();
-    servers.spawn(server::serve(run_l, app.clone(), api::handle_run, limits, stop_rx.clone(), drain));
-    servers.spawn(server::serve(queue_l, app.clone(), api::handle_queue_host, limits, stop_rx.clone(), drain));
+    servers.spawn(server::serve(
+        run_l,
+        app.clone(),
+        api::handle_run,
+        limits,
+        stop_rx.clone(),
+        drain,
+    ));
+    servers.spawn(server::serve(
+        queue_l,
+        app.clone(),
+        api::handle_queue_host,
+        limits,
+        stop_rx.clone(),
+        drain,
+    ));
     // Admin keeps answering (readyz says draining) until the very end.
-    let admin = tokio::spawn(server::serve(admin_l, app.clone(), api::handle_admin, limits, quit_rx.clone(), drain));
+    let admin = tokio::spawn(server::serve(
+        admin_l,
+        app.clone(),
+        api::handle_admin,
+        limits,
+        quit_rx.clone(),
+        drain,
+    ));
 
     let workers = Arc::new(Workers {
         store: store.clone(),
@@ -116,7 +167,13 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
         cfg: WorkerConfig {
             concurrency: common.max_concurrency,
             lease: common.lease,
-            retry_delays: common.app_retry_delays.0.iter().copied().take(common.max_app_attempts.saturating_sub(1)).collect(),
+            retry_delays: common
+                .app_retry_delays
+                .0
+                .iter()
+                .copied()
+                .take(common.max_app_attempts.saturating_sub(1))
+                .collect(),
             max_result_bytes: common.max_result_bytes,
         },
         running,
@@ -128,7 +185,10 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
         store.clone(),
         signer,
         policy,
-        DeliveryConfig { retry_delays: common.webhook_retry_delays.0.clone(), attempt_timeout: common.webhook_timeout },
+        DeliveryConfig {
+            retry_delays: common.webhook_retry_delays.0.clone(),
+            attempt_timeout: common.webhook_timeout,
+        },
         metrics,
     )?);
     let deliver_task = tokio::spawn(deliverer.run(quit_rx.clone()));
@@ -175,8 +235,14 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
     // Drain: fail readiness, stop accepting and claiming, let running requests finish.
     app.draining.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
-    if tokio::time::timeout(drain, &mut workers_task).await.is_err() {
-        tracing::warn!(?drain, "requests still running at the drain deadline; giving them back to the queue");
+    if tokio::time::timeout(drain, &mut workers_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?drain,
+            "requests still running at the drain deadline; giving them back to the queue"
+        );
         let _ = abandon_tx.send(true);
         let _ = workers_task.await;
     }

@@ -14,6 +14,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::api::proxy::ConnState;
 use crate::api::App;
 use crate::upstream::Body;
 
@@ -28,14 +29,20 @@ pub struct ConnLimits {
 
 impl Default for ConnLimits {
     fn default() -> Self {
-        ConnLimits { max_header_bytes: 64 * 1024, max_headers: 100, header_read_timeout: Duration::from_secs(30) }
+        ConnLimits {
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(30),
+        }
     }
 }
 
 pub async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for {what}: {e} (pick another address with the flag)"))
+    TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {addr} for {what}: {e} (pick another address with the flag)"
+        )
+    })
 }
 
 /// Serves `listener` until `stop` turns true, then lets open connections finish their
@@ -48,7 +55,7 @@ pub async fn serve<F, Fut>(
     mut stop: watch::Receiver<bool>,
     drain: Duration,
 ) where
-    F: Fn(Arc<App>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Arc<App>, Arc<ConnState>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
@@ -75,8 +82,9 @@ pub async fn serve<F, Fut>(
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let handler = handler.clone();
+        let state = Arc::new(ConnState::default());
         let svc = service_fn(move |req| {
-            let fut = handler(app.clone(), req);
+            let fut = handler(app.clone(), state.clone(), req);
             async move { Ok::<_, std::convert::Infallible>(fut.await) }
         });
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
@@ -87,7 +95,10 @@ pub async fn serve<F, Fut>(
         });
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("connections still open after the drain deadline; closing them");
     }
 }

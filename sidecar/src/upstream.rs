@@ -27,11 +27,18 @@ pub struct Upstream {
 impl Upstream {
     /// `url` is `http://HOST:PORT` (a path, if any, is ignored).
     pub fn new(url: &str) -> Result<Upstream, String> {
-        let uri: Uri = url.parse().map_err(|e| format!("--upstream {url:?} is not a URL: {e}"))?;
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| format!("--upstream {url:?} is not a URL: {e}"))?;
         if uri.scheme() != Some(&Scheme::HTTP) {
-            return Err(format!("--upstream {url:?} must be an http:// URL (the app is on the same pod or host)"));
+            return Err(format!(
+                "--upstream {url:?} must be an http:// URL (the app is on the same pod or host)"
+            ));
         }
-        let authority = uri.authority().cloned().ok_or_else(|| format!("--upstream {url:?} has no host"))?;
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("--upstream {url:?} has no host"))?;
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
         conn.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -40,7 +47,11 @@ impl Upstream {
             .pool_max_idle_per_host(1024)
             .pool_timer(TokioTimer::new())
             .build(conn);
-        Ok(Upstream { client, scheme: Scheme::HTTP, authority })
+        Ok(Upstream {
+            client,
+            scheme: Scheme::HTTP,
+            authority,
+        })
     }
 
     pub fn authority(&self) -> &str {
@@ -49,14 +60,22 @@ impl Upstream {
 
     /// The app's URI for a path-and-query.
     pub fn uri(&self, path_and_query: &str) -> Result<Uri, http::Error> {
-        Uri::builder().scheme(self.scheme.clone()).authority(self.authority.clone()).path_and_query(path_and_query).build()
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
     }
 
     /// True when the app accepts TCP connections (readiness).
     pub async fn reachable(&self) -> bool {
         let port = self.authority.port_u16().unwrap_or(80);
         matches!(
-            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect((self.authority.host(), port))).await,
+            tokio::time::timeout(
+                Duration::from_secs(1),
+                tokio::net::TcpStream::connect((self.authority.host(), port))
+            )
+            .await,
             Ok(Ok(_))
         )
     }

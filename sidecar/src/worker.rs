@@ -48,7 +48,11 @@ fn retryable(status: u16) -> bool {
 impl Workers {
     /// Runs `concurrency` workers until `stop_claiming` turns true; a worker still busy
     /// when `abandon` turns true gives its job back to the queue.
-    pub async fn run(self: Arc<Self>, stop_claiming: watch::Receiver<bool>, abandon: watch::Receiver<bool>) {
+    pub async fn run(
+        self: Arc<Self>,
+        stop_claiming: watch::Receiver<bool>,
+        abandon: watch::Receiver<bool>,
+    ) {
         let mut set = tokio::task::JoinSet::new();
         for n in 0..self.cfg.concurrency.max(1) {
             let me = self.clone();
@@ -58,7 +62,12 @@ impl Workers {
         while set.join_next().await.is_some() {}
     }
 
-    async fn work(&self, name: String, mut stop: watch::Receiver<bool>, abandon: watch::Receiver<bool>) {
+    async fn work(
+        &self,
+        name: String,
+        mut stop: watch::Receiver<bool>,
+        abandon: watch::Receiver<bool>,
+    ) {
         let mut changes = self.store.changes();
         loop {
             if *stop.borrow() {
@@ -128,11 +137,19 @@ impl Workers {
                 let completion = app_end(status, now_ms(), secs);
                 match self.store.complete(&id, token, completion, result).await {
                     Ok(true) => {
-                        let outcome = if (200..300).contains(&status) { "ok" } else { "app_error" };
+                        let outcome = if (200..300).contains(&status) {
+                            "ok"
+                        } else {
+                            "app_error"
+                        };
                         self.metrics.completed.with_label_values(&[outcome]).inc();
                     }
-                    Ok(false) => tracing::warn!(request_id = %id, "result dropped: the lease was lost and the job was taken over"),
-                    Err(e) => tracing::error!(request_id = %id, error = %e, "storing the result failed"),
+                    Ok(false) => {
+                        tracing::warn!(request_id = %id, "result dropped: the lease was lost and the job was taken over")
+                    }
+                    Err(e) => {
+                        tracing::error!(request_id = %id, error = %e, "storing the result failed")
+                    }
                 }
             }
             Called::Abandoned => {
@@ -141,7 +158,9 @@ impl Workers {
                     tracing::error!(request_id = %id, error = %e, "releasing the request failed; its lease will expire");
                 }
             }
-            Called::LeaseLost => tracing::warn!(request_id = %id, "lease lost while the app ran it; dropping this run"),
+            Called::LeaseLost => {
+                tracing::warn!(request_id = %id, "lease lost while the app ran it; dropping this run")
+            }
         }
         self.running.finish(&id);
     }
@@ -152,13 +171,18 @@ impl Workers {
             Some(q) if !q.is_empty() => format!("{path}?{q}"),
             _ => path.to_string(),
         };
-        let mut req = Request::builder().method(spec.method.as_str()).uri(self.upstream.uri(&pq)?);
+        let mut req = Request::builder()
+            .method(spec.method.as_str())
+            .uri(self.upstream.uri(&pq)?);
         let headers = req.headers_mut().expect("fresh builder");
         for (k, v) in &spec.headers {
             if is_hop_by_hop(k) {
                 continue;
             }
-            if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            if let (Ok(k), Ok(v)) = (
+                HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_str(v),
+            ) {
                 headers.append(k, v);
             }
         }
@@ -195,19 +219,35 @@ impl Workers {
                             headers.push((k.as_str().to_string(), v.to_string()));
                         }
                     }
-                    let body = match Limited::new(resp.into_body(), self.cfg.max_result_bytes).collect().await {
+                    let body = match Limited::new(resp.into_body(), self.cfg.max_result_bytes)
+                        .collect()
+                        .await
+                    {
                         Ok(b) => b.to_bytes(),
                         Err(e) => {
                             let detail = if crate::upstream::is_length_limit(e.as_ref()) {
                                 format!("the app's response is larger than --max-result-bytes ({} bytes)", self.cfg.max_result_bytes)
                             } else {
-                                format!("the app's response body broke off: {}", error_chain(e.as_ref()))
+                                format!(
+                                    "the app's response body broke off: {}",
+                                    error_chain(e.as_ref())
+                                )
                             };
                             let body = serde_json::json!({"detail": detail, "error_type": "runner_disconnected"});
-                            return Called::Done(StoredResult::json(502, &body, &[]), started.elapsed().as_secs_f64());
+                            return Called::Done(
+                                StoredResult::json(502, &body, &[]),
+                                started.elapsed().as_secs_f64(),
+                            );
                         }
                     };
-                    return Called::Done(StoredResult { status, headers, body }, started.elapsed().as_secs_f64());
+                    return Called::Done(
+                        StoredResult {
+                            status,
+                            headers,
+                            body,
+                        },
+                        started.elapsed().as_secs_f64(),
+                    );
                 }
                 Err(e) if can_retry => {
                     tracing::info!(request_id = %spec.id, error = %error_chain(&e), attempt, "app unreachable; retrying");
@@ -217,7 +257,11 @@ impl Workers {
                         "detail": format!("the app at {} could not be reached: {}", self.upstream.authority(), error_chain(&e)),
                         "error_type": "runner_connection_timeout",
                     });
-                    let r = StoredResult::json(503, &body, &[("x-fal-error-type", "runner_connection_timeout")]);
+                    let r = StoredResult::json(
+                        503,
+                        &body,
+                        &[("x-fal-error-type", "runner_connection_timeout")],
+                    );
                     return Called::Done(r, started.elapsed().as_secs_f64());
                 }
             }
@@ -240,8 +284,12 @@ impl Workers {
         tokio::spawn(async move {
             let Ok(req) = req else { return };
             match client.request(req).await {
-                Ok(resp) => tracing::info!(request_id = %id, status = resp.status().as_u16(), "cancel forwarded to the app"),
-                Err(e) => tracing::warn!(request_id = %id, error = %error_chain(&e), "forwarding the cancel to the app failed"),
+                Ok(resp) => {
+                    tracing::info!(request_id = %id, status = resp.status().as_u16(), "cancel forwarded to the app")
+                }
+                Err(e) => {
+                    tracing::warn!(request_id = %id, error = %error_chain(&e), "forwarding the cancel to the app failed")
+                }
             }
         });
     }

@@ -52,19 +52,36 @@ impl App {
         metrics: Arc<Metrics>,
     ) -> App {
         let jwks = Bytes::from(signer.jwks().to_string());
-        App { store, upstream, signer, policy, cfg, metrics, draining: AtomicBool::new(false), jwks }
+        App {
+            store,
+            upstream,
+            signer,
+            policy,
+            cfg,
+            metrics,
+            draining: AtomicBool::new(false),
+            jwks,
+        }
     }
 
     fn jwks(&self) -> Response<Body> {
         let mut r = Response::new(full(self.jwks.clone()));
-        r.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
-        r.headers_mut().insert("cache-control", HeaderValue::from_static("public, max-age=300"));
+        r.headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/json"));
+        r.headers_mut().insert(
+            "cache-control",
+            HeaderValue::from_static("public, max-age=300"),
+        );
         r
     }
 }
 
 /// The run listener: `/.well-known/jwks.json`, `/fal/queue/*`, everything else to the app.
-pub async fn handle_run(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle_run(
+    app: Arc<App>,
+    conn: Arc<proxy::ConnState>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let path = req.uri().path();
     if path == "/.well-known/jwks.json" {
         return app.jwks();
@@ -72,11 +89,15 @@ pub async fn handle_run(app: Arc<App>, req: Request<Incoming>) -> Response<Body>
     if path == "/fal/queue" || path.starts_with("/fal/queue/") {
         return queue::handle_per_app(&app, req).await;
     }
-    proxy::forward(&app, req).await
+    proxy::forward(&app, &conn, req).await
 }
 
 /// The queue-host listener (generation C).
-pub async fn handle_queue_host(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle_queue_host(
+    app: Arc<App>,
+    _conn: Arc<proxy::ConnState>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     if req.uri().path() == "/.well-known/jwks.json" {
         return app.jwks();
     }
@@ -84,28 +105,50 @@ pub async fn handle_queue_host(app: Arc<App>, req: Request<Incoming>) -> Respons
 }
 
 /// The admin listener: metrics and probes.
-pub async fn handle_admin(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle_admin(
+    app: Arc<App>,
+    _conn: Arc<proxy::ConnState>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     match req.uri().path() {
         "/metrics" => {
             let load = app.store.load().await.ok();
             let mut r = Response::new(full(app.metrics.render(load, now_ms())));
-            r.headers_mut().insert("content-type", HeaderValue::from_static("text/plain; version=0.0.4"));
+            r.headers_mut().insert(
+                "content-type",
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
             r
         }
         "/healthz" => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
         "/readyz" => {
             if app.draining.load(Ordering::Relaxed) {
-                error(StatusCode::SERVICE_UNAVAILABLE, "draining: this sidecar is shutting down", None)
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "draining: this sidecar is shutting down",
+                    None,
+                )
             } else if !app.upstream.reachable().await {
-                let detail = format!("the app is not accepting connections on {}", app.upstream.authority());
+                let detail = format!(
+                    "the app is not accepting connections on {}",
+                    app.upstream.authority()
+                );
                 error(StatusCode::SERVICE_UNAVAILABLE, &detail, None)
             } else if let Err(e) = app.store.load().await {
-                error(StatusCode::SERVICE_UNAVAILABLE, &format!("the store is unavailable: {e}"), None)
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("the store is unavailable: {e}"),
+                    None,
+                )
             } else {
                 json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
             }
         }
-        _ => error(StatusCode::NOT_FOUND, "admin paths are /metrics, /healthz and /readyz", None),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "admin paths are /metrics, /healthz and /readyz",
+            None,
+        ),
     }
 }
 
@@ -116,7 +159,8 @@ pub fn full(b: impl Into<Bytes>) -> Body {
 pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     let mut r = Response::new(full(value.to_string()));
     *r.status_mut() = status;
-    r.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
     r
 }
 

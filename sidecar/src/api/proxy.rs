@@ -1,13 +1,71 @@
 //! Direct calls: proxied verbatim to the app, bodies streamed both ways.
+//!
+//! Each client connection gets its own upstream connection, opened on first use and
+//! reused for every request of that connection (HTTP/1.1 is sequential per
+//! connection), so the hot path takes no shared pool lock.
 
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use super::{error, App};
-use crate::upstream::{error_chain, is_length_limit, strip_hop_by_hop, Body};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
 
-pub async fn forward(app: &App, req: Request<Incoming>) -> Response<Body> {
+use crate::upstream::{error_chain, is_length_limit, strip_hop_by_hop, Body, BoxError, Upstream};
+
+/// The upstream connection of one client connection.
+#[derive(Default)]
+pub struct ConnState {
+    sender: tokio::sync::Mutex<Option<SendRequest<Body>>>,
+}
+
+impl ConnState {
+    async fn send(
+        &self,
+        upstream: &Upstream,
+        mut req: Request<Body>,
+    ) -> Result<Response<Incoming>, BoxError> {
+        let mut slot = self.sender.lock().await;
+        for attempt in 0..2 {
+            if slot.as_ref().is_none_or(|s| s.is_closed()) {
+                *slot = Some(connect(upstream).await?);
+            }
+            let sender = slot.as_mut().expect("just connected");
+            if sender.ready().await.is_err() {
+                *slot = None;
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    // The app closed an idle connection as we wrote: the request was not
+                    // sent, so it is safe to send it again on a fresh connection.
+                    Some(r) if attempt == 0 => {
+                        req = r;
+                        *slot = None;
+                    }
+                    _ => return Err(e.into_error().into()),
+                },
+            }
+        }
+        Err("the app keeps closing connections".into())
+    }
+}
+
+async fn connect(upstream: &Upstream) -> Result<SendRequest<Body>, BoxError> {
+    let stream = tokio::net::TcpStream::connect(upstream.authority()).await?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+pub async fn forward(app: &App, conn: &ConnState, req: Request<Incoming>) -> Response<Body> {
     app.metrics.direct_requests.inc();
     let max = app.cfg.max_body_bytes;
     let declared = req
@@ -19,32 +77,46 @@ pub async fn forward(app: &App, req: Request<Incoming>) -> Response<Body> {
         return too_large(max);
     }
     let (mut parts, body) = req.into_parts();
-    let uri = match app.upstream.uri(parts.uri.path_and_query().map_or("/", |pq| pq.as_str())) {
-        Ok(u) => u,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("the request target is not valid: {e}"), None),
-    };
-    parts.uri = uri;
+    // Origin-form on the wire; the client's own Host header goes through unchanged.
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        match pq.parse() {
+            Ok(u) => parts.uri = u,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("the request target is not valid: {e}"),
+                    None,
+                )
+            }
+        }
+    }
     parts.version = http::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     let req = Request::from_parts(parts, Limited::new(body, max).boxed_unsync());
-    match app.upstream.client.request(req).await {
+    match conn.send(&app.upstream, req).await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
         }
         Err(e) => {
-            if is_length_limit(&e) {
+            if is_length_limit(e.as_ref()) {
                 return too_large(max);
             }
             app.metrics.direct_errors.inc();
             let detail = format!(
                 "the app at {} did not answer: {}. Check that it is running and listening on that port.",
                 app.upstream.authority(),
-                error_chain(&e)
+                error_chain(e.as_ref())
             );
-            let mut r = error(StatusCode::BAD_GATEWAY, &detail, Some("runner_disconnected"));
-            r.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
+            let mut r = error(
+                StatusCode::BAD_GATEWAY,
+                &detail,
+                Some("runner_disconnected"),
+            );
+            r.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
             r
         }
     }

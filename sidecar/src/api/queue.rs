@@ -17,7 +17,13 @@ use crate::store::{CancelOutcome, JobStatus, StoreError};
 use crate::upstream::{is_hop_by_hop, is_length_limit, Body, BoxError};
 
 /// Headers the sidecar consumes at submit (not forwarded to the app).
-const CONSUMED: &[&str] = &["host", "content-length", "x-fal-queue-priority", "x-fal-request-timeout", "x-fal-no-retry"];
+const CONSUMED: &[&str] = &[
+    "host",
+    "content-length",
+    "x-fal-queue-priority",
+    "x-fal-request-timeout",
+    "x-fal-no-retry",
+];
 
 /// Absolute URLs of one request, as clients follow them verbatim.
 struct Urls {
@@ -43,10 +49,15 @@ fn base_url(headers: &HeaderMap) -> String {
             .map(|v| v.trim().to_string())
             .filter(|v| !v.is_empty())
     };
-    let proto = first("x-forwarded-proto").filter(|p| p == "http" || p == "https").unwrap_or_else(|| "http".into());
+    let proto = first("x-forwarded-proto")
+        .filter(|p| p == "http" || p == "https")
+        .unwrap_or_else(|| "http".into());
     let host = first("x-forwarded-host")
         .or_else(|| first("host"))
-        .filter(|h| h.chars().all(|c| c.is_ascii_alphanumeric() || "-.:[]_".contains(c)))
+        .filter(|h| {
+            h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-.:[]_".contains(c))
+        })
         .unwrap_or_else(|| "localhost".into());
     format!("{proto}://{host}")
 }
@@ -61,8 +72,9 @@ fn trimmed(path: &str) -> &str {
 }
 
 fn query_flag(query: Option<&str>, name: &str) -> bool {
-    url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
-        .any(|(k, v)| k == name && matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+    url::form_urlencoded::parse(query.unwrap_or("").as_bytes()).any(|(k, v)| {
+        k == name && matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+    })
 }
 
 fn valid_id(id: &str) -> Result<(), Response<Body>> {
@@ -78,7 +90,8 @@ fn valid_id(id: &str) -> Result<(), Response<Body>> {
 
 fn not_found(app: &App, id: &str) -> Value {
     let retention = app.cfg.retention.as_secs();
-    let expired = id_timestamp_ms(id).is_some_and(|t| t + app.cfg.retention.as_millis() as u64 <= now_ms());
+    let expired =
+        id_timestamp_ms(id).is_some_and(|t| t + app.cfg.retention.as_millis() as u64 <= now_ms());
     let detail = if expired {
         format!("request {id} is older than the retention period ({retention} s); its result was deleted")
     } else {
@@ -90,10 +103,19 @@ fn not_found(app: &App, id: &str) -> Value {
 /// `/fal/queue/*` on the run listener (generations A and B).
 pub async fn handle_per_app(app: &App, req: Request<Incoming>) -> Response<Body> {
     let path = trimmed(req.uri().path()).to_string();
-    let rest = path.strip_prefix("/fal/queue").unwrap_or("").trim_start_matches('/');
-    let segs: Vec<&str> = if rest.is_empty() { vec![] } else { rest.split('/').collect() };
+    let rest = path
+        .strip_prefix("/fal/queue")
+        .unwrap_or("")
+        .trim_start_matches('/');
+    let segs: Vec<&str> = if rest.is_empty() {
+        vec![]
+    } else {
+        rest.split('/').collect()
+    };
     let base = format!("{}/fal/queue/requests", base_url(req.headers()));
-    let urls = |id: &str| Urls { response: format!("{base}/{id}") };
+    let urls = |id: &str| Urls {
+        response: format!("{base}/{id}"),
+    };
     let m = req.method().clone();
     match segs.as_slice() {
         ["submit", tail @ ..] if m == Method::POST => {
@@ -135,7 +157,11 @@ pub async fn handle_per_app(app: &App, req: Request<Incoming>) -> Response<Body>
 /// The queue host (generation C).
 pub async fn handle_queue_host(app: &App, req: Request<Incoming>) -> Response<Body> {
     let path = trimmed(req.uri().path()).to_string();
-    let segs: Vec<&str> = path.trim_start_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    let segs: Vec<&str> = path
+        .trim_start_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
     let ns_len = match segs.first() {
         Some(&"workflows") | Some(&"comfy") => 3,
         _ => 2,
@@ -151,7 +177,9 @@ pub async fn handle_queue_host(app: &App, req: Request<Incoming>) -> Response<Bo
     let owner = segs[ns_len - 2].to_string();
     let rest = &segs[ns_len..];
     let base = format!("{}/{app_id}/requests", base_url(req.headers()));
-    let urls = |id: &str| Urls { response: format!("{base}/{id}") };
+    let urls = |id: &str| Urls {
+        response: format!("{base}/{id}"),
+    };
     let m = req.method().clone();
     if m == Method::POST {
         let endpoint = format!("/{}", rest.join("/"));
@@ -203,7 +231,8 @@ fn store_error(e: StoreError) -> Response<Body> {
                 &format!("the queue is full ({n} requests waiting); retry later"),
                 Some("queue_full"),
             );
-            r.headers_mut().insert("retry-after", HeaderValue::from_static("5"));
+            r.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("5"));
             r
         }
         StoreError::Unavailable(why) => {
@@ -212,7 +241,8 @@ fn store_error(e: StoreError) -> Response<Body> {
                 &format!("the queue store is unavailable ({why}); nothing was lost, retry shortly"),
                 Some("store_unavailable"),
             );
-            r.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
+            r.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
             r
         }
         other => error(StatusCode::INTERNAL_SERVER_ERROR, &other.to_string(), None),
@@ -227,9 +257,19 @@ async fn submit(
     base: String,
 ) -> Response<Body> {
     let (parts, body) = req.into_parts();
-    let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
     let Some(priority) = Priority::parse(header("x-fal-queue-priority").unwrap_or("")) else {
-        return error(StatusCode::BAD_REQUEST, "X-Fal-Queue-Priority must be \"normal\" or \"low\"", None);
+        return error(
+            StatusCode::BAD_REQUEST,
+            "X-Fal-Queue-Priority must be \"normal\" or \"low\"",
+            None,
+        );
     };
     let start_deadline_ms = match header("x-fal-request-timeout") {
         None | Some("") => None,
@@ -238,18 +278,27 @@ async fn submit(
             _ => {
                 return error(
                     StatusCode::BAD_REQUEST,
-                    &format!("X-Fal-Request-Timeout must be a positive number of seconds, got {v:?}"),
+                    &format!(
+                        "X-Fal-Request-Timeout must be a positive number of seconds, got {v:?}"
+                    ),
                     None,
                 )
             }
         },
     };
-    let no_retry = header("x-fal-no-retry").is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
+    let no_retry = header("x-fal-no-retry")
+        .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
 
     // `fal_webhook` is ours; every other query parameter goes to the app untouched.
     let mut webhook = None;
     let mut forwarded = Vec::new();
-    for piece in parts.uri.query().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+    for piece in parts
+        .uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         match url::form_urlencoded::parse(piece.as_bytes()).next() {
             Some((k, v)) if k == "fal_webhook" => webhook = Some(v.into_owned()),
             _ => forwarded.push(piece),
@@ -260,7 +309,11 @@ async fn submit(
             Ok(u) => Some(u.to_string()),
             Err(why) => {
                 app.metrics.rejected.with_label_values(&["webhook"]).inc();
-                return error(StatusCode::BAD_REQUEST, &format!("fal_webhook refused: {why}"), None);
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("fal_webhook refused: {why}"),
+                    None,
+                );
             }
         },
         None => None,
@@ -285,14 +338,24 @@ async fn submit(
             app.metrics.rejected.with_label_values(&["too_large"]).inc();
             return too_large();
         }
-        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("reading the request body failed: {e}"), None),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("reading the request body failed: {e}"),
+                None,
+            )
+        }
     };
 
     let headers = parts
         .headers
         .iter()
         .filter(|(k, _)| !is_hop_by_hop(k.as_str()) && !CONSUMED.contains(&k.as_str()))
-        .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_string(), v.to_string())))
+        .filter_map(|(k, v)| {
+            v.to_str()
+                .ok()
+                .map(|v| (k.as_str().to_string(), v.to_string()))
+        })
         .collect();
     let id = new_id();
     let spec = JobSpec {
@@ -310,8 +373,13 @@ async fn submit(
     };
     match app.store.submit(spec, body, app.cfg.max_queue).await {
         Ok(position) => {
-            app.metrics.submits.with_label_values(&[priority.as_str()]).inc();
-            let u = Urls { response: format!("{base}/{id}") };
+            app.metrics
+                .submits
+                .with_label_values(&[priority.as_str()])
+                .inc();
+            let u = Urls {
+                response: format!("{base}/{id}"),
+            };
             let mut r = json(
                 StatusCode::OK,
                 &json!({
@@ -323,11 +391,18 @@ async fn submit(
                     "queue_position": position,
                 }),
             );
-            r.headers_mut().insert("x-fal-request-id", HeaderValue::from_str(&id).expect("uuid header"));
+            r.headers_mut().insert(
+                "x-fal-request-id",
+                HeaderValue::from_str(&id).expect("uuid header"),
+            );
             r
         }
         Err(e) => {
-            let reason = if matches!(e, StoreError::QueueFull(_)) { "queue_full" } else { "store" };
+            let reason = if matches!(e, StoreError::QueueFull(_)) {
+                "queue_full"
+            } else {
+                "store"
+            };
             app.metrics.rejected.with_label_values(&[reason]).inc();
             store_error(e)
         }
@@ -372,7 +447,11 @@ fn with_request_id(mut r: Response<Body>, id: &str) -> Response<Body> {
 async fn status(app: &App, id: &str, logs: bool, urls: Urls) -> Response<Body> {
     match app.store.status(id).await {
         Ok(Some(st)) => {
-            let code = if st.record.phase == Phase::Completed { StatusCode::OK } else { StatusCode::ACCEPTED };
+            let code = if st.record.phase == Phase::Completed {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
             with_request_id(json(code, &status_value(&st, logs, &urls)), id)
         }
         Ok(None) => json(StatusCode::NOT_FOUND, &not_found(app, id)),
@@ -384,7 +463,10 @@ fn replay(id: &str, r: StoredResult) -> Response<Body> {
     let mut resp = Response::new(super::full(r.body));
     *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY);
     for (k, v) in &r.headers {
-        if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
             resp.headers_mut().append(k, v);
         }
     }
@@ -404,7 +486,10 @@ async fn result(app: &App, id: &str) -> Response<Body> {
                 st.record.phase.wire()
             );
             with_request_id(
-                json(StatusCode::BAD_REQUEST, &json!({"detail": detail, "status": st.record.phase.wire()})),
+                json(
+                    StatusCode::BAD_REQUEST,
+                    &json!({"detail": detail, "status": st.record.phase.wire()}),
+                ),
                 id,
             )
         }
@@ -418,10 +503,16 @@ async fn gen_a_get(app: &App, id: &str) -> Response<Body> {
     match app.store.status(id).await {
         Ok(Some(st)) => match st.record.phase {
             Phase::Queued => with_request_id(
-                json(StatusCode::ACCEPTED, &json!({"status": "IN_QUEUE", "queue_position": st.queue_position.unwrap_or(0)})),
+                json(
+                    StatusCode::ACCEPTED,
+                    &json!({"status": "IN_QUEUE", "queue_position": st.queue_position.unwrap_or(0)}),
+                ),
                 id,
             ),
-            Phase::Running => with_request_id(json(StatusCode::ACCEPTED, &json!({"status": "IN_PROGRESS"})), id),
+            Phase::Running => with_request_id(
+                json(StatusCode::ACCEPTED, &json!({"status": "IN_PROGRESS"})),
+                id,
+            ),
             Phase::Completed => result(app, id).await,
         },
         Ok(None) => json(StatusCode::NOT_FOUND, &not_found(app, id)),
@@ -431,9 +522,10 @@ async fn gen_a_get(app: &App, id: &str) -> Response<Body> {
 
 async fn cancel(app: &App, id: &str) -> Response<Body> {
     let r = match app.store.cancel(id).await {
-        Ok(CancelOutcome::Removed) | Ok(CancelOutcome::Running { .. }) => {
-            json(StatusCode::ACCEPTED, &json!({"status": "CANCELLATION_REQUESTED"}))
-        }
+        Ok(CancelOutcome::Removed) | Ok(CancelOutcome::Running { .. }) => json(
+            StatusCode::ACCEPTED,
+            &json!({"status": "CANCELLATION_REQUESTED"}),
+        ),
         Ok(CancelOutcome::AlreadyCompleted) => json(
             StatusCode::BAD_REQUEST,
             &json!({"status": "ALREADY_COMPLETED", "detail": format!("request {id} already completed; nothing to cancel")}),
@@ -490,21 +582,30 @@ async fn stream(app: &App, id: &str, logs: bool, urls: Urls) -> Response<Body> {
                 }
                 Ok(None) => {
                     s.done = true;
-                    Some(format!("event: error\ndata: {}\n\n", json!({"detail": "request not found"})))
+                    Some(format!(
+                        "event: error\ndata: {}\n\n",
+                        json!({"detail": "request not found"})
+                    ))
                 }
                 Err(e) => Some(format!(": store error: {e}\n\n")),
             };
             if let Some(f) = frame {
                 return Some((Ok::<_, BoxError>(Frame::data(Bytes::from(f))), s));
             }
-            if tokio::time::timeout(Duration::from_secs(15), s.changes.changed()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(15), s.changes.changed())
+                .await
+                .is_err()
+            {
                 return Some((Ok(Frame::data(Bytes::from_static(b": keep-alive\n\n"))), s));
             }
         }
     });
     let mut r = Response::new(StreamBody::new(events).boxed_unsync());
     let h = r.headers_mut();
-    h.insert("content-type", HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        "content-type",
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert("cache-control", HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     with_request_id(r, id)
@@ -520,7 +621,10 @@ mod tests {
         h.insert("host", "127.0.0.1:8081".parse().unwrap());
         assert_eq!(base_url(&h), "http://127.0.0.1:8081");
         h.insert("x-forwarded-proto", "https".parse().unwrap());
-        h.insert("x-forwarded-host", "queue.example.com, proxy".parse().unwrap());
+        h.insert(
+            "x-forwarded-host",
+            "queue.example.com, proxy".parse().unwrap(),
+        );
         assert_eq!(base_url(&h), "https://queue.example.com");
         h.insert("x-forwarded-host", "evil.com/path?".parse().unwrap());
         assert_eq!(base_url(&h), "https://127.0.0.1:8081");

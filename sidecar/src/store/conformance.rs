@@ -41,7 +41,12 @@ pub async fn positions_and_priority(s: Arc<dyn Store>) {
     let a = spec(Priority::Normal);
     let b = spec(Priority::Normal);
     assert_eq!(s.submit(low.clone(), Bytes::new(), 100).await.unwrap(), 0);
-    assert_eq!(s.submit(a.clone(), Bytes::from_static(b"{\"a\":1}"), 100).await.unwrap(), 0);
+    assert_eq!(
+        s.submit(a.clone(), Bytes::from_static(b"{\"a\":1}"), 100)
+            .await
+            .unwrap(),
+        0
+    );
     assert_eq!(s.submit(b.clone(), Bytes::new(), 100).await.unwrap(), 1);
     let pos = |st: Option<super::JobStatus>| st.unwrap().queue_position;
     assert_eq!(pos(s.status(&a.id).await.unwrap()), Some(0));
@@ -60,30 +65,64 @@ pub async fn positions_and_priority(s: Arc<dyn Store>) {
     let st = s.status(&a.id).await.unwrap().unwrap();
     assert_eq!((st.record.phase, st.queue_position), (Phase::Running, None));
     assert_eq!(s.load().await.unwrap().in_flight, 1);
-    assert_eq!(s.claim("w", LEASE).await.unwrap().unwrap().record.spec.id, b.id);
-    assert_eq!(s.claim("w", LEASE).await.unwrap().unwrap().record.spec.id, low.id);
+    assert_eq!(
+        s.claim("w", LEASE).await.unwrap().unwrap().record.spec.id,
+        b.id
+    );
+    assert_eq!(
+        s.claim("w", LEASE).await.unwrap().unwrap().record.spec.id,
+        low.id
+    );
     assert!(s.claim("w", LEASE).await.unwrap().is_none());
 }
 
 pub async fn complete_once_and_result(s: Arc<dyn Store>) {
     let j = spec(Priority::Normal);
     s.submit(j.clone(), Bytes::new(), 10).await.unwrap();
-    assert!(s.result(&j.id).await.unwrap().is_none(), "no result before completion");
-    let c = s.claim("w", LEASE).await.unwrap().unwrap();
-    s.append_logs(&j.id, vec![LogLine::new("hello", "STDOUT")]).await.unwrap();
-    assert_eq!(s.status(&j.id).await.unwrap().unwrap().record.logs[0].message, "hello");
-    assert!(s.complete(&j.id, c.token, app_end(200, now_ms(), 0.25), ok_result("{\"x\":1}")).await.unwrap());
     assert!(
-        !s.complete(&j.id, c.token, app_end(500, now_ms(), 0.1), ok_result("{}")).await.unwrap(),
+        s.result(&j.id).await.unwrap().is_none(),
+        "no result before completion"
+    );
+    let c = s.claim("w", LEASE).await.unwrap().unwrap();
+    s.append_logs(&j.id, vec![LogLine::new("hello", "STDOUT")])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.status(&j.id).await.unwrap().unwrap().record.logs[0].message,
+        "hello"
+    );
+    assert!(s
+        .complete(
+            &j.id,
+            c.token,
+            app_end(200, now_ms(), 0.25),
+            ok_result("{\"x\":1}")
+        )
+        .await
+        .unwrap());
+    assert!(
+        !s.complete(&j.id, c.token, app_end(500, now_ms(), 0.1), ok_result("{}"))
+            .await
+            .unwrap(),
         "a result is written once"
     );
     let st = s.status(&j.id).await.unwrap().unwrap();
     assert_eq!(st.record.phase, Phase::Completed);
-    assert_eq!(st.record.completion.as_ref().unwrap().inference_time, Some(0.25));
+    assert_eq!(
+        st.record.completion.as_ref().unwrap().inference_time,
+        Some(0.25)
+    );
     assert_eq!(st.record.logs.len(), 1, "logs survive completion");
-    assert_eq!(s.result(&j.id).await.unwrap().unwrap(), ok_result("{\"x\":1}"));
+    assert_eq!(
+        s.result(&j.id).await.unwrap().unwrap(),
+        ok_result("{\"x\":1}")
+    );
     assert_eq!(s.load().await.unwrap().in_flight, 0);
-    assert!(s.status("00000000-0000-7000-8000-000000000000").await.unwrap().is_none());
+    assert!(s
+        .status("00000000-0000-7000-8000-000000000000")
+        .await
+        .unwrap()
+        .is_none());
 }
 
 pub async fn stale_token_rejected_and_attempts_exhausted(s: Arc<dyn Store>) {
@@ -94,12 +133,26 @@ pub async fn stale_token_rejected_and_attempts_exhausted(s: Arc<dyn Store>) {
     tokio::time::sleep(Duration::from_millis(120)).await;
     let sweep = s.sweep(now_ms(), Duration::from_secs(3600)).await.unwrap();
     assert_eq!(sweep.leases_expired, 1);
-    assert_eq!(s.status(&j.id).await.unwrap().unwrap().record.phase, Phase::Queued);
+    assert_eq!(
+        s.status(&j.id).await.unwrap().unwrap().record.phase,
+        Phase::Queued
+    );
     let second = s.claim("w2", short).await.unwrap().unwrap();
     assert_eq!(second.record.attempts, 2);
     assert!(second.token > first.token, "fencing tokens grow");
-    assert_eq!(s.renew(&j.id, first.token, short).await.unwrap(), Lease::Lost);
-    assert!(!s.complete(&j.id, first.token, app_end(200, now_ms(), 0.1), ok_result("{}")).await.unwrap());
+    assert_eq!(
+        s.renew(&j.id, first.token, short).await.unwrap(),
+        Lease::Lost
+    );
+    assert!(!s
+        .complete(
+            &j.id,
+            first.token,
+            app_end(200, now_ms(), 0.1),
+            ok_result("{}")
+        )
+        .await
+        .unwrap());
     // Lose it twice more: the third claim was the last attempt.
     tokio::time::sleep(Duration::from_millis(120)).await;
     s.sweep(now_ms(), Duration::from_secs(3600)).await.unwrap();
@@ -107,10 +160,16 @@ pub async fn stale_token_rejected_and_attempts_exhausted(s: Arc<dyn Store>) {
     assert_eq!(third.record.attempts, 3);
     tokio::time::sleep(Duration::from_millis(120)).await;
     s.sweep(now_ms(), Duration::from_secs(3600)).await.unwrap();
-    assert!(s.claim("w4", short).await.unwrap().is_none(), "attempts exhausted: not handed out again");
+    assert!(
+        s.claim("w4", short).await.unwrap().is_none(),
+        "attempts exhausted: not handed out again"
+    );
     let st = s.status(&j.id).await.unwrap().unwrap();
     assert_eq!(st.record.phase, Phase::Completed);
-    assert_eq!(st.record.completion.unwrap().error_type.as_deref(), Some("runner_disconnected"));
+    assert_eq!(
+        st.record.completion.unwrap().error_type.as_deref(),
+        Some("runner_disconnected")
+    );
     assert_eq!(s.result(&j.id).await.unwrap().unwrap().status, 503);
 }
 
@@ -128,15 +187,47 @@ pub async fn cancel_everywhere(s: Arc<dyn Store>) {
     assert_eq!(st.record.phase, Phase::Completed);
     assert!(st.record.completion.unwrap().error.is_some());
     assert_eq!(s.result(&queued.id).await.unwrap().unwrap().status, 499);
-    assert!(s.claim("w", LEASE).await.unwrap().is_none(), "a cancelled job is not handed out");
+    assert!(
+        s.claim("w", LEASE).await.unwrap().is_none(),
+        "a cancelled job is not handed out"
+    );
 
-    assert_eq!(s.cancel(&running.id).await.unwrap(), CancelOutcome::Running { endpoint: "/test".into() });
-    let id = tokio::time::timeout(Duration::from_secs(5), cancels.recv()).await.unwrap().unwrap();
+    assert_eq!(
+        s.cancel(&running.id).await.unwrap(),
+        CancelOutcome::Running {
+            endpoint: "/test".into()
+        }
+    );
+    let id = tokio::time::timeout(Duration::from_secs(5), cancels.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(id, running.id);
-    assert_eq!(s.renew(&running.id, c.token, LEASE).await.unwrap(), Lease::Held { cancel_requested: true });
-    assert!(s.complete(&running.id, c.token, app_end(499, now_ms(), 0.1), ok_result("{}")).await.unwrap());
-    assert_eq!(s.cancel(&running.id).await.unwrap(), CancelOutcome::AlreadyCompleted);
-    assert_eq!(s.cancel("00000000-0000-7000-8000-000000000000").await.unwrap(), CancelOutcome::NotFound);
+    assert_eq!(
+        s.renew(&running.id, c.token, LEASE).await.unwrap(),
+        Lease::Held {
+            cancel_requested: true
+        }
+    );
+    assert!(s
+        .complete(
+            &running.id,
+            c.token,
+            app_end(499, now_ms(), 0.1),
+            ok_result("{}")
+        )
+        .await
+        .unwrap());
+    assert_eq!(
+        s.cancel(&running.id).await.unwrap(),
+        CancelOutcome::AlreadyCompleted
+    );
+    assert_eq!(
+        s.cancel("00000000-0000-7000-8000-000000000000")
+            .await
+            .unwrap(),
+        CancelOutcome::NotFound
+    );
 }
 
 pub async fn start_timeout(s: Arc<dyn Store>) {
@@ -151,52 +242,97 @@ pub async fn start_timeout(s: Arc<dyn Store>) {
     assert_eq!(sweep.start_timeouts, 1);
     let r = s.result(&j.id).await.unwrap().unwrap();
     assert_eq!(r.status, 504);
-    assert!(r.headers.iter().any(|(k, v)| k == "x-fal-request-timeout-type" && v == "user"));
+    assert!(r
+        .headers
+        .iter()
+        .any(|(k, v)| k == "x-fal-request-timeout-type" && v == "user"));
     // A claim also refuses expired jobs, without a sweep.
     let mut k = spec(Priority::Normal);
     k.start_deadline_ms = Some(now_ms() + 20);
     s.submit(k.clone(), Bytes::new(), 10).await.unwrap();
     let c = s.claim("w", LEASE).await.unwrap().unwrap();
-    assert_eq!(c.record.spec.id, later.id, "the deadline stops counting once it runs");
+    assert_eq!(
+        c.record.spec.id, later.id,
+        "the deadline stops counting once it runs"
+    );
     tokio::time::sleep(Duration::from_millis(40)).await;
     assert!(s.claim("w", LEASE).await.unwrap().is_none());
     assert_eq!(s.result(&k.id).await.unwrap().unwrap().status, 504);
-    assert_eq!(s.status(&later.id).await.unwrap().unwrap().record.phase, Phase::Running);
+    assert_eq!(
+        s.status(&later.id).await.unwrap().unwrap().record.phase,
+        Phase::Running
+    );
 }
 
 pub async fn queue_bound(s: Arc<dyn Store>) {
-    s.submit(spec(Priority::Normal), Bytes::new(), 2).await.unwrap();
-    s.submit(spec(Priority::Low), Bytes::new(), 2).await.unwrap();
+    s.submit(spec(Priority::Normal), Bytes::new(), 2)
+        .await
+        .unwrap();
+    s.submit(spec(Priority::Low), Bytes::new(), 2)
+        .await
+        .unwrap();
     match s.submit(spec(Priority::Normal), Bytes::new(), 2).await {
         Err(StoreError::QueueFull(2)) => {}
         other => panic!("expected QueueFull, got {other:?}"),
     }
     s.claim("w", LEASE).await.unwrap().unwrap();
-    s.submit(spec(Priority::Normal), Bytes::new(), 2).await.expect("room again once one runs");
+    s.submit(spec(Priority::Normal), Bytes::new(), 2)
+        .await
+        .expect("room again once one runs");
 }
 
 pub async fn webhook_outbox(s: Arc<dyn Store>) {
     let mut j = spec(Priority::Normal);
     j.webhook_url = Some("http://127.0.0.1:9/hook".into());
     s.submit(j.clone(), Bytes::new(), 10).await.unwrap();
-    assert!(s.due_deliveries(now_ms(), 10, LEASE).await.unwrap().is_empty(), "nothing before the result");
+    assert!(
+        s.due_deliveries(now_ms(), 10, LEASE)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing before the result"
+    );
     let c = s.claim("w", LEASE).await.unwrap().unwrap();
-    s.complete(&j.id, c.token, app_end(200, now_ms(), 0.1), ok_result("{}")).await.unwrap();
+    s.complete(&j.id, c.token, app_end(200, now_ms(), 0.1), ok_result("{}"))
+        .await
+        .unwrap();
     let due = s.due_deliveries(now_ms(), 10, LEASE).await.unwrap();
     assert_eq!(due.len(), 1);
-    assert_eq!((due[0].request_id.as_str(), due[0].owner.as_str(), due[0].attempts), (j.id.as_str(), "owner", 0));
-    assert!(s.due_deliveries(now_ms(), 10, LEASE).await.unwrap().is_empty(), "leased to one sender");
-    s.delivery_attempted(&j.id, 1, Some(now_ms())).await.unwrap();
+    assert_eq!(
+        (
+            due[0].request_id.as_str(),
+            due[0].owner.as_str(),
+            due[0].attempts
+        ),
+        (j.id.as_str(), "owner", 0)
+    );
+    assert!(
+        s.due_deliveries(now_ms(), 10, LEASE)
+            .await
+            .unwrap()
+            .is_empty(),
+        "leased to one sender"
+    );
+    s.delivery_attempted(&j.id, 1, Some(now_ms()))
+        .await
+        .unwrap();
     let due = s.due_deliveries(now_ms() + 1, 10, LEASE).await.unwrap();
     assert_eq!(due[0].attempts, 1);
     s.delivery_attempted(&j.id, 2, None).await.unwrap();
-    assert!(s.due_deliveries(now_ms() + 100_000, 10, LEASE).await.unwrap().is_empty());
+    assert!(s
+        .due_deliveries(now_ms() + 100_000, 10, LEASE)
+        .await
+        .unwrap()
+        .is_empty());
     // Cancelled-while-queued jobs notify too.
     let mut k = spec(Priority::Normal);
     k.webhook_url = Some("http://127.0.0.1:9/hook".into());
     s.submit(k.clone(), Bytes::new(), 10).await.unwrap();
     s.cancel(&k.id).await.unwrap();
-    assert_eq!(s.due_deliveries(now_ms(), 10, LEASE).await.unwrap().len(), 1);
+    assert_eq!(
+        s.due_deliveries(now_ms(), 10, LEASE).await.unwrap().len(),
+        1
+    );
 }
 
 pub async fn release_keeps_place(s: Arc<dyn Store>) {
@@ -208,18 +344,29 @@ pub async fn release_keeps_place(s: Arc<dyn Store>) {
     assert!(s.release(&a.id, c.token).await.unwrap());
     assert!(!s.release(&a.id, c.token).await.unwrap(), "released once");
     let st = s.status(&a.id).await.unwrap().unwrap();
-    assert_eq!((st.record.phase, st.queue_position, st.record.attempts), (Phase::Queued, Some(0), 0));
-    assert_eq!(s.claim("w", LEASE).await.unwrap().unwrap().record.spec.id, a.id);
+    assert_eq!(
+        (st.record.phase, st.queue_position, st.record.attempts),
+        (Phase::Queued, Some(0), 0)
+    );
+    assert_eq!(
+        s.claim("w", LEASE).await.unwrap().unwrap().record.spec.id,
+        a.id
+    );
 }
 
 pub async fn retention_purges(s: Arc<dyn Store>) {
     let j = spec(Priority::Normal);
     s.submit(j.clone(), Bytes::new(), 10).await.unwrap();
     let c = s.claim("w", LEASE).await.unwrap().unwrap();
-    s.complete(&j.id, c.token, app_end(200, now_ms(), 0.1), ok_result("{}")).await.unwrap();
+    s.complete(&j.id, c.token, app_end(200, now_ms(), 0.1), ok_result("{}"))
+        .await
+        .unwrap();
     let sweep = s.sweep(now_ms(), Duration::from_secs(3600)).await.unwrap();
     assert_eq!(sweep.purged, 0);
-    let sweep = s.sweep(now_ms() + 10_000, Duration::from_secs(1)).await.unwrap();
+    let sweep = s
+        .sweep(now_ms() + 10_000, Duration::from_secs(1))
+        .await
+        .unwrap();
     assert_eq!(sweep.purged, 1);
     assert!(s.status(&j.id).await.unwrap().is_none());
     assert!(s.result(&j.id).await.unwrap().is_none());
@@ -231,9 +378,14 @@ pub async fn changes_wake_waiters(s: Arc<dyn Store>) {
     let s2 = s.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        s2.submit(spec(Priority::Normal), Bytes::new(), 10).await.unwrap();
+        s2.submit(spec(Priority::Normal), Bytes::new(), 10)
+            .await
+            .unwrap();
     });
-    tokio::time::timeout(Duration::from_secs(5), rx.changed()).await.expect("woken by a submit").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), rx.changed())
+        .await
+        .expect("woken by a submit")
+        .unwrap();
 }
 
 /// Generates one `#[tokio::test]` per conformance case for a backend.

@@ -17,10 +17,12 @@ use redb::{Database, ReadableTable, TableDefinition};
 use tokio::sync::{broadcast, oneshot, watch};
 
 use super::position::PositionIndex;
-use super::{CancelOutcome, Claimed, Delivery, JobStatus, Lease, Load, Store, StoreError, StoreResult, Sweep};
+use super::{
+    CancelOutcome, Claimed, Delivery, JobStatus, Lease, Load, Store, StoreError, StoreResult, Sweep,
+};
 use crate::job::{
-    claim_decision, now_ms, system_end, ClaimDecision, Completion, JobRecord, JobSpec, LogLine, Phase, Priority,
-    StoredResult, SystemEnd,
+    claim_decision, now_ms, system_end, ClaimDecision, Completion, JobRecord, JobSpec, LogLine,
+    Phase, Priority, StoredResult, SystemEnd,
 };
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
@@ -58,7 +60,10 @@ impl Writer {
             .name("fal-store-writer".into())
             .spawn(move || writer_loop(&db, rx))
             .expect("spawn store writer thread");
-        Writer { tx: Mutex::new(Some(tx)), thread: Some(thread) }
+        Writer {
+            tx: Mutex::new(Some(tx)),
+            thread: Some(thread),
+        }
     }
 
     fn push(&self, ops: Vec<Op>, ack: Option<Ack>) {
@@ -94,7 +99,9 @@ impl Drop for Writer {
 async fn committed(rx: oneshot::Receiver<Result<(), String>>) -> StoreResult<()> {
     match rx.await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(StoreError::Unavailable(format!("writing the data directory failed: {e}"))),
+        Ok(Err(e)) => Err(StoreError::Unavailable(format!(
+            "writing the data directory failed: {e}"
+        ))),
         Err(_) => Err(StoreError::Unavailable("the store writer stopped".into())),
     }
 }
@@ -109,7 +116,8 @@ fn writer_loop(db: &Database, rx: mpsc::Receiver<(Vec<Op>, Option<Ack>)>) {
                 Err(_) => break,
             }
         }
-        let outcome = apply(db, batch.iter().flat_map(|(ops, _)| ops.iter())).map_err(|e| e.to_string());
+        let outcome =
+            apply(db, batch.iter().flat_map(|(ops, _)| ops.iter())).map_err(|e| e.to_string());
         if let Err(e) = &outcome {
             tracing::error!(error = %e, "embedded store commit failed");
         }
@@ -173,10 +181,21 @@ pub(crate) fn encode_result(r: &StoredResult) -> Vec<u8> {
 
 pub(crate) fn decode_result(bytes: &[u8]) -> StoreResult<StoredResult> {
     let bad = || StoreError::Corrupt("stored result".into());
-    let len = u32::from_le_bytes(bytes.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
+    let len = u32::from_le_bytes(
+        bytes
+            .get(..4)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?,
+    ) as usize;
     let head = bytes.get(4..4 + len).ok_or_else(bad)?;
-    let (status, headers): (u16, Vec<(String, String)>) = serde_json::from_slice(head).map_err(|_| bad())?;
-    Ok(StoredResult { status, headers, body: Bytes::copy_from_slice(&bytes[4 + len..]) })
+    let (status, headers): (u16, Vec<(String, String)>) =
+        serde_json::from_slice(head).map_err(|_| bad())?;
+    Ok(StoredResult {
+        status,
+        headers,
+        body: Bytes::copy_from_slice(&bytes[4 + len..]),
+    })
 }
 
 fn encode_record(r: &JobRecord) -> Vec<u8> {
@@ -203,7 +222,8 @@ struct Inner {
 
 impl Inner {
     fn enqueue(&mut self, rec: &JobRecord) {
-        self.queue.insert((rec.spec.priority, rec.seq), rec.spec.id.clone());
+        self.queue
+            .insert((rec.spec.priority, rec.seq), rec.spec.id.clone());
         self.positions.insert(rec.spec.priority, rec.seq);
         if let Some(d) = rec.spec.start_deadline_ms {
             self.deadlines.insert((d, rec.spec.id.clone()));
@@ -220,7 +240,9 @@ impl Inner {
 
     /// Marks a job completed in memory and returns the ops that make it durable.
     fn finish(&mut self, id: &str, completion: Completion, result: StoredResult) -> Vec<Op> {
-        let Some(mut rec) = self.jobs.remove(id) else { return Vec::new() };
+        let Some(mut rec) = self.jobs.remove(id) else {
+            return Vec::new();
+        };
         match rec.phase {
             Phase::Queued => self.dequeue(&rec),
             Phase::Running => {
@@ -231,7 +253,8 @@ impl Inner {
                 return Vec::new();
             }
         }
-        self.completed.insert((completion.completed_at_ms, id.to_string()));
+        self.completed
+            .insert((completion.completed_at_ms, id.to_string()));
         self.last_activity_ms = completion.completed_at_ms;
         rec.phase = Phase::Completed;
         rec.completion = Some(completion);
@@ -248,7 +271,10 @@ impl Inner {
                 attempts: 0,
                 next_attempt_ms: 0,
             };
-            ops.push(Op::Outbox(id.to_string(), serde_json::to_vec(&d).expect("serialize delivery")));
+            ops.push(Op::Outbox(
+                id.to_string(),
+                serde_json::to_vec(&d).expect("serialize delivery"),
+            ));
         }
         self.fresh_results.insert(id.to_string(), result);
         self.jobs.insert(id.to_string(), rec);
@@ -269,8 +295,12 @@ pub struct EmbeddedStore {
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`, recovering what a previous process left.
     pub fn open(dir: &Path, max_attempts: u32) -> StoreResult<Arc<EmbeddedStore>> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Unavailable(format!("cannot create data directory {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot create data directory {}: {e}",
+                dir.display()
+            ))
+        })?;
         let path = dir.join("queue.redb");
         let db = Database::create(&path).map_err(|e| {
             StoreError::Unavailable(format!(
@@ -279,7 +309,12 @@ impl EmbeddedStore {
             ))
         })?;
         let db = Arc::new(db);
-        let mut inner = Inner { next_seq: 1, next_token: 1, last_activity_ms: now_ms(), ..Inner::default() };
+        let mut inner = Inner {
+            next_seq: 1,
+            next_token: 1,
+            last_activity_ms: now_ms(),
+            ..Inner::default()
+        };
         let mut recovered = Vec::new();
         let map = |e: redb::Error| StoreError::Unavailable(e.to_string());
         {
@@ -323,13 +358,23 @@ impl EmbeddedStore {
             txn.commit().map_err(|e| map(e.into()))?;
         }
         if !recovered.is_empty() {
-            tracing::warn!(count = recovered.len(), "requests that were running at the last stop are queued again");
+            tracing::warn!(
+                count = recovered.len(),
+                "requests that were running at the last stop are queued again"
+            );
         }
         let writer = Writer::start(db.clone());
         writer.send_nowait(recovered);
         let (changed, _) = watch::channel(0);
         let (cancels, _) = broadcast::channel(1024);
-        Ok(Arc::new(EmbeddedStore { inner: Mutex::new(inner), db, writer, changed, cancels, max_attempts }))
+        Ok(Arc::new(EmbeddedStore {
+            inner: Mutex::new(inner),
+            db,
+            writer,
+            changed,
+            cancels,
+            max_attempts,
+        }))
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -340,7 +385,12 @@ impl EmbeddedStore {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    fn read<T>(&self, table: TableDefinition<&str, &[u8]>, id: &str, f: impl FnOnce(&[u8]) -> T) -> StoreResult<Option<T>> {
+    fn read<T>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        id: &str,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> StoreResult<Option<T>> {
         let map = |e: redb::Error| StoreError::Unavailable(e.to_string());
         let txn = self.db.begin_read().map_err(|e| map(e.into()))?;
         let t = txn.open_table(table).map_err(|e| map(e.into()))?;
@@ -359,7 +409,13 @@ impl EmbeddedStore {
                     let owner = rec.spec.owner.clone();
                     inner.outbox.insert(
                         id.clone(),
-                        Delivery { request_id: id.clone(), url, owner, attempts: 0, next_attempt_ms: 0 },
+                        Delivery {
+                            request_id: id.clone(),
+                            url,
+                            owner,
+                            attempts: 0,
+                            next_attempt_ms: 0,
+                        },
                     );
                 }
             }
@@ -375,7 +431,9 @@ impl EmbeddedStore {
         let mut ops = Vec::new();
         let mut ids = Vec::new();
         for (id, kind) in ends {
-            let Some(rec) = inner.jobs.get(&id) else { continue };
+            let Some(rec) = inner.jobs.get(&id) else {
+                continue;
+            };
             if rec.phase != Phase::Queued {
                 continue;
             }
@@ -425,7 +483,10 @@ impl Store for EmbeddedStore {
                 completion: None,
                 logs: Vec::new(),
             };
-            let rx = self.writer.send(vec![Op::Body(id.clone(), body), Op::Job(id.clone(), encode_record(&rec))]);
+            let rx = self.writer.send(vec![
+                Op::Body(id.clone(), body),
+                Op::Job(id.clone(), encode_record(&rec)),
+            ]);
             (rec, rx)
         };
         let durable = committed(rx).await;
@@ -446,7 +507,8 @@ impl Store for EmbeddedStore {
     async fn status(&self, id: &str) -> StoreResult<Option<JobStatus>> {
         let inner = self.lock();
         Ok(inner.jobs.get(id).map(|rec| JobStatus {
-            queue_position: (rec.phase == Phase::Queued).then(|| inner.positions.position(rec.spec.priority, rec.seq)),
+            queue_position: (rec.phase == Phase::Queued)
+                .then(|| inner.positions.position(rec.spec.priority, rec.seq)),
             record: rec.clone(),
         }))
     }
@@ -468,7 +530,9 @@ impl Store for EmbeddedStore {
     async fn cancel(&self, id: &str) -> StoreResult<CancelOutcome> {
         let (ids, ops) = {
             let mut inner = self.lock();
-            let Some(rec) = inner.jobs.get_mut(id) else { return Ok(CancelOutcome::NotFound) };
+            let Some(rec) = inner.jobs.get_mut(id) else {
+                return Ok(CancelOutcome::NotFound);
+            };
             match rec.phase {
                 Phase::Completed => return Ok(CancelOutcome::AlreadyCompleted),
                 Phase::Running => {
@@ -481,7 +545,9 @@ impl Store for EmbeddedStore {
                     self.bump();
                     return Ok(CancelOutcome::Running { endpoint });
                 }
-                Phase::Queued => Self::end_queued(&mut inner, vec![(id.to_string(), SystemEnd::Cancelled)]),
+                Phase::Queued => {
+                    Self::end_queued(&mut inner, vec![(id.to_string(), SystemEnd::Cancelled)])
+                }
             }
         };
         self.commit_finished(ids, ops).await?;
@@ -499,7 +565,12 @@ impl Store for EmbeddedStore {
                     inner.queue.pop_first();
                     continue;
                 };
-                let decision = claim_decision(rec.attempts, self.max_attempts, rec.spec.start_deadline_ms, now);
+                let decision = claim_decision(
+                    rec.attempts,
+                    self.max_attempts,
+                    rec.spec.start_deadline_ms,
+                    now,
+                );
                 if let ClaimDecision::End(kind) = decision {
                     // `finish` takes it out of the queue; the commit below makes it durable.
                     let (c, r) = system_end(kind, now, rec.attempts);
@@ -516,7 +587,8 @@ impl Store for EmbeddedStore {
                 rec.logs.clear();
                 inner.running.insert(id.clone());
                 inner.last_activity_ms = now;
-                self.writer.send_nowait(vec![Op::Job(id.clone(), encode_record(&rec))]);
+                self.writer
+                    .send_nowait(vec![Op::Job(id.clone(), encode_record(&rec))]);
                 inner.jobs.insert(id.clone(), rec.clone());
                 claimed = Some(rec);
                 break;
@@ -524,12 +596,21 @@ impl Store for EmbeddedStore {
             claimed
         };
         let ids: Vec<String> = ends.iter().map(|(id, _)| id.clone()).collect();
-        self.commit_finished(ids, ends.into_iter().flat_map(|(_, ops)| ops).collect()).await?;
-        let Some(record) = claimed else { return Ok(None) };
+        self.commit_finished(ids, ends.into_iter().flat_map(|(_, ops)| ops).collect())
+            .await?;
+        let Some(record) = claimed else {
+            return Ok(None);
+        };
         self.bump();
-        let body = self.read(BODIES, &record.spec.id, Bytes::copy_from_slice)?.unwrap_or_default();
+        let body = self
+            .read(BODIES, &record.spec.id, Bytes::copy_from_slice)?
+            .unwrap_or_default();
         let token = record.token;
-        Ok(Some(Claimed { record, body, token }))
+        Ok(Some(Claimed {
+            record,
+            body,
+            token,
+        }))
     }
 
     async fn renew(&self, id: &str, token: u64, lease: Duration) -> StoreResult<Lease> {
@@ -537,7 +618,9 @@ impl Store for EmbeddedStore {
         match inner.jobs.get_mut(id) {
             Some(rec) if rec.phase == Phase::Running && rec.token == token => {
                 rec.lease_until_ms = now_ms() + lease.as_millis() as u64;
-                Ok(Lease::Held { cancel_requested: rec.cancel_requested })
+                Ok(Lease::Held {
+                    cancel_requested: rec.cancel_requested,
+                })
             }
             _ => Ok(Lease::Lost),
         }
@@ -546,7 +629,9 @@ impl Store for EmbeddedStore {
     async fn release(&self, id: &str, token: u64) -> StoreResult<bool> {
         let rx = {
             let mut inner = self.lock();
-            let Some(mut rec) = inner.jobs.remove(id) else { return Ok(false) };
+            let Some(mut rec) = inner.jobs.remove(id) else {
+                return Ok(false);
+            };
             if rec.phase != Phase::Running || rec.token != token {
                 inner.jobs.insert(id.to_string(), rec);
                 return Ok(false);
@@ -556,7 +641,9 @@ impl Store for EmbeddedStore {
             rec.attempts = rec.attempts.saturating_sub(1);
             rec.logs.clear();
             inner.enqueue(&rec);
-            let rx = self.writer.send(vec![Op::Job(id.to_string(), encode_record(&rec))]);
+            let rx = self
+                .writer
+                .send(vec![Op::Job(id.to_string(), encode_record(&rec))]);
             inner.jobs.insert(id.to_string(), rec);
             rx
         };
@@ -565,7 +652,13 @@ impl Store for EmbeddedStore {
         Ok(true)
     }
 
-    async fn complete(&self, id: &str, token: u64, completion: Completion, result: StoredResult) -> StoreResult<bool> {
+    async fn complete(
+        &self,
+        id: &str,
+        token: u64,
+        completion: Completion,
+        result: StoredResult,
+    ) -> StoreResult<bool> {
         let rx = {
             let mut inner = self.lock();
             match inner.jobs.get_mut(id) {
@@ -583,7 +676,9 @@ impl Store for EmbeddedStore {
     async fn append_logs(&self, id: &str, lines: Vec<LogLine>) -> StoreResult<()> {
         {
             let mut inner = self.lock();
-            let Some(rec) = inner.jobs.get_mut(id) else { return Ok(()) };
+            let Some(rec) = inner.jobs.get_mut(id) else {
+                return Ok(());
+            };
             if rec.phase != Phase::Running {
                 return Ok(());
             }
@@ -603,8 +698,12 @@ impl Store for EmbeddedStore {
         let (ids, end_ops) = {
             let mut inner = self.lock();
             // Start deadlines that passed while queued.
-            let due: Vec<String> =
-                inner.deadlines.iter().take_while(|(d, _)| *d <= now).map(|(_, id)| id.clone()).collect();
+            let due: Vec<String> = inner
+                .deadlines
+                .iter()
+                .take_while(|(d, _)| *d <= now)
+                .map(|(_, id)| id.clone())
+                .collect();
             for id in due {
                 ends.push((id, SystemEnd::StartTimeout));
                 sweep.start_timeouts += 1;
@@ -618,7 +717,9 @@ impl Store for EmbeddedStore {
                 .collect();
             let mut ops = Vec::new();
             for id in expired {
-                let Some(mut rec) = inner.jobs.remove(&id) else { continue };
+                let Some(mut rec) = inner.jobs.remove(&id) else {
+                    continue;
+                };
                 inner.running.remove(&id);
                 rec.phase = Phase::Queued;
                 rec.logs.clear();
@@ -629,8 +730,12 @@ impl Store for EmbeddedStore {
             }
             // Results past retention (kept while a webhook for them is still pending).
             let cutoff = now.saturating_sub(retention.as_millis() as u64);
-            let old: Vec<(u64, String)> =
-                inner.completed.iter().take_while(|(at, _)| *at < cutoff).cloned().collect();
+            let old: Vec<(u64, String)> = inner
+                .completed
+                .iter()
+                .take_while(|(at, _)| *at < cutoff)
+                .cloned()
+                .collect();
             for (at, id) in old {
                 if inner.outbox.contains_key(&id) {
                     continue;
@@ -652,9 +757,19 @@ impl Store for EmbeddedStore {
         Ok(sweep)
     }
 
-    async fn due_deliveries(&self, now: u64, limit: usize, lease: Duration) -> StoreResult<Vec<Delivery>> {
+    async fn due_deliveries(
+        &self,
+        now: u64,
+        limit: usize,
+        lease: Duration,
+    ) -> StoreResult<Vec<Delivery>> {
         let mut inner = self.lock();
-        let mut due: Vec<Delivery> = inner.outbox.values().filter(|d| d.next_attempt_ms <= now).cloned().collect();
+        let mut due: Vec<Delivery> = inner
+            .outbox
+            .values()
+            .filter(|d| d.next_attempt_ms <= now)
+            .cloned()
+            .collect();
         due.sort_by_key(|d| d.next_attempt_ms);
         due.truncate(limit);
         for d in &due {
@@ -665,20 +780,29 @@ impl Store for EmbeddedStore {
         Ok(due)
     }
 
-    async fn delivery_attempted(&self, request_id: &str, attempts: u32, next: Option<u64>) -> StoreResult<()> {
+    async fn delivery_attempted(
+        &self,
+        request_id: &str,
+        attempts: u32,
+        next: Option<u64>,
+    ) -> StoreResult<()> {
         let rx = {
             let mut inner = self.lock();
             match next {
                 None => {
                     inner.outbox.remove(request_id);
-                    self.writer.send(vec![Op::DropOutbox(request_id.to_string())])
+                    self.writer
+                        .send(vec![Op::DropOutbox(request_id.to_string())])
                 }
                 Some(at) => {
-                    let Some(d) = inner.outbox.get_mut(request_id) else { return Ok(()) };
+                    let Some(d) = inner.outbox.get_mut(request_id) else {
+                        return Ok(());
+                    };
                     d.attempts = attempts;
                     d.next_attempt_ms = at;
                     let bytes = serde_json::to_vec(&*d).expect("serialize delivery");
-                    self.writer.send(vec![Op::Outbox(request_id.to_string(), bytes)])
+                    self.writer
+                        .send(vec![Op::Outbox(request_id.to_string(), bytes)])
                 }
             }
         };

@@ -54,7 +54,9 @@ pub enum CancelOutcome {
     /// Was queued: removed and completed as cancelled.
     Removed,
     /// Is running: the cancel flag is set and the worker that holds it is told.
-    Running { endpoint: String },
+    Running {
+        endpoint: String,
+    },
     AlreadyCompleted,
     NotFound,
 }
@@ -124,7 +126,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Writes the result once. `false` when the token is stale (the lease was lost and
     /// the job reclaimed or ended): the result is dropped.
-    async fn complete(&self, id: &str, token: u64, completion: Completion, result: StoredResult) -> StoreResult<bool>;
+    async fn complete(
+        &self,
+        id: &str,
+        token: u64,
+        completion: Completion,
+        result: StoredResult,
+    ) -> StoreResult<bool>;
 
     /// Attributes log lines to a running job.
     async fn append_logs(&self, id: &str, lines: Vec<LogLine>) -> StoreResult<()>;
@@ -134,11 +142,21 @@ pub trait Store: Send + Sync + 'static {
 
     /// Webhook outbox entries due at `now_ms`, claimed for `lease` so another delivery
     /// loop (another replica) does not send them at the same time.
-    async fn due_deliveries(&self, now_ms: u64, limit: usize, lease: Duration) -> StoreResult<Vec<Delivery>>;
+    async fn due_deliveries(
+        &self,
+        now_ms: u64,
+        limit: usize,
+        lease: Duration,
+    ) -> StoreResult<Vec<Delivery>>;
 
     /// Records a delivery attempt: `next_attempt_ms = None` removes the entry (delivered
     /// or given up).
-    async fn delivery_attempted(&self, request_id: &str, attempts: u32, next_attempt_ms: Option<u64>) -> StoreResult<()>;
+    async fn delivery_attempted(
+        &self,
+        request_id: &str,
+        attempts: u32,
+        next_attempt_ms: Option<u64>,
+    ) -> StoreResult<()>;
 
     async fn load(&self) -> StoreResult<Load>;
 

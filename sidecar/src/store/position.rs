@@ -65,7 +65,13 @@ impl Fenwick {
     /// Rebuilds so that the tree covers the present entries plus `seq`, with headroom.
     fn rebuild(&mut self, seq: u64) {
         let lo = self.present.iter().next().copied().unwrap_or(seq).min(seq);
-        let hi = self.present.iter().next_back().copied().unwrap_or(seq).max(seq);
+        let hi = self
+            .present
+            .iter()
+            .next_back()
+            .copied()
+            .unwrap_or(seq)
+            .max(seq);
         let span = (hi - lo + 1) as usize;
         let len = (span * 2).max(1024).next_power_of_two();
         self.base = lo;
@@ -134,13 +140,21 @@ mod tests {
         let mut seq = 1u64;
         for round in 0..20_000 {
             if live.is_empty() || rnd() % 3 != 0 {
-                let p = if rnd() % 4 == 0 { Priority::Low } else { Priority::Normal };
+                let p = if rnd() % 4 == 0 {
+                    Priority::Low
+                } else {
+                    Priority::Normal
+                };
                 idx.insert(p, seq);
                 live.push((p, seq));
                 seq += 1;
             } else {
                 // Mostly remove from the front (a draining queue), sometimes anywhere.
-                let i = if rnd() % 5 == 0 { (rnd() as usize) % live.len() } else { 0 };
+                let i = if rnd() % 5 == 0 {
+                    (rnd() as usize) % live.len()
+                } else {
+                    0
+                };
                 let (p, s) = live.remove(i);
                 idx.remove(p, s);
             }

@@ -14,7 +14,11 @@ use crate::store::{Delivery, Store};
 use signing::Signer;
 
 /// The fal webhook body for a completed request.
-pub fn payload(request_id: &str, result: &StoredResult, completion: Option<&Completion>) -> serde_json::Value {
+pub fn payload(
+    request_id: &str,
+    result: &StoredResult,
+    completion: Option<&Completion>,
+) -> serde_json::Value {
     let ok = (200..300).contains(&result.status);
     let mut body = serde_json::json!({
         "request_id": request_id,
@@ -22,7 +26,9 @@ pub fn payload(request_id: &str, result: &StoredResult, completion: Option<&Comp
         "status": if ok { "OK" } else { "ERROR" },
     });
     if !ok {
-        let app_error = completion.and_then(|c| c.error_type.as_deref()).is_none_or(|t| t == "app_error");
+        let app_error = completion
+            .and_then(|c| c.error_type.as_deref())
+            .is_none_or(|t| t == "app_error");
         let error = match completion.and_then(|c| c.error.clone()) {
             Some(e) if !app_error => e,
             _ => format!("Invalid status code: {}", result.status),
@@ -50,7 +56,10 @@ pub struct DeliveryConfig {
 impl DeliveryConfig {
     /// fal's schedule: 10 attempts over about two hours.
     pub fn default_delays() -> Vec<Duration> {
-        [15u64, 60, 120, 300, 600, 900, 1200, 1500, 2700].iter().map(|s| Duration::from_secs(*s)).collect()
+        [15u64, 60, 120, 300, 600, 900, 1200, 1500, 2700]
+            .iter()
+            .map(|s| Duration::from_secs(*s))
+            .collect()
     }
 }
 
@@ -79,7 +88,14 @@ impl Deliverer {
             .dns_resolver(Arc::new(ssrf::GuardedResolver(policy.clone())))
             .user_agent(concat!("fal-sidecar/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Deliverer { store, signer, client, policy, cfg, metrics })
+        Ok(Deliverer {
+            store,
+            signer,
+            client,
+            policy,
+            cfg,
+            metrics,
+        })
     }
 
     /// Runs until `stop` turns true.
@@ -118,7 +134,10 @@ impl Deliverer {
         let next = match &outcome {
             Ok(status) => {
                 tracing::info!(request_id = %d.request_id, attempt, status, "webhook delivered");
-                self.metrics.webhooks.with_label_values(&["delivered"]).inc();
+                self.metrics
+                    .webhooks
+                    .with_label_values(&["delivered"])
+                    .inc();
                 None
             }
             Err(why) if (attempt as usize) > self.cfg.retry_delays.len() => {
@@ -133,15 +152,27 @@ impl Deliverer {
                 Some(now_ms() + delay.as_millis() as u64)
             }
         };
-        if let Err(e) = self.store.delivery_attempted(&d.request_id, attempt, next).await {
+        if let Err(e) = self
+            .store
+            .delivery_attempted(&d.request_id, attempt, next)
+            .await
+        {
             tracing::warn!(request_id = %d.request_id, error = %e, "recording a webhook attempt failed; it will be retried");
         }
     }
 
     /// One POST. `Ok(status)` on 2xx.
     async fn attempt(&self, d: &Delivery) -> Result<u16, String> {
-        let status = self.store.status(&d.request_id).await.map_err(|e| e.to_string())?;
-        let result = self.store.result(&d.request_id).await.map_err(|e| e.to_string())?;
+        let status = self
+            .store
+            .status(&d.request_id)
+            .await
+            .map_err(|e| e.to_string())?;
+        let result = self
+            .store
+            .result(&d.request_id)
+            .await
+            .map_err(|e| e.to_string())?;
         let (Some(status), Some(result)) = (status, result) else {
             // Purged: nothing left to say. Treat as done.
             return Ok(0);
@@ -153,8 +184,12 @@ impl Deliverer {
             Some(url::Host::Ipv6(ip)) => self.policy.check_ip(ip.into())?,
             _ => {}
         }
-        let body = serde_json::to_vec(&payload(&d.request_id, &result, status.record.completion.as_ref()))
-            .map_err(|e| e.to_string())?;
+        let body = serde_json::to_vec(&payload(
+            &d.request_id,
+            &result,
+            status.record.completion.as_ref(),
+        ))
+        .map_err(|e| e.to_string())?;
         let ts = now_ms() / 1000;
         let sig = self.signer.sign(&d.request_id, &d.owner, ts, &body);
         let resp = self
@@ -184,21 +219,34 @@ mod tests {
     use bytes::Bytes;
 
     fn result(status: u16, body: &'static str) -> StoredResult {
-        StoredResult { status, headers: vec![], body: Bytes::from_static(body.as_bytes()) }
+        StoredResult {
+            status,
+            headers: vec![],
+            body: Bytes::from_static(body.as_bytes()),
+        }
     }
 
     #[test]
     fn payload_shapes() {
         let ok = payload("r", &result(200, "{\"x\":1}"), None);
-        assert_eq!(ok, serde_json::json!({"request_id": "r", "gateway_request_id": "r", "status": "OK", "payload": {"x": 1}}));
+        assert_eq!(
+            ok,
+            serde_json::json!({"request_id": "r", "gateway_request_id": "r", "status": "OK", "payload": {"x": 1}})
+        );
         let err = payload("r", &result(422, "{\"detail\":\"bad\"}"), None);
         assert_eq!(err["status"], "ERROR");
         assert_eq!(err["error"], "Invalid status code: 422");
         assert_eq!(err["payload"]["detail"], "bad");
         let text = payload("r", &result(200, "plain"), None);
         assert_eq!(text["payload"], serde_json::Value::Null);
-        assert!(text["payload_error"].as_str().unwrap().contains("not valid JSON"));
+        assert!(text["payload_error"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON"));
         let (c, r) = crate::job::system_end(crate::job::SystemEnd::StartTimeout, 1, 0);
-        assert!(payload("r", &r, Some(&c))["error"].as_str().unwrap().contains("timed out"));
+        assert!(payload("r", &r, Some(&c))["error"]
+            .as_str()
+            .unwrap()
+            .contains("timed out"));
     }
 }

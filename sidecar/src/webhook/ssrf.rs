@@ -74,7 +74,12 @@ fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     } else if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
         Some(tail) // NAT64 64:ff9b::/96
     } else if s[0] == 0x2002 {
-        Some(Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8)) // 6to4
+        Some(Ipv4Addr::new(
+            (s[1] >> 8) as u8,
+            s[1] as u8,
+            (s[2] >> 8) as u8,
+            s[2] as u8,
+        )) // 6to4
     } else {
         None
     }
@@ -101,10 +106,15 @@ impl Policy {
                 p.nets.push(net);
             } else if let Ok(ip) = item.parse::<IpAddr>() {
                 p.nets.push(IpNet::from(ip));
-            } else if item.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
+            } else if item
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+            {
                 p.hosts.push(item.to_ascii_lowercase());
             } else {
-                return Err(format!("--webhook-allow {item:?} is neither a CIDR, an IP address nor a host name"));
+                return Err(format!(
+                    "--webhook-allow {item:?} is neither a CIDR, an IP address nor a host name"
+                ));
             }
         }
         Ok(p)
@@ -121,7 +131,11 @@ impl Policy {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
             v4 => v4,
         };
-        if self.nets.iter().any(|n| n.contains(&ip) || n.contains(&canonical)) {
+        if self
+            .nets
+            .iter()
+            .any(|n| n.contains(&ip) || n.contains(&canonical))
+        {
             return Ok(());
         }
         match blocked_reason(ip) {
@@ -132,9 +146,13 @@ impl Policy {
 
     /// Checks a webhook URL at submit time: scheme, host, and every address it resolves to.
     pub async fn check_url(&self, raw: &str) -> Result<reqwest::Url, String> {
-        let url = reqwest::Url::parse(raw).map_err(|e| format!("fal_webhook is not a valid URL ({e})"))?;
+        let url = reqwest::Url::parse(raw)
+            .map_err(|e| format!("fal_webhook is not a valid URL ({e})"))?;
         if url.scheme() != "http" && url.scheme() != "https" {
-            return Err(format!("fal_webhook must be http or https, not {}", url.scheme()));
+            return Err(format!(
+                "fal_webhook must be http or https, not {}",
+                url.scheme()
+            ));
         }
         if !url.username().is_empty() || url.password().is_some() {
             return Err("fal_webhook must not carry credentials in the URL".into());
@@ -152,7 +170,10 @@ impl Policy {
                     .await
                     .map_err(|e| format!("fal_webhook host {name} does not resolve ({e})"))?
                     .collect();
-                let refused: Vec<String> = addrs.iter().filter_map(|a| self.check_ip(a.ip()).err()).collect();
+                let refused: Vec<String> = addrs
+                    .iter()
+                    .filter_map(|a| self.check_ip(a.ip()).err())
+                    .collect();
                 if addrs.is_empty() || refused.len() == addrs.len() {
                     return Err(format!(
                         "fal_webhook host {name} resolves only to refused addresses: {}",
@@ -178,7 +199,11 @@ impl reqwest::dns::Resolve for GuardedResolver {
             if policy.host_allowed(&host) {
                 return Ok(Box::new(all.into_iter()) as reqwest::dns::Addrs);
             }
-            let ok: Vec<SocketAddr> = all.iter().copied().filter(|a| policy.check_ip(a.ip()).is_ok()).collect();
+            let ok: Vec<SocketAddr> = all
+                .iter()
+                .copied()
+                .filter(|a| policy.check_ip(a.ip()).is_ok())
+                .collect();
             if ok.is_empty() {
                 let e: Box<dyn std::error::Error + Send + Sync> =
                     format!("webhook host {host} resolves only to refused addresses").into();
@@ -201,9 +226,26 @@ mod tests {
     fn refuses_non_public_addresses() {
         let p = Policy::new(&[], false).unwrap();
         for ip in [
-            "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "169.254.1.1", "0.0.0.0",
-            "100.64.0.1", "224.0.0.1", "255.255.255.255", "::1", "::", "fc00::1", "fd00:ec2::254", "fe80::1",
-            "::ffff:10.0.0.1", "::ffff:127.0.0.1", "::ffff:169.254.169.254", "64:ff9b::a00:1", "2002:a00:1::",
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "169.254.1.1",
+            "0.0.0.0",
+            "100.64.0.1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fc00::1",
+            "fd00:ec2::254",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a00:1",
+            "2002:a00:1::",
             "::10.0.0.1",
         ] {
             assert!(refused(&p, ip), "{ip} must be refused");
@@ -215,7 +257,15 @@ mod tests {
 
     #[test]
     fn allow_list_and_run_mode_loopback() {
-        let p = Policy::new(&["10.0.0.0/8".into(), "hooks.internal".into(), "192.168.1.5".into()], false).unwrap();
+        let p = Policy::new(
+            &[
+                "10.0.0.0/8".into(),
+                "hooks.internal".into(),
+                "192.168.1.5".into(),
+            ],
+            false,
+        )
+        .unwrap();
         assert!(!refused(&p, "10.9.9.9"));
         assert!(!refused(&p, "::ffff:10.9.9.9"));
         assert!(!refused(&p, "192.168.1.5"));
@@ -232,9 +282,17 @@ mod tests {
     #[tokio::test]
     async fn urls_are_checked_at_submit() {
         let p = Policy::new(&[], false).unwrap();
-        assert!(p.check_url("http://169.254.169.254/latest").await.unwrap_err().contains("metadata"));
+        assert!(p
+            .check_url("http://169.254.169.254/latest")
+            .await
+            .unwrap_err()
+            .contains("metadata"));
         assert!(p.check_url("http://[::ffff:10.0.0.1]/").await.is_err());
-        assert!(p.check_url("http://localhost:9/").await.unwrap_err().contains("refused"));
+        assert!(p
+            .check_url("http://localhost:9/")
+            .await
+            .unwrap_err()
+            .contains("refused"));
         assert!(p.check_url("ftp://example.com/").await.is_err());
         assert!(p.check_url("http://user:pw@8.8.8.8/").await.is_err());
         assert!(p.check_url("not a url").await.is_err());
