@@ -315,7 +315,9 @@ pub async fn check_crd_installed(client: &Client) -> Result<(), String> {
     let api: Api<FalFunction> = Api::all(client.clone());
     match api.list(&kube::api::ListParams::default().limit(1)).await {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.is_not_found() => Err(format!(
+        // A missing API path answers a plain-text 404, which kube turns into a Status
+        // whose reason is not NotFound: check the code too.
+        Err(kube::Error::Api(status)) if status.code == 404 || status.is_not_found() => Err(format!(
             "the FalFunction CRD ({CRD_NAME}) is not installed; install it with\n    kubectl apply -f crds/falfunctions.yaml\nor\n    fal-operator crd | kubectl apply -f -"
         )),
         Err(e) => Err(format!("cannot list FalFunctions: {}", error_chain(&e))),

@@ -144,3 +144,45 @@ async fn run_controller(
     tracing::info!("fal-operator controller stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_fill_the_config() {
+        let cli = Cli::try_parse_from([
+            "fal-operator",
+            "controller",
+            "--sidecar-image",
+            "reg/sidecar:1",
+            "--store-url",
+            "redis://redis:6379",
+            "--gateway-domain",
+            "fal.example.com",
+            "--metrics-addr",
+            "127.0.0.1:9000",
+        ])
+        .unwrap();
+        let Command::Controller {
+            objects,
+            metrics_addr,
+        } = cli.command
+        else {
+            panic!("parsed the wrong subcommand");
+        };
+        assert_eq!(metrics_addr, "127.0.0.1:9000".parse().unwrap());
+        let (catalog, config) = objects.load().unwrap();
+        assert!(catalog.get("GPU-T4").is_some());
+        assert_eq!(config.sidecar_image, "reg/sidecar:1");
+        assert_eq!(config.store_url, "redis://redis:6379");
+        assert_eq!(config.gateway_domain.as_deref(), Some("fal.example.com"));
+        assert_eq!(config.signing_key_secret, None);
+    }
+}

@@ -23,12 +23,16 @@ pub fn crd_yaml() -> Result<String> {
     })
 }
 
-fn spec_fields() -> Vec<String> {
-    let crd = serde_json::to_value(FalFunction::crd()).unwrap_or_default();
-    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
-        .as_object()
-        .map(|o| o.keys().cloned().collect())
-        .unwrap_or_default()
+/// Field names of `spec`, from the CRD schema (generated once: it is the slow part).
+fn spec_fields() -> &'static [String] {
+    static FIELDS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    FIELDS.get_or_init(|| {
+        let crd = serde_json::to_value(FalFunction::crd()).unwrap_or_default();
+        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    })
 }
 
 /// Parses every FalFunction in a (multi-document) manifest and checks it like the

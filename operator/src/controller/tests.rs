@@ -663,3 +663,50 @@ fn backoff_doubles_and_caps() {
     assert_eq!(secs, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
     assert_eq!(backoff_delay(u32::MAX), BACKOFF_MAX);
 }
+
+#[tokio::test]
+async fn missing_crd_gives_an_install_hint() {
+    let list = "/apis/fal.serverless.dev/v1alpha1/falfunctions?&limit=1";
+    for reply in [
+        // A bare unknown API path answers plain text, not a Status.
+        (StatusCode::NOT_FOUND, None),
+        (StatusCode::NOT_FOUND, Some(not_found().1)),
+    ] {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let server = tokio::spawn(async move {
+            let (request, send) = handle.next_request().await.unwrap();
+            assert_eq!(request.uri().to_string(), list);
+            let body = match reply.1 {
+                Some(json) => Body::from(serde_json::to_vec(&json).unwrap()),
+                None => Body::from(b"404 page not found".to_vec()),
+            };
+            send.send_response(Response::builder().status(reply.0).body(body).unwrap());
+        });
+        let hint = check_crd_installed(&client).await.unwrap_err();
+        assert!(
+            hint.contains("kubectl apply -f crds/falfunctions.yaml"),
+            "{hint}"
+        );
+        assert!(hint.contains(CRD_NAME), "{hint}");
+        server.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn installed_crd_passes_the_check() {
+    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let server = tokio::spawn(async move {
+        let (_, send) = handle.next_request().await.unwrap();
+        let list = json!({"apiVersion": "fal.serverless.dev/v1alpha1", "kind": "FalFunctionList",
+                          "metadata": {"resourceVersion": "1"}, "items": []});
+        send.send_response(
+            Response::builder()
+                .body(Body::from(serde_json::to_vec(&list).unwrap()))
+                .unwrap(),
+        );
+    });
+    check_crd_installed(&client).await.unwrap();
+    server.await.unwrap();
+}
