@@ -63,6 +63,10 @@ pub struct Common {
         default_value = "127.0.0.1:8081"
     )]
     pub queue_listen: String,
+    /// Optional run host (fal.run style): POST /{owner}/{alias}[/{path}] answered
+    /// synchronously by the app's /{path} (what `fal_client.run` calls).
+    #[arg(long, env = "FAL_SIDECAR_RUN_HOST_LISTEN")]
+    pub run_host_listen: Option<String>,
     /// Admin: /metrics, /healthz, /readyz.
     #[arg(
         long,

@@ -88,6 +88,10 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
     let run_l = server::bind(&common.listen, "the run API (--listen)").await?;
     let queue_l = server::bind(&common.queue_listen, "the queue API (--queue-listen)").await?;
     let admin_l = server::bind(&common.admin_listen, "metrics and probes (--admin-listen)").await?;
+    let run_host_l = match &common.run_host_listen {
+        Some(addr) => Some(server::bind(addr, "the run host (--run-host-listen)").await?),
+        None => None,
+    };
 
     let (upstream_url, mut child) = match mode {
         Mode::Child {
@@ -151,6 +155,16 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
         stop_rx.clone(),
         drain,
     ));
+    if let Some(l) = run_host_l {
+        servers.spawn(server::serve(
+            l,
+            app.clone(),
+            api::handle_run_host,
+            limits,
+            stop_rx.clone(),
+            drain,
+        ));
+    }
     // Admin keeps answering (readyz says draining) until the very end.
     let admin = tokio::spawn(server::serve(
         admin_l,

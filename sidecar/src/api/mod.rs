@@ -104,6 +104,52 @@ pub async fn handle_queue_host(
     queue::handle_queue_host(&app, req).await
 }
 
+/// The run host (`fal.run` style, optional listener): `POST /{owner}/{alias}[/{path}]`
+/// is proxied to the app's `/{path}` and answered synchronously, as `fal_client.run`
+/// expects.
+pub async fn handle_run_host(
+    app: Arc<App>,
+    conn: Arc<proxy::ConnState>,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let path = req.uri().path();
+    if path == "/.well-known/jwks.json" {
+        return app.jwks();
+    }
+    let segs: Vec<&str> = path.trim_start_matches('/').splitn(4, '/').collect();
+    let ns_len = if matches!(segs.first(), Some(&"workflows") | Some(&"comfy")) {
+        3
+    } else {
+        2
+    };
+    if segs.len() < ns_len || segs[..ns_len].iter().any(|s| s.is_empty()) {
+        let detail =
+            format!("no endpoint at {path}; the run host serves /{{owner}}/{{alias}}[/{{path}}]");
+        return error(StatusCode::NOT_FOUND, &detail, None);
+    }
+    let rest: String = path
+        .trim_start_matches('/')
+        .splitn(ns_len + 1, '/')
+        .nth(ns_len)
+        .unwrap_or("")
+        .to_string();
+    let pq = match req.uri().query() {
+        Some(q) => format!("/{rest}?{q}"),
+        None => format!("/{rest}"),
+    };
+    match pq.parse() {
+        Ok(uri) => *req.uri_mut() = uri,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("the request target is not valid: {e}"),
+                None,
+            )
+        }
+    }
+    proxy::forward(&app, &conn, req).await
+}
+
 /// The admin listener: metrics and probes.
 pub async fn handle_admin(
     app: Arc<App>,
