@@ -10,8 +10,7 @@ def test_method_path_query_body_headers_verbatim(sidecar, method):
     body = b'{"k": "v", "n": [1, 2, 3]}' if method != "GET" else b""
     r = sidecar.http.request(
         method,
-        f"{sidecar.run_url}/echo/a/b%20c",
-        params=[("x", "1"), ("y", "two words"), ("x", "2")],
+        f"{sidecar.run_url}/echo/a/b%20c?x=1&y=two+words&x=2&empty=",
         content=body,
         headers={"X-Custom-Header": "custom value", "Content-Type": "application/json",
                  "Authorization": "Key abc:def"},
@@ -20,7 +19,7 @@ def test_method_path_query_body_headers_verbatim(sidecar, method):
     out = r.json()
     assert out["method"] == method
     assert out["path"] == "/echo/a/b%20c"
-    assert out["query"] == "x=1&y=two+words&x=2"
+    assert out["query"] == "x=1&y=two+words&x=2&empty="
     assert out["body"] == body.decode()
     assert out["headers"]["x-custom-header"] == "custom value"
     assert out["headers"]["content-type"] == "application/json"
