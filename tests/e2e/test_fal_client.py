@@ -10,6 +10,7 @@ status: GET status_url?logs=true|false; result: GET response_url; cancel: PUT ca
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 
 import fal_client
 import fal_client.client as fal_client_module
@@ -60,6 +61,7 @@ def test_subscribe_with_logs_and_result(fal, sidecar):
     for item in final.logs:
         assert set(item) >= {"message", "level", "source", "timestamp"}, item
         assert item["source"] == "USER", item
+        datetime.fromisoformat(item["timestamp"].replace("Z", "+00:00"))  # ISO-8601
     # order of stdout lines is preserved
     stdout = [m for m, lvl in msgs if m.startswith("log line")]
     assert stdout == sorted(stdout, key=lambda m: int(m.split()[-1])), stdout

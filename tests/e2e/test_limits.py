@@ -91,3 +91,45 @@ def test_unknown_queue_route_is_json_404(sidecar):
     r = sidecar.http.get(f"{sidecar.queue_url}/test/app/requests/{UNKNOWN}/nonsense")
     assert r.status_code in (404, 405), r.text
     assert r.json().get("detail")
+
+
+def _two_requests_on_one_connection(port: int, target: str, body: bytes, extra_headers: str = ""):
+    """Send the same POST twice on one keep-alive connection. Returns the first
+    response's head and what happened to the second request."""
+    import socket
+
+    req = (f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+           f"{extra_headers}Content-Length: {len(body)}\r\n\r\n").encode() + body
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(req)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            head += chunk
+        first = head.split(b"\r\n\r\n")[0].decode(errors="replace")
+        try:
+            s.sendall(req)
+            second = s.recv(65536)
+            second_status = second.split(b"\r\n")[0].decode() if second else "connection closed"
+        except OSError as exc:
+            second_status = f"connection error {exc!r}"
+    return first, second_status
+
+
+@pytest.mark.parametrize("case", ["refused webhook", "bad timeout header"])
+def test_early_submit_errors_do_not_break_keep_alive(sidecar, case):
+    """An error answered before the body is read must either say `Connection: close`
+    or leave the connection usable; otherwise clients reusing it fail at random."""
+    body = b'{"pad": "' + b"x" * 300_000 + b'"}'
+    target, extra = {
+        "refused webhook": ("/test/app/echo?fal_webhook=http%3A%2F%2F10.0.0.1%2F", ""),
+        "bad timeout header": ("/test/app/echo", "X-Fal-Request-Timeout: soon\r\n"),
+    }[case]
+    first, second = _two_requests_on_one_connection(sidecar.queue_port, target, body, extra)
+    assert first.startswith("HTTP/1.1 400"), first
+    says_close = "connection: close" in first.lower()
+    assert says_close or second.startswith("HTTP/1.1 400"), (
+        f"connection dropped after an early 400 without `Connection: close` (second request: {second})"
+    )

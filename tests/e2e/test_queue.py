@@ -128,6 +128,7 @@ def test_cancel_queued(serial_sidecar):
     c = sc.cancel(rid)
     assert c.status_code == 202, c.text
     assert c.json()["status"] == "CANCELLATION_REQUESTED"
+    assert c.headers.get("x-fal-request-id") == rid
     status = sc.wait_completed(rid, timeout=5)
     assert isinstance(status.get("error"), str) and status["error"], status
     r = sc.result(rid)
@@ -157,6 +158,7 @@ def test_cancel_completed_and_unknown(sidecar):
     c = sidecar.cancel(rid)
     assert c.status_code == 400, c.text
     assert c.json()["status"] == "ALREADY_COMPLETED"
+    assert c.headers.get("x-fal-request-id") == rid
     assert sidecar.result(rid).status_code == 200  # result untouched
     c = sidecar.cancel("00000000-0000-4000-8000-000000000000")
     assert c.status_code == 404, c.text

@@ -19,7 +19,7 @@ def test_ok_payload_and_signature_headers(sidecar, receiver):
     assert d.path == "/ok"
     assert d.headers["content-type"].startswith("application/json")
     assert d.headers["x-fal-webhook-request-id"] == rid
-    assert "x-fal-webhook-user-id" in d.headers
+    assert d.headers["x-fal-webhook-user-id"] == "test"  # the owner of endpoint test/app
     assert re.fullmatch(r"[0-9a-f]{128}", d.headers["x-fal-webhook-signature"])
     assert abs(int(d.headers["x-fal-webhook-timestamp"]) - time.time()) < 60
     body = d.json
