@@ -17,6 +17,7 @@ use crate::logs::Running;
 use crate::metrics::Metrics;
 use crate::server::{self, ConnLimits};
 use crate::store::embedded::EmbeddedStore;
+use crate::store::redis::RedisStore;
 use crate::store::Store;
 use crate::upstream::Upstream;
 use crate::webhook::signing::Signer;
@@ -37,7 +38,10 @@ pub enum Mode {
 }
 
 /// Opens the store named by `--store` (default: the embedded store in the data dir).
-pub fn open_store(common: &Common, data_dir: &std::path::Path) -> anyhow::Result<Arc<dyn Store>> {
+pub async fn open_store(
+    common: &Common,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<Arc<dyn Store>> {
     let spec = common
         .store
         .clone()
@@ -50,7 +54,15 @@ pub fn open_store(common: &Common, data_dir: &std::path::Path) -> anyhow::Result
         };
         return Ok(EmbeddedStore::open(&dir, common.max_attempts)? as Arc<dyn Store>);
     }
-    anyhow::bail!("--store {spec:?} is not supported: use file:DIR (the embedded store)")
+    if spec.starts_with("redis://") || spec.starts_with("redis+unix://") {
+        let store = RedisStore::open(&spec, &common.function, common.max_attempts)
+            .await
+            .with_context(|| format!("opening the redis store {spec:?}"))?;
+        return Ok(store as Arc<dyn Store>);
+    }
+    anyhow::bail!(
+        "--store {spec:?} is not supported: use file:DIR (the embedded store) or redis://HOST:PORT/DB"
+    )
 }
 
 /// Runs until SIGTERM/SIGINT (or, in `run` mode, the app's exit); returns the exit code.
@@ -69,7 +81,7 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
             data_dir.display()
         )
     })?;
-    let store = open_store(&common, &data_dir)?;
+    let store = open_store(&common, &data_dir).await?;
     let signer = Arc::new(Signer::load_or_create(
         common.signing_key.as_deref(),
         &data_dir,

@@ -14,6 +14,7 @@ use crate::job::{Completion, JobRecord, JobSpec, LogLine, StoredResult};
 
 pub mod embedded;
 pub mod position;
+pub mod redis;
 
 #[cfg(test)]
 pub mod conformance;

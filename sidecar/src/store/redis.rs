@@ -1,0 +1,1138 @@
+//! The Redis store: one queue per function, shared by every replica and the gateway.
+//!
+//! Every key of a function lives under `fal:{NAMESPACE/NAME}:` (the braces are a Redis
+//! Cluster hash tag: one function's keys share a slot, so its Lua scripts stay legal).
+//!
+//! | key                      | type   | holds                                                   |
+//! |--------------------------|--------|---------------------------------------------------------|
+//! | `P seq`                  | string | INCR counter: submit order                              |
+//! | `P token`                | string | INCR counter: fencing tokens                            |
+//! | `P job:<id>`             | hash   | `spec` (JSON), `body`, `seq`, `prio`, `phase` (q/r/c), `attempts`, `token`, `lease`, `started`, `cancel`, `submitted`, `deadline`, `owner`, `webhook`, `completion` (JSON), `result` (encoded) |
+//! | `P logs:<id>`            | list   | log lines (JSON), the last 2000                         |
+//! | `P queue`                | zset   | queued ids, score `prio * 2^50 + seq` (ZRANK = position) |
+//! | `P deadlines`            | zset   | queued ids with a start deadline, score = deadline ms   |
+//! | `P running`              | zset   | claimed ids, score = lease expiry (Redis clock, ms)     |
+//! | `P completed`            | zset   | completed ids, score = completion ms (retention)        |
+//! | `P outbox`               | zset   | pending webhooks, score = next attempt ms               |
+//! | `P outbox_attempts`      | hash   | id → webhook attempts made                              |
+//! | `P activity`             | string | last submit/claim/completion (ms)                       |
+//! | channel `P events`       | pubsub | "something changed": wakes workers and status streams   |
+//! | channel `P cancel`       | pubsub | ids of running jobs whose cancel was requested          |
+//!
+//! Every state change is one Lua script (atomic, one round trip). Lease expiries are
+//! computed from Redis' own clock (`TIME`), so replicas with skewed clocks agree. The
+//! results the sidecar writes itself (start timeout, lost, cancelled) are built in Rust
+//! by `job::system_end` before the script runs and passed in, so ending a job is as
+//! atomic as completing it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Script, Value};
+use tokio::sync::{broadcast, watch};
+
+use super::embedded::{decode_result, encode_result};
+use super::{
+    CancelOutcome, Claimed, Delivery, JobStatus, Lease, Load, Store, StoreError, StoreResult, Sweep,
+};
+use crate::job::{
+    now_ms, system_end, Completion, JobRecord, JobSpec, LogLine, Phase, StoredResult, SystemEnd,
+};
+
+/// Log lines kept per request (older lines are dropped first).
+const MAX_LOG_LINES: usize = 2000;
+/// Upper bound on one store call (a stalled Redis must not stall callers).
+const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Items one claim or sweep script handles at most (keeps scripts short).
+const SCRIPT_BATCH: u32 = 500;
+/// Stand-in for the attempt count in the prebuilt "lost" result; the claim script
+/// substitutes the real count.
+const ATTEMPTS_PLACEHOLDER: u32 = u32::MAX;
+
+/// Helpers every script shares (prepended to each script's source).
+const PRELUDE: &str = r#"
+local P = ARGV[1]
+local function jkey(id) return P .. 'job:' .. id end
+local function rtime()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function enqueue(id, jk)
+  local f = redis.call('HMGET', jk, 'prio', 'seq', 'deadline')
+  local score = string.format('%.0f', tonumber(f[1]) * 1125899906842624 + tonumber(f[2]))
+  redis.call('ZADD', P .. 'queue', score, id)
+  if f[3] and f[3] ~= '' then redis.call('ZADD', P .. 'deadlines', f[3], id) end
+end
+local function finish(id, completion, result, at)
+  local jk = jkey(id)
+  local ph = redis.call('HGET', jk, 'phase')
+  if ph == 'q' then
+    redis.call('ZREM', P .. 'queue', id)
+    redis.call('ZREM', P .. 'deadlines', id)
+  elseif ph == 'r' then
+    redis.call('ZREM', P .. 'running', id)
+  else
+    return false
+  end
+  redis.call('HSET', jk, 'phase', 'c', 'completion', completion, 'result', result)
+  redis.call('HDEL', jk, 'body')
+  redis.call('ZADD', P .. 'completed', at, id)
+  redis.call('SET', P .. 'activity', at)
+  if redis.call('HEXISTS', jk, 'webhook') == 1 then
+    redis.call('ZADD', P .. 'outbox', 0, id)
+    redis.call('HSET', P .. 'outbox_attempts', id, 0)
+  end
+  return true
+end
+"#;
+
+/// ARGV: P, id, spec, body, prio, deadline, max_queue, submitted, webhook, owner, at
+const SUBMIT: &str = r#"
+local id = ARGV[2]
+local jk = jkey(id)
+if redis.call('EXISTS', jk) == 1 then return {-2} end
+local n = redis.call('ZCARD', P .. 'queue')
+if n >= tonumber(ARGV[7]) then return {-1, n} end
+local seq = redis.call('INCR', P .. 'seq')
+redis.call('HSET', jk, 'spec', ARGV[3], 'body', ARGV[4], 'seq', seq, 'prio', ARGV[5],
+  'phase', 'q', 'attempts', 0, 'token', 0, 'lease', 0, 'started', 0, 'cancel', 0,
+  'submitted', ARGV[8], 'deadline', ARGV[6], 'owner', ARGV[10])
+if ARGV[9] ~= '' then redis.call('HSET', jk, 'webhook', ARGV[9]) end
+enqueue(id, jk)
+redis.call('SET', P .. 'activity', ARGV[11])
+redis.call('PUBLISH', P .. 'events', 'submit')
+return {0, redis.call('ZRANK', P .. 'queue', id)}
+"#;
+
+/// ARGV: P, max_attempts, lease_ms, timeout completion, timeout result, lost completion,
+/// lost result, at, batch
+const CLAIM: &str = r#"
+local now = rtime()
+local max = tonumber(ARGV[2])
+local batch = tonumber(ARGV[9])
+local ended = 0
+while ended < batch do
+  local top = redis.call('ZRANGE', P .. 'queue', 0, 0)
+  if #top == 0 then break end
+  local id = top[1]
+  local jk = jkey(id)
+  local f = redis.call('HMGET', jk, 'phase', 'attempts', 'deadline')
+  if f[1] ~= 'q' then
+    redis.call('ZREM', P .. 'queue', id)
+    redis.call('ZREM', P .. 'deadlines', id)
+  else
+    local attempts = tonumber(f[2])
+    local deadline = nil
+    if f[3] and f[3] ~= '' then deadline = tonumber(f[3]) end
+    if deadline and now >= deadline then
+      finish(id, ARGV[4], ARGV[5], ARGV[8])
+      ended = ended + 1
+    elseif attempts >= max then
+      local n = tostring(attempts)
+      local c = string.gsub(ARGV[6], '4294967295', n)
+      local r = string.gsub(ARGV[7], '4294967295', n)
+      finish(id, c, r, ARGV[8])
+      ended = ended + 1
+    else
+      local tok = redis.call('INCR', P .. 'token')
+      local lease_until = now + tonumber(ARGV[3])
+      redis.call('ZREM', P .. 'queue', id)
+      redis.call('ZREM', P .. 'deadlines', id)
+      redis.call('HSET', jk, 'phase', 'r', 'attempts', attempts + 1, 'token', tok,
+        'lease', lease_until, 'started', now)
+      redis.call('DEL', P .. 'logs:' .. id)
+      redis.call('ZADD', P .. 'running', lease_until, id)
+      redis.call('SET', P .. 'activity', now)
+      redis.call('PUBLISH', P .. 'events', 'claim')
+      local r = redis.call('HMGET', jk, 'spec', 'seq', 'cancel', 'body')
+      return {ended, id, r[1], r[2], attempts + 1, tok, lease_until, now, r[3], r[4] or ''}
+    end
+  end
+end
+if ended > 0 then redis.call('PUBLISH', P .. 'events', 'end') end
+return {ended}
+"#;
+
+/// ARGV: P, id, token, lease_ms → -1 lost, else the cancel flag
+const RENEW: &str = r#"
+local jk = jkey(ARGV[2])
+local f = redis.call('HMGET', jk, 'phase', 'token', 'cancel')
+if f[1] ~= 'r' or f[2] ~= ARGV[3] then return -1 end
+local lease_until = rtime() + tonumber(ARGV[4])
+redis.call('HSET', jk, 'lease', lease_until)
+redis.call('ZADD', P .. 'running', lease_until, ARGV[2])
+return tonumber(f[3])
+"#;
+
+/// ARGV: P, id, token
+const RELEASE: &str = r#"
+local id = ARGV[2]
+local jk = jkey(id)
+local f = redis.call('HMGET', jk, 'phase', 'token', 'attempts')
+if f[1] ~= 'r' or f[2] ~= ARGV[3] then return 0 end
+redis.call('ZREM', P .. 'running', id)
+local a = tonumber(f[3]) - 1
+if a < 0 then a = 0 end
+redis.call('HSET', jk, 'phase', 'q', 'attempts', a, 'lease', 0)
+redis.call('DEL', P .. 'logs:' .. id)
+enqueue(id, jk)
+redis.call('PUBLISH', P .. 'events', 'release')
+return 1
+"#;
+
+/// ARGV: P, id, token, completion, result, at
+const COMPLETE: &str = r#"
+local f = redis.call('HMGET', jkey(ARGV[2]), 'phase', 'token')
+if f[1] ~= 'r' or f[2] ~= ARGV[3] then return 0 end
+finish(ARGV[2], ARGV[4], ARGV[5], ARGV[6])
+redis.call('PUBLISH', P .. 'events', 'complete')
+return 1
+"#;
+
+/// ARGV: P, id, cancelled completion, cancelled result, at
+const CANCEL: &str = r#"
+local id = ARGV[2]
+local jk = jkey(id)
+local f = redis.call('HMGET', jk, 'phase', 'spec')
+if not f[1] then return {'notfound'} end
+if f[1] == 'c' then return {'done'} end
+if f[1] == 'r' then
+  redis.call('HSET', jk, 'cancel', 1)
+  redis.call('PUBLISH', P .. 'cancel', id)
+  redis.call('PUBLISH', P .. 'events', 'cancel')
+  return {'running', f[2]}
+end
+finish(id, ARGV[3], ARGV[4], ARGV[5])
+redis.call('PUBLISH', P .. 'events', 'cancel')
+return {'removed'}
+"#;
+
+/// ARGV: P, id, max lines, line...
+const APPEND_LOGS: &str = r#"
+local id = ARGV[2]
+if redis.call('HGET', jkey(id), 'phase') ~= 'r' then return 0 end
+local k = P .. 'logs:' .. id
+local i = 4
+while i <= #ARGV do
+  local j = math.min(i + 499, #ARGV)
+  redis.call('RPUSH', k, unpack(ARGV, i, j))
+  i = j + 1
+end
+redis.call('LTRIM', k, -tonumber(ARGV[3]), -1)
+redis.call('PUBLISH', P .. 'events', 'logs')
+return 1
+"#;
+
+/// ARGV: P, now, retention cutoff, timeout completion, timeout result, at, batch
+const SWEEP: &str = r#"
+local batch = tonumber(ARGV[7])
+local st, le, pu = 0, 0, 0
+local due = redis.call('ZRANGEBYSCORE', P .. 'deadlines', '-inf', ARGV[2], 'LIMIT', 0, batch)
+for _, id in ipairs(due) do
+  if finish(id, ARGV[4], ARGV[5], ARGV[6]) then
+    st = st + 1
+  else
+    redis.call('ZREM', P .. 'deadlines', id)
+  end
+end
+local rnow = rtime()
+local expired = redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', '(' .. string.format('%.0f', rnow), 'LIMIT', 0, batch)
+for _, id in ipairs(expired) do
+  local jk = jkey(id)
+  redis.call('ZREM', P .. 'running', id)
+  if redis.call('HGET', jk, 'phase') == 'r' then
+    redis.call('HSET', jk, 'phase', 'q', 'lease', 0)
+    redis.call('DEL', P .. 'logs:' .. id)
+    enqueue(id, jk)
+    le = le + 1
+  end
+end
+local old = redis.call('ZRANGEBYSCORE', P .. 'completed', '-inf', '(' .. ARGV[3], 'LIMIT', 0, batch)
+for _, id in ipairs(old) do
+  if not redis.call('ZSCORE', P .. 'outbox', id) then
+    redis.call('DEL', jkey(id), P .. 'logs:' .. id)
+    redis.call('ZREM', P .. 'completed', id)
+    redis.call('HDEL', P .. 'outbox_attempts', id)
+    pu = pu + 1
+  end
+end
+if st + le + pu > 0 then redis.call('PUBLISH', P .. 'events', 'sweep') end
+return {st, le, pu}
+"#;
+
+/// ARGV: P, now, limit, lease_ms → flat [id, url, owner, attempts, next_attempt_ms]...
+const DUE_DELIVERIES: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', P .. 'outbox', '-inf', ARGV[2], 'WITHSCORES', 'LIMIT', 0, ARGV[3])
+local next_at = string.format('%.0f', tonumber(ARGV[2]) + tonumber(ARGV[4]))
+local out = {}
+for i = 1, #due, 2 do
+  local id = due[i]
+  local f = redis.call('HMGET', jkey(id), 'webhook', 'owner')
+  if not f[1] then
+    redis.call('ZREM', P .. 'outbox', id)
+    redis.call('HDEL', P .. 'outbox_attempts', id)
+  else
+    redis.call('ZADD', P .. 'outbox', next_at, id)
+    local a = redis.call('HGET', P .. 'outbox_attempts', id) or '0'
+    table.insert(out, id)
+    table.insert(out, f[1])
+    table.insert(out, f[2] or '')
+    table.insert(out, a)
+    table.insert(out, due[i + 1])
+  end
+end
+return out
+"#;
+
+/// ARGV: P, id, attempts, next ('' = remove)
+const DELIVERY_ATTEMPTED: &str = r#"
+local id = ARGV[2]
+if ARGV[4] == '' then
+  redis.call('ZREM', P .. 'outbox', id)
+  redis.call('HDEL', P .. 'outbox_attempts', id)
+  return 1
+end
+if redis.call('ZSCORE', P .. 'outbox', id) then
+  redis.call('ZADD', P .. 'outbox', ARGV[4], id)
+  redis.call('HSET', P .. 'outbox_attempts', id, ARGV[3])
+end
+return 1
+"#;
+
+/// ARGV: P → {queued, in_flight, oldest submit ms or -1, last activity or -1}
+const LOAD: &str = r#"
+local q = redis.call('ZCARD', P .. 'queue')
+local r = redis.call('ZCARD', P .. 'running')
+local oldest = -1
+local ranges = {{'-inf', '(1125899906842624'}, {'1125899906842624', '+inf'}}
+for _, range in ipairs(ranges) do
+  local top = redis.call('ZRANGEBYSCORE', P .. 'queue', range[1], range[2], 'LIMIT', 0, 1)
+  if #top > 0 then
+    local s = tonumber(redis.call('HGET', jkey(top[1]), 'submitted'))
+    if s and (oldest < 0 or s < oldest) then oldest = s end
+  end
+end
+local act = tonumber(redis.call('GET', P .. 'activity') or '-1')
+return {q, r, oldest, act}
+"#;
+
+struct Scripts {
+    submit: Script,
+    claim: Script,
+    renew: Script,
+    release: Script,
+    complete: Script,
+    cancel: Script,
+    append_logs: Script,
+    sweep: Script,
+    due_deliveries: Script,
+    delivery_attempted: Script,
+    load: Script,
+}
+
+impl Scripts {
+    fn new() -> Scripts {
+        let s = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
+        Scripts {
+            submit: s(SUBMIT),
+            claim: s(CLAIM),
+            renew: s(RENEW),
+            release: s(RELEASE),
+            complete: s(COMPLETE),
+            cancel: s(CANCEL),
+            append_logs: s(APPEND_LOGS),
+            sweep: s(SWEEP),
+            due_deliveries: s(DUE_DELIVERIES),
+            delivery_attempted: s(DELIVERY_ATTEMPTED),
+            load: s(LOAD),
+        }
+    }
+}
+
+/// See the module docs.
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+    /// The server, for error messages (no credentials).
+    server: String,
+    max_attempts: u32,
+    scripts: Scripts,
+    changed: Arc<watch::Sender<u64>>,
+    cancels: broadcast::Sender<String>,
+    opened_at_ms: u64,
+    subscriber: tokio::task::AbortHandle,
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        self.subscriber.abort();
+    }
+}
+
+/// The key prefix of a function's queue.
+pub fn key_prefix(function: &str) -> String {
+    format!("fal:{{{function}}}:")
+}
+
+fn phase_of(v: &[u8]) -> Option<Phase> {
+    match v {
+        b"q" => Some(Phase::Queued),
+        b"r" => Some(Phase::Running),
+        b"c" => Some(Phase::Completed),
+        _ => None,
+    }
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("redis data: {what}"))
+}
+
+/// A reply value as bytes (`None` for nil).
+fn bytes_of(v: &Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b.clone()),
+        Value::SimpleString(s) => Some(s.clone().into_bytes()),
+        Value::Int(i) => Some(i.to_string().into_bytes()),
+        Value::Okay => Some(b"OK".to_vec()),
+        _ => None,
+    }
+}
+
+fn int_of(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.trim().parse().ok(),
+        Value::SimpleString(s) => s.trim().parse().ok(),
+        Value::Double(d) => Some(*d as i64),
+        _ => None,
+    }
+}
+
+fn num<T: TryFrom<i64>>(v: Option<&Value>, what: &str) -> StoreResult<T> {
+    v.and_then(int_of)
+        .and_then(|i| T::try_from(i).ok())
+        .ok_or_else(|| corrupt(format!("{what} is not a number")))
+}
+
+fn array(v: Value) -> StoreResult<Vec<Value>> {
+    match v {
+        Value::Array(items) => Ok(items),
+        Value::Nil => Ok(Vec::new()),
+        other => Err(corrupt(format!("unexpected reply {other:?}"))),
+    }
+}
+
+fn text(v: Option<&Value>, what: &str) -> StoreResult<String> {
+    v.and_then(bytes_of)
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| corrupt(format!("{what} is missing")))
+}
+
+fn parse_spec(v: Option<&Value>) -> StoreResult<JobSpec> {
+    let raw = v
+        .and_then(bytes_of)
+        .ok_or_else(|| corrupt("job spec is missing"))?;
+    serde_json::from_slice(&raw).map_err(|e| corrupt(format!("job spec: {e}")))
+}
+
+impl RedisStore {
+    /// Connects to `url` (redis://HOST:PORT/DB) for the queue of `function`
+    /// (NAMESPACE/NAME). Does not fail when Redis is down: calls return
+    /// `Unavailable` until it is back.
+    pub async fn open(url: &str, function: &str, max_attempts: u32) -> StoreResult<Arc<RedisStore>> {
+        let client = redis::Client::open(url)
+            .map_err(|e| StoreError::Unavailable(format!("invalid redis URL {url:?}: {e}")))?;
+        let info = client.get_connection_info();
+        let server = info.addr().to_string();
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(3)))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| StoreError::Unavailable(format!("redis at {server}: {e}")))?;
+        let prefix = key_prefix(function);
+        let (changed, _) = watch::channel(0u64);
+        let changed = Arc::new(changed);
+        let (cancels, _) = broadcast::channel(1024);
+        let subscriber = tokio::spawn(subscribe_loop(
+            client,
+            prefix.clone(),
+            server.clone(),
+            changed.clone(),
+            cancels.clone(),
+        ))
+        .abort_handle();
+        let store = Arc::new(RedisStore {
+            conn,
+            prefix,
+            server,
+            max_attempts,
+            scripts: Scripts::new(),
+            changed,
+            cancels,
+            opened_at_ms: now_ms(),
+            subscriber,
+        });
+        match store.ping().await {
+            Ok(()) => tracing::info!(server = %store.server, prefix = %store.prefix, "using the redis store"),
+            Err(e) => tracing::warn!(error = %e, "redis is not reachable yet; requests get 503 until it is"),
+        }
+        Ok(store)
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        let cmd = redis::cmd("PING");
+        self.guard(cmd.query_async::<Value>(&mut conn))
+            .await
+            .map(|_| ())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    fn unavailable(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Unavailable(format!("redis at {}: {e}", self.server))
+    }
+
+    async fn guard<T>(
+        &self,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> StoreResult<T> {
+        match tokio::time::timeout(OP_TIMEOUT, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.unavailable(e)),
+            Err(_) => Err(self.unavailable(format!("no answer within {OP_TIMEOUT:?}"))),
+        }
+    }
+
+    /// Runs one script with ARGV = [prefix, args...].
+    async fn run(&self, script: &Script, args: &[&[u8]]) -> StoreResult<Value> {
+        let mut inv = script.arg(self.prefix.as_str());
+        for a in args {
+            inv.arg(*a);
+        }
+        let mut conn = self.conn.clone();
+        self.guard(inv.invoke_async::<Value>(&mut conn)).await
+    }
+
+    fn record(
+        &self,
+        f: &[Value],
+        logs: Vec<LogLine>,
+    ) -> StoreResult<JobRecord> {
+        // f: spec, seq, phase, attempts, token, lease, started, cancel, completion
+        let spec = parse_spec(f.first())?;
+        let phase = f
+            .get(2)
+            .and_then(bytes_of)
+            .and_then(|p| phase_of(&p))
+            .ok_or_else(|| corrupt("job phase"))?;
+        let completion = match f.get(8).and_then(bytes_of) {
+            Some(raw) => Some(
+                serde_json::from_slice::<Completion>(&raw)
+                    .map_err(|e| corrupt(format!("completion: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(JobRecord {
+            spec,
+            seq: num(f.get(1), "seq")?,
+            phase,
+            attempts: num(f.get(3), "attempts")?,
+            token: num(f.get(4), "token")?,
+            lease_until_ms: num(f.get(5), "lease")?,
+            started_at_ms: num(f.get(6), "started")?,
+            cancel_requested: num::<i64>(f.get(7), "cancel")? != 0,
+            completion,
+            logs,
+        })
+    }
+
+    fn system_args(kind: SystemEnd, now: u64, attempts: u32) -> (Vec<u8>, Vec<u8>) {
+        let (c, r) = system_end(kind, now, attempts);
+        (
+            serde_json::to_vec(&c).expect("serialize completion"),
+            encode_result(&r),
+        )
+    }
+}
+
+/// Feeds `changes()` and `cancellations()` from the function's pub/sub channels;
+/// reconnects with backoff when Redis goes away (and bumps on reconnect: messages may
+/// have been missed meanwhile).
+async fn subscribe_loop(
+    client: redis::Client,
+    prefix: String,
+    server: String,
+    changed: Arc<watch::Sender<u64>>,
+    cancels: broadcast::Sender<String>,
+) {
+    let events = format!("{prefix}events");
+    let cancel_channel = format!("{prefix}cancel");
+    let bump = || changed.send_modify(|v| *v = v.wrapping_add(1));
+    let mut backoff = Duration::from_millis(100);
+    let mut failing = false;
+    loop {
+        let connect = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&[events.as_str(), cancel_channel.as_str()]).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        match tokio::time::timeout(Duration::from_secs(3), connect).await {
+            Ok(Ok(pubsub)) => {
+                if std::mem::take(&mut failing) {
+                    tracing::info!(%server, "redis subscription restored");
+                }
+                backoff = Duration::from_millis(100);
+                bump();
+                let (mut sink, mut stream) = pubsub.split();
+                let mut ping = tokio::time::interval(Duration::from_secs(5));
+                ping.tick().await;
+                loop {
+                    tokio::select! {
+                        msg = stream.next() => match msg {
+                            None => break,
+                            Some(msg) => {
+                                if msg.get_channel_name() == cancel_channel {
+                                    if let Ok(id) = msg.get_payload::<String>() {
+                                        let _ = cancels.send(id);
+                                    }
+                                }
+                                bump();
+                            }
+                        },
+                        _ = ping.tick() => {
+                            let alive = tokio::time::timeout(Duration::from_secs(3), sink.ping::<Value>()).await;
+                            if !matches!(alive, Ok(Ok(_))) {
+                                break;
+                            }
+                        }
+                    }
+                }
+                tracing::warn!(%server, "lost the redis subscription; reconnecting");
+                failing = true;
+            }
+            Ok(Err(e)) => {
+                if !failing {
+                    tracing::warn!(%server, error = %e, "cannot subscribe to redis; retrying");
+                }
+                failing = true;
+            }
+            Err(_) => {
+                if !failing {
+                    tracing::warn!(%server, "subscribing to redis timed out; retrying");
+                }
+                failing = true;
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn submit(&self, spec: JobSpec, body: Bytes, max_queue: usize) -> StoreResult<u64> {
+        let spec_json = serde_json::to_vec(&spec).expect("serialize job spec");
+        let prio = spec.priority.index().to_string();
+        let deadline = spec
+            .start_deadline_ms
+            .map(|d| d.to_string())
+            .unwrap_or_default();
+        let max_queue = max_queue.to_string();
+        let submitted = spec.submitted_at_ms.to_string();
+        let webhook = spec.webhook_url.clone().unwrap_or_default();
+        let at = now_ms().to_string();
+        let reply = self
+            .run(
+                &self.scripts.submit,
+                &[
+                    spec.id.as_bytes(),
+                    &spec_json,
+                    &body,
+                    prio.as_bytes(),
+                    deadline.as_bytes(),
+                    max_queue.as_bytes(),
+                    submitted.as_bytes(),
+                    webhook.as_bytes(),
+                    spec.owner.as_bytes(),
+                    at.as_bytes(),
+                ],
+            )
+            .await?;
+        let r = array(reply)?;
+        match num::<i64>(r.first(), "submit status")? {
+            -2 => Err(StoreError::Duplicate(spec.id)),
+            -1 => Err(StoreError::QueueFull(num(r.get(1), "queue length")?)),
+            _ => {
+                self.bump();
+                num(r.get(1), "queue position")
+            }
+        }
+    }
+
+    async fn status(&self, id: &str) -> StoreResult<Option<JobStatus>> {
+        let jk = format!("{}job:{id}", self.prefix);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HMGET")
+            .arg(&jk)
+            .arg(&[
+                "spec",
+                "seq",
+                "phase",
+                "attempts",
+                "token",
+                "lease",
+                "started",
+                "cancel",
+                "completion",
+            ])
+            .cmd("ZRANK")
+            .arg(format!("{}queue", self.prefix))
+            .arg(id)
+            .cmd("LRANGE")
+            .arg(format!("{}logs:{id}", self.prefix))
+            .arg(0)
+            .arg(-1);
+        let mut conn = self.conn.clone();
+        let reply: Value = self.guard(pipe.query_async(&mut conn)).await?;
+        let mut parts = array(reply)?.into_iter();
+        let fields = array(parts.next().unwrap_or(Value::Nil))?;
+        if fields.first().is_none_or(|v| matches!(v, Value::Nil)) {
+            return Ok(None);
+        }
+        let rank = parts.next().as_ref().and_then(int_of);
+        let logs = array(parts.next().unwrap_or(Value::Nil))?
+            .iter()
+            .filter_map(bytes_of)
+            .filter_map(|b| serde_json::from_slice::<LogLine>(&b).ok())
+            .collect();
+        let record = self.record(&fields, logs)?;
+        let queue_position = if record.phase == Phase::Queued {
+            rank.and_then(|r| u64::try_from(r).ok())
+        } else {
+            None
+        };
+        Ok(Some(JobStatus {
+            record,
+            queue_position,
+        }))
+    }
+
+    async fn result(&self, id: &str) -> StoreResult<Option<StoredResult>> {
+        let jk = format!("{}job:{id}", self.prefix);
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(&jk).arg("phase").arg("result");
+        let f = array(self.guard(cmd.query_async::<Value>(&mut conn)).await?)?;
+        if f.first().and_then(bytes_of).as_deref() != Some(b"c") {
+            return Ok(None);
+        }
+        match f.get(1).and_then(bytes_of) {
+            Some(raw) => decode_result(&raw).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn cancel(&self, id: &str) -> StoreResult<CancelOutcome> {
+        let now = now_ms();
+        let (c, r) = Self::system_args(SystemEnd::Cancelled, now, 0);
+        let at = now.to_string();
+        let reply = self
+            .run(&self.scripts.cancel, &[id.as_bytes(), &c, &r, at.as_bytes()])
+            .await?;
+        let r = array(reply)?;
+        let outcome = match text(r.first(), "cancel outcome")?.as_str() {
+            "notfound" => CancelOutcome::NotFound,
+            "done" => CancelOutcome::AlreadyCompleted,
+            "removed" => CancelOutcome::Removed,
+            "running" => {
+                let spec = parse_spec(r.get(1))?;
+                // The pub/sub message reaches every replica; this one learns at once.
+                let _ = self.cancels.send(id.to_string());
+                CancelOutcome::Running {
+                    endpoint: spec.endpoint,
+                }
+            }
+            other => return Err(corrupt(format!("cancel outcome {other:?}"))),
+        };
+        if outcome != CancelOutcome::NotFound && outcome != CancelOutcome::AlreadyCompleted {
+            self.bump();
+        }
+        Ok(outcome)
+    }
+
+    async fn claim(&self, _worker: &str, lease: Duration) -> StoreResult<Option<Claimed>> {
+        loop {
+            let now = now_ms();
+            let (tc, tr) = Self::system_args(SystemEnd::StartTimeout, now, 0);
+            let (lc, lr) = Self::system_args(SystemEnd::Lost, now, ATTEMPTS_PLACEHOLDER);
+            let max = self.max_attempts.to_string();
+            let lease_ms = (lease.as_millis() as u64).max(1).to_string();
+            let at = now.to_string();
+            let batch = SCRIPT_BATCH.to_string();
+            let reply = self
+                .run(
+                    &self.scripts.claim,
+                    &[
+                        max.as_bytes(),
+                        lease_ms.as_bytes(),
+                        &tc,
+                        &tr,
+                        &lc,
+                        &lr,
+                        at.as_bytes(),
+                        batch.as_bytes(),
+                    ],
+                )
+                .await?;
+            let r = array(reply)?;
+            let ended: u32 = num(r.first(), "ended count")?;
+            if ended > 0 {
+                self.bump();
+            }
+            if r.len() < 10 {
+                if ended >= SCRIPT_BATCH {
+                    continue; // more expired jobs ahead: keep going
+                }
+                return Ok(None);
+            }
+            // {ended, id, spec, seq, attempts, token, lease, started, cancel, body}
+            let spec = parse_spec(r.get(2))?;
+            let token: u64 = num(r.get(5), "token")?;
+            let record = JobRecord {
+                spec,
+                seq: num(r.get(3), "seq")?,
+                phase: Phase::Running,
+                attempts: num(r.get(4), "attempts")?,
+                token,
+                lease_until_ms: num(r.get(6), "lease")?,
+                started_at_ms: num(r.get(7), "started")?,
+                cancel_requested: num::<i64>(r.get(8), "cancel")? != 0,
+                completion: None,
+                logs: Vec::new(),
+            };
+            let body = Bytes::from(r.get(9).and_then(bytes_of).unwrap_or_default());
+            self.bump();
+            return Ok(Some(Claimed {
+                record,
+                body,
+                token,
+            }));
+        }
+    }
+
+    async fn renew(&self, id: &str, token: u64, lease: Duration) -> StoreResult<Lease> {
+        let token = token.to_string();
+        let lease_ms = (lease.as_millis() as u64).max(1).to_string();
+        let reply = self
+            .run(
+                &self.scripts.renew,
+                &[id.as_bytes(), token.as_bytes(), lease_ms.as_bytes()],
+            )
+            .await?;
+        Ok(match int_of(&reply) {
+            Some(-1) | None => Lease::Lost,
+            Some(flag) => Lease::Held {
+                cancel_requested: flag != 0,
+            },
+        })
+    }
+
+    async fn release(&self, id: &str, token: u64) -> StoreResult<bool> {
+        let token = token.to_string();
+        let reply = self
+            .run(&self.scripts.release, &[id.as_bytes(), token.as_bytes()])
+            .await?;
+        let ok = int_of(&reply) == Some(1);
+        if ok {
+            self.bump();
+        }
+        Ok(ok)
+    }
+
+    async fn complete(
+        &self,
+        id: &str,
+        token: u64,
+        completion: Completion,
+        result: StoredResult,
+    ) -> StoreResult<bool> {
+        let token = token.to_string();
+        let at = completion.completed_at_ms.to_string();
+        let c = serde_json::to_vec(&completion).expect("serialize completion");
+        let r = encode_result(&result);
+        let reply = self
+            .run(
+                &self.scripts.complete,
+                &[id.as_bytes(), token.as_bytes(), &c, &r, at.as_bytes()],
+            )
+            .await?;
+        let ok = int_of(&reply) == Some(1);
+        if ok {
+            self.bump();
+        }
+        Ok(ok)
+    }
+
+    async fn append_logs(&self, id: &str, lines: Vec<LogLine>) -> StoreResult<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let encoded: Vec<Vec<u8>> = lines
+            .iter()
+            .skip(lines.len().saturating_sub(MAX_LOG_LINES))
+            .map(|l| serde_json::to_vec(l).expect("serialize log line"))
+            .collect();
+        let max = MAX_LOG_LINES.to_string();
+        let mut args: Vec<&[u8]> = vec![id.as_bytes(), max.as_bytes()];
+        args.extend(encoded.iter().map(|l| l.as_slice()));
+        let reply = self.run(&self.scripts.append_logs, &args).await?;
+        if int_of(&reply) == Some(1) {
+            self.bump();
+        }
+        Ok(())
+    }
+
+    async fn sweep(&self, now: u64, retention: Duration) -> StoreResult<Sweep> {
+        let at = now_ms();
+        let (tc, tr) = Self::system_args(SystemEnd::StartTimeout, at, 0);
+        let cutoff = now.saturating_sub(retention.as_millis() as u64).to_string();
+        let now_s = now.to_string();
+        let at_s = at.to_string();
+        let batch = SCRIPT_BATCH.to_string();
+        let reply = self
+            .run(
+                &self.scripts.sweep,
+                &[
+                    now_s.as_bytes(),
+                    cutoff.as_bytes(),
+                    &tc,
+                    &tr,
+                    at_s.as_bytes(),
+                    batch.as_bytes(),
+                ],
+            )
+            .await?;
+        let r = array(reply)?;
+        let sweep = Sweep {
+            start_timeouts: num(r.first(), "start timeouts")?,
+            leases_expired: num(r.get(1), "leases expired")?,
+            lost: 0,
+            purged: num(r.get(2), "purged")?,
+        };
+        if sweep != Sweep::default() {
+            self.bump();
+        }
+        Ok(sweep)
+    }
+
+    async fn due_deliveries(
+        &self,
+        now: u64,
+        limit: usize,
+        lease: Duration,
+    ) -> StoreResult<Vec<Delivery>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let now_s = now.to_string();
+        let limit = limit.to_string();
+        let lease_ms = (lease.as_millis() as u64).to_string();
+        let reply = self
+            .run(
+                &self.scripts.due_deliveries,
+                &[now_s.as_bytes(), limit.as_bytes(), lease_ms.as_bytes()],
+            )
+            .await?;
+        let r = array(reply)?;
+        r.chunks_exact(5)
+            .map(|c| {
+                Ok(Delivery {
+                    request_id: text(c.first(), "outbox id")?,
+                    url: text(c.get(1), "webhook url")?,
+                    owner: text(c.get(2), "owner")?,
+                    attempts: num(c.get(3), "webhook attempts")?,
+                    next_attempt_ms: num(c.get(4), "next attempt")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delivery_attempted(
+        &self,
+        request_id: &str,
+        attempts: u32,
+        next_attempt_ms: Option<u64>,
+    ) -> StoreResult<()> {
+        let attempts = attempts.to_string();
+        let next = next_attempt_ms.map(|n| n.to_string()).unwrap_or_default();
+        self.run(
+            &self.scripts.delivery_attempted,
+            &[request_id.as_bytes(), attempts.as_bytes(), next.as_bytes()],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn load(&self) -> StoreResult<Load> {
+        let r = array(self.run(&self.scripts.load, &[]).await?)?;
+        let oldest: i64 = num(r.get(2), "oldest")?;
+        let activity: i64 = num(r.get(3), "activity")?;
+        Ok(Load {
+            queued: num(r.first(), "queued")?,
+            in_flight: num(r.get(1), "in flight")?,
+            oldest_queued_ms: u64::try_from(oldest).ok(),
+            last_activity_ms: u64::try_from(activity).unwrap_or(self.opened_at_ms),
+        })
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn cancellations(&self) -> broadcast::Receiver<String> {
+        self.cancels.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::sync::OnceLock;
+
+    /// One `redis-server` per test process, on a free port, in a temp dir; it dies with
+    /// the process (PR_SET_PDEATHSIG from a thread that never exits).
+    fn server_port() -> u16 {
+        static PORT: OnceLock<u16> = OnceLock::new();
+        *PORT.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                use std::os::unix::process::CommandExt;
+                let port = std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port();
+                let dir =
+                    std::env::temp_dir().join(format!("fal-redis-test-{}", uuid::Uuid::new_v4()));
+                std::fs::create_dir_all(&dir).unwrap();
+                let mut cmd = std::process::Command::new(
+                    std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into()),
+                );
+                cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                    .args(["--save", "", "--appendonly", "no"])
+                    .arg("--dir")
+                    .arg(&dir)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null());
+                // SAFETY: prctl is async-signal-safe; nothing else runs before exec.
+                unsafe {
+                    cmd.pre_exec(|| {
+                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                        Ok(())
+                    });
+                }
+                let _child = cmd.spawn().expect("start redis-server (is it installed?)");
+                tx.send(port).unwrap();
+                loop {
+                    std::thread::park();
+                }
+            });
+            let port = rx.recv().unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let pong = std::net::TcpStream::connect(("127.0.0.1", port)).and_then(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(1)))?;
+                    s.write_all(b"PING\r\n")?;
+                    let mut buf = [0u8; 7];
+                    s.read_exact(&mut buf)?;
+                    Ok(buf == *b"+PONG\r\n")
+                });
+                if matches!(pong, Ok(true)) {
+                    break port;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "redis-server on port {port} did not answer PING"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    }
+
+    pub(crate) async fn test_store(max_attempts: u32) -> Arc<RedisStore> {
+        let url = format!("redis://127.0.0.1:{}/0", server_port());
+        let function = format!("test/{}", uuid::Uuid::new_v4());
+        RedisStore::open(&url, &function, max_attempts).await.unwrap()
+    }
+
+    #[test]
+    fn prefix_is_a_hash_tag() {
+        assert_eq!(key_prefix("default/app"), "fal:{default/app}:");
+    }
+
+    #[tokio::test]
+    async fn unavailable_when_redis_is_down() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let store = RedisStore::open(&format!("redis://127.0.0.1:{port}/0"), "t/down", 3)
+            .await
+            .unwrap();
+        let spec = crate::store::conformance::spec(crate::job::Priority::Normal);
+        match store.submit(spec, Bytes::new(), 10).await {
+            Err(StoreError::Unavailable(why)) => assert!(why.contains("redis"), "{why}"),
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+        assert!(matches!(
+            store.status("x").await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(matches!(store.load().await, Err(StoreError::Unavailable(_))));
+    }
+
+    #[tokio::test]
+    async fn positions_are_shared_between_replicas() {
+        let url = format!("redis://127.0.0.1:{}/0", server_port());
+        let function = format!("test/{}", uuid::Uuid::new_v4());
+        let a = RedisStore::open(&url, &function, 3).await.unwrap();
+        let b = RedisStore::open(&url, &function, 3).await.unwrap();
+        let mut woken = b.changes();
+        woken.borrow_and_update();
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let s = crate::store::conformance::spec(crate::job::Priority::Normal);
+            ids.push(s.id.clone());
+            let pos = if i % 2 == 0 { &a } else { &b }
+                .submit(s, Bytes::new(), 100)
+                .await
+                .unwrap();
+            assert_eq!(pos, i);
+        }
+        tokio::time::timeout(Duration::from_secs(5), woken.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        let c = b.claim("w", Duration::from_secs(30)).await.unwrap().unwrap();
+        assert_eq!(c.record.spec.id, ids[0]);
+        assert_eq!(a.status(&ids[4]).await.unwrap().unwrap().queue_position, Some(3));
+        assert_eq!(a.load().await.unwrap().in_flight, 1);
+    }
+
+    crate::conformance_tests!(|_dir: std::path::PathBuf| async move {
+        test_store(3).await as std::sync::Arc<dyn Store>
+    });
+}
