@@ -10,6 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${1:-10}
 CONNS=${2:-64}
+ROUNDS=${ROUNDS:-3}
 THREADS=1   # wrk shares the 2 cores with the servers; one load thread is enough
 
 need=()
@@ -33,32 +34,37 @@ trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 BACK=$(port); PROXY=$(port); SIDE=$(port); SIDEQ=$(port); SIDEA=$(port)
 
-mkdir -p "$WORK/nginx/logs"
-cat > "$WORK/nginx/nginx.conf" <<NGX
-worker_processes auto;
-error_log $WORK/nginx/logs/error.log warn;
-pid $WORK/nginx/nginx.pid;
+# Two nginx instances: the backend (one worker, shared by every path measured) and the
+# reverse proxy baseline (as many workers as the sidecar has threads), so neither proxy
+# gets to answer "backend" requests inside its own event loop.
+nginx_conf() { # name workers server-block
+  mkdir -p "$WORK/$1/logs"
+  cat > "$WORK/$1/nginx.conf" <<NGX
+worker_processes $2;
+error_log $WORK/$1/logs/error.log warn;
+pid $WORK/$1/nginx.pid;
 events { worker_connections 4096; }
 http {
   access_log off;
-  client_body_temp_path $WORK/nginx/body;
-  proxy_temp_path $WORK/nginx/proxy;
-  fastcgi_temp_path $WORK/nginx/fcgi;
-  uwsgi_temp_path $WORK/nginx/uwsgi;
-  scgi_temp_path $WORK/nginx/scgi;
+  client_body_temp_path $WORK/$1/body;
+  proxy_temp_path $WORK/$1/proxy;
+  fastcgi_temp_path $WORK/$1/fcgi;
+  uwsgi_temp_path $WORK/$1/uwsgi;
+  scgi_temp_path $WORK/$1/scgi;
   keepalive_requests 1000000;
-  upstream backend { server 127.0.0.1:$BACK; keepalive 256; }
-  server { listen 127.0.0.1:$BACK; location / { return 200 "ok\n"; } }
-  server {
-    listen 127.0.0.1:$PROXY;
-    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
+  $3
 }
 NGX
-"$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' &
-pids+=($!)
+  "$NGINX" -p "$WORK/$1" -c "$WORK/$1/nginx.conf" -g 'daemon off;' &
+  pids+=($!)
+}
+CORES=$(nproc)
+nginx_conf backend 1 "server { listen 127.0.0.1:$BACK; location / { return 200 \"ok\\n\"; } }"
+nginx_conf proxy "$CORES" "upstream backend { server 127.0.0.1:$BACK; keepalive 256; }
+  server { listen 127.0.0.1:$PROXY; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+sleep 0.5
 
-"$BIN" serve --upstream "http://127.0.0.1:$BACK" --listen "127.0.0.1:$SIDE" --queue-listen "127.0.0.1:$SIDEQ" \
+FAL_SIDECAR_WORKER_THREADS=$CORES "$BIN" serve --upstream "http://127.0.0.1:$BACK" --listen "127.0.0.1:$SIDE" --queue-listen "127.0.0.1:$SIDEQ" \
   --admin-listen "127.0.0.1:$SIDEA" --data-dir "$WORK/data" --max-queue 10000000 --max-concurrency 64 \
   >"$WORK/sidecar.log" 2>&1 &
 SPID=$!
@@ -91,9 +97,18 @@ PY
 }
 
 echo "== warm-up"; wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$SIDE/" >/dev/null; wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$PROXY/" >/dev/null
-echo "== direct";      read -r D_RPS D_P50 D_P99 D_ERR < <(measure "http://127.0.0.1:$BACK/")
-echo "== nginx proxy"; read -r N_RPS N_P50 N_P99 N_ERR < <(measure "http://127.0.0.1:$PROXY/")
-echo "== fal-sidecar"; read -r S_RPS S_P50 S_P99 S_ERR < <(measure "http://127.0.0.1:$SIDE/")
+# Alternate the paths over several rounds and keep the median: the machine is shared.
+: > "$WORK/direct"; : > "$WORK/nginx"; : > "$WORK/side"
+for r in $(seq "$ROUNDS"); do
+  echo "== round $r/$ROUNDS: direct, nginx proxy, fal-sidecar"
+  measure "http://127.0.0.1:$BACK/" >> "$WORK/direct"
+  measure "http://127.0.0.1:$PROXY/" >> "$WORK/nginx"
+  measure "http://127.0.0.1:$SIDE/" >> "$WORK/side"
+done
+median() { python3 -c 'import sys,statistics as s; rows=[list(map(float,l.split())) for l in open(sys.argv[1]) if l.strip()]; print(" ".join(("%.3f" % s.median(c)).rstrip("0").rstrip(".") for c in zip(*rows)))' "$1"; }
+read -r D_RPS D_P50 D_P99 D_ERR < <(median "$WORK/direct")
+read -r N_RPS N_P50 N_P99 N_ERR < <(median "$WORK/nginx")
+read -r S_RPS S_P50 S_P99 S_ERR < <(median "$WORK/side")
 LOAD_HWM=$(hwm_kb $SPID)
 
 # Queue submits through the run API (embedded store, durable group commit).

@@ -23,9 +23,9 @@ fn main() {
         ),
         Command::Serve(s) => (s.common, Mode::Upstream { url: s.upstream }),
     };
-    let threads = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .min(8);
+    // The run listener has its own per-thread runtimes (server::serve_per_thread); this
+    // one runs the queue API, the workers, webhooks and housekeeping.
+    let threads = runtime::http_threads();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()

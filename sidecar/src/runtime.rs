@@ -65,6 +65,19 @@ pub async fn open_store(
     )
 }
 
+/// Threads serving the run listener: `FAL_SIDECAR_WORKER_THREADS` or the core count.
+pub fn http_threads() -> usize {
+    std::env::var("FAL_SIDECAR_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .min(8)
+        })
+}
+
 /// Runs until SIGTERM/SIGINT (or, in `run` mode, the app's exit); returns the exit code.
 pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
     let is_child = matches!(mode, Mode::Child { .. });
@@ -96,8 +109,9 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
     let metrics = Arc::new(Metrics::new());
     let running = Running::default();
 
-    // Bind first: a port conflict should fail before the app is started.
-    let run_l = server::bind(&common.listen, "the run API (--listen)").await?;
+    // Bind first: a port conflict should fail before the app is started. (The run
+    // listener, the hot path, is bound per server thread below; probe it here.)
+    drop(server::bind(&common.listen, "the run API (--listen)").await?);
     let queue_l = server::bind(&common.queue_listen, "the queue API (--queue-listen)").await?;
     let admin_l = server::bind(&common.admin_listen, "metrics and probes (--admin-listen)").await?;
     let run_host_l = match &common.run_host_listen {
@@ -151,14 +165,16 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
     };
     let drain = common.drain_timeout;
     let mut servers = tokio::task::JoinSet::new();
-    servers.spawn(server::serve(
-        run_l,
+    let run_threads = server::serve_per_thread(
+        &common.listen,
+        "the run API (--listen)",
+        http_threads(),
         app.clone(),
         api::handle_run,
         limits,
         stop_rx.clone(),
         drain,
-    ));
+    )?;
     servers.spawn(server::serve(
         queue_l,
         app.clone(),
@@ -273,6 +289,9 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
         let _ = workers_task.await;
     }
     while servers.join_next().await.is_some() {}
+    let _ =
+        tokio::task::spawn_blocking(move || run_threads.into_iter().for_each(|t| drop(t.join())))
+            .await;
     let _ = quit_tx.send(true);
     let _ = tokio::join!(deliver_task, sweeper, admin);
     if let Some(c) = child.as_mut() {

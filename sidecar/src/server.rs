@@ -37,6 +37,88 @@ impl Default for ConnLimits {
     }
 }
 
+/// Serves `addr` from `threads` OS threads, each with its own single-threaded runtime
+/// and its own `SO_REUSEPORT` listener (the kernel spreads connections): a connection,
+/// its handler and its upstream connection then live on one thread, with no
+/// cross-thread wake-ups on the hot path (the nginx worker model). Returns once every
+/// thread is listening; the handles finish after `stop` and the drain.
+#[allow(clippy::too_many_arguments)]
+pub fn serve_per_thread<F, Fut>(
+    addr: &str,
+    what: &str,
+    threads: usize,
+    app: Arc<App>,
+    handler: F,
+    limits: ConnLimits,
+    stop: watch::Receiver<bool>,
+    drain: Duration,
+) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>>
+where
+    F: Fn(Arc<App>, Arc<ConnState>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let sock_addr: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for {what}: {e}"))?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("cannot listen on {addr} for {what}: no address"))?;
+    let mut handles = Vec::new();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    for n in 0..threads.max(1) {
+        let (app, handler, stop, ready) =
+            (app.clone(), handler.clone(), stop.clone(), ready_tx.clone());
+        let handle = std::thread::Builder::new()
+            .name(format!("fal-http-{n}"))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let listener = match reuseport_listener(sock_addr) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let _ = ready.send(Err(e.to_string()));
+                            return;
+                        }
+                    };
+                    let _ = ready.send(Ok(()));
+                    serve(listener, app, handler, limits, stop, drain).await;
+                });
+            })?;
+        handles.push(handle);
+    }
+    drop(ready_tx);
+    for _ in 0..handles.len() {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => anyhow::bail!(
+                "cannot listen on {addr} for {what}: {e} (pick another address with the flag)"
+            ),
+            Err(_) => anyhow::bail!("cannot listen on {addr} for {what}: a server thread died"),
+        }
+    }
+    Ok(handles)
+}
+
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.set_reuseport(true)?;
+    sock.set_nodelay(true)?;
+    sock.bind(addr)?;
+    sock.listen(1024)
+}
+
 pub async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {
         anyhow::anyhow!(

@@ -222,3 +222,11 @@ pub fn error(status: StatusCode, detail: &str, error_type: Option<&str>) -> Resp
     }
     r
 }
+
+/// Marks a response as the last on its connection (used when the request body was left
+/// unread, so the client does not reuse a connection the server is about to close).
+pub fn closing(mut r: Response<Body>) -> Response<Body> {
+    r.headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}

@@ -74,7 +74,7 @@ pub async fn forward(app: &App, conn: &ConnState, req: Request<Incoming>) -> Res
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max as u64) {
-        return too_large(max);
+        return super::closing(too_large(max));
     }
     let (mut parts, body) = req.into_parts();
     // Origin-form on the wire; the client's own Host header goes through unchanged.
@@ -102,7 +102,7 @@ pub async fn forward(app: &App, conn: &ConnState, req: Request<Incoming>) -> Res
         }
         Err(e) => {
             if is_length_limit(e.as_ref()) {
-                return too_large(max);
+                return super::closing(too_large(max));
             }
             app.metrics.direct_errors.inc();
             let detail = format!(

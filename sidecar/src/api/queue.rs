@@ -264,6 +264,36 @@ async fn submit(
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
     };
+    // Read the body before anything can be refused: an unread body would force the
+    // connection closed under a client that means to reuse it.
+    let max = app.cfg.max_body_bytes;
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("the request body is larger than the limit of {max} bytes (--max-body-bytes)"),
+            None,
+        )
+    };
+    let declared = header("content-length").and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        app.metrics.rejected.with_label_values(&["too_large"]).inc();
+        return super::closing(too_large());
+    }
+    let body = match Limited::new(body, max).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if is_length_limit(e.as_ref()) => {
+            app.metrics.rejected.with_label_values(&["too_large"]).inc();
+            return super::closing(too_large());
+        }
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("reading the request body failed: {e}"),
+                None,
+            )
+        }
+    };
+
     let Some(priority) = Priority::parse(header("x-fal-queue-priority").unwrap_or("")) else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -317,34 +347,6 @@ async fn submit(
             }
         },
         None => None,
-    };
-
-    let max = app.cfg.max_body_bytes;
-    let too_large = || {
-        error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("the request body is larger than the limit of {max} bytes (--max-body-bytes)"),
-            None,
-        )
-    };
-    let declared = header("content-length").and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        app.metrics.rejected.with_label_values(&["too_large"]).inc();
-        return too_large();
-    }
-    let body = match Limited::new(body, max).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if is_length_limit(e.as_ref()) => {
-            app.metrics.rejected.with_label_values(&["too_large"]).inc();
-            return too_large();
-        }
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                &format!("reading the request body failed: {e}"),
-                None,
-            )
-        }
     };
 
     let headers = parts
