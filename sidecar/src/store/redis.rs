@@ -443,7 +443,11 @@ impl RedisStore {
     /// Connects to `url` (redis://HOST:PORT/DB) for the queue of `function`
     /// (NAMESPACE/NAME). Does not fail when Redis is down: calls return
     /// `Unavailable` until it is back.
-    pub async fn open(url: &str, function: &str, max_attempts: u32) -> StoreResult<Arc<RedisStore>> {
+    pub async fn open(
+        url: &str,
+        function: &str,
+        max_attempts: u32,
+    ) -> StoreResult<Arc<RedisStore>> {
         let client = redis::Client::open(url)
             .map_err(|e| StoreError::Unavailable(format!("invalid redis URL {url:?}: {e}")))?;
         let info = client.get_connection_info();
@@ -480,16 +484,19 @@ impl RedisStore {
             subscriber,
         });
         match store.ping().await {
-            Ok(()) => tracing::info!(server = %store.server, prefix = %store.prefix, "using the redis store"),
-            Err(e) => tracing::warn!(error = %e, "redis is not reachable yet; requests get 503 until it is"),
+            Ok(()) => {
+                tracing::info!(server = %store.server, prefix = %store.prefix, "using the redis store")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "redis is not reachable yet; requests get 503 until it is")
+            }
         }
         Ok(store)
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        let mut conn = self.conn.clone();
-        let cmd = redis::cmd("PING");
-        self.guard(cmd.query_async::<Value>(&mut conn))
+        let cmd = &redis::cmd("PING");
+        self.guard(|mut c| async move { cmd.query_async::<Value>(&mut c).await })
             .await
             .map(|_| ())
     }
@@ -502,11 +509,21 @@ impl RedisStore {
         StoreError::Unavailable(format!("redis at {}: {e}", self.server))
     }
 
-    async fn guard<T>(
-        &self,
-        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
-    ) -> StoreResult<T> {
-        match tokio::time::timeout(OP_TIMEOUT, fut).await {
+    /// Runs one request with a time bound. A refused connection means the request was
+    /// never sent (and the manager reconnects when it sees one), so that case is tried
+    /// once more: the first call after Redis comes back does not fail for nothing.
+    async fn guard<T, F, Fut>(&self, mut op: F) -> StoreResult<T>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let attempt = async {
+            match op(self.conn.clone()).await {
+                Err(e) if e.is_connection_refusal() => op(self.conn.clone()).await,
+                other => other,
+            }
+        };
+        match tokio::time::timeout(OP_TIMEOUT, attempt).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.unavailable(e)),
             Err(_) => Err(self.unavailable(format!("no answer within {OP_TIMEOUT:?}"))),
@@ -519,15 +536,12 @@ impl RedisStore {
         for a in args {
             inv.arg(*a);
         }
-        let mut conn = self.conn.clone();
-        self.guard(inv.invoke_async::<Value>(&mut conn)).await
+        let inv = &inv;
+        self.guard(|mut c| async move { inv.invoke_async::<Value>(&mut c).await })
+            .await
     }
 
-    fn record(
-        &self,
-        f: &[Value],
-        logs: Vec<LogLine>,
-    ) -> StoreResult<JobRecord> {
+    fn record(&self, f: &[Value], logs: Vec<LogLine>) -> StoreResult<JobRecord> {
         // f: spec, seq, phase, attempts, token, lease, started, cancel, completion
         let spec = parse_spec(f.first())?;
         let phase = f
@@ -583,7 +597,9 @@ async fn subscribe_loop(
     loop {
         let connect = async {
             let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&[events.as_str(), cancel_channel.as_str()]).await?;
+            pubsub
+                .subscribe(&[events.as_str(), cancel_channel.as_str()])
+                .await?;
             Ok::<_, redis::RedisError>(pubsub)
         };
         match tokio::time::timeout(Duration::from_secs(3), connect).await {
@@ -703,8 +719,10 @@ impl Store for RedisStore {
             .arg(format!("{}logs:{id}", self.prefix))
             .arg(0)
             .arg(-1);
-        let mut conn = self.conn.clone();
-        let reply: Value = self.guard(pipe.query_async(&mut conn)).await?;
+        let pipe = &pipe;
+        let reply: Value = self
+            .guard(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
         let mut parts = array(reply)?.into_iter();
         let fields = array(parts.next().unwrap_or(Value::Nil))?;
         if fields.first().is_none_or(|v| matches!(v, Value::Nil)) {
@@ -730,10 +748,13 @@ impl Store for RedisStore {
 
     async fn result(&self, id: &str) -> StoreResult<Option<StoredResult>> {
         let jk = format!("{}job:{id}", self.prefix);
-        let mut conn = self.conn.clone();
         let mut cmd = redis::cmd("HMGET");
         cmd.arg(&jk).arg("phase").arg("result");
-        let f = array(self.guard(cmd.query_async::<Value>(&mut conn)).await?)?;
+        let cmd = &cmd;
+        let f = array(
+            self.guard(|mut c| async move { cmd.query_async::<Value>(&mut c).await })
+                .await?,
+        )?;
         if f.first().and_then(bytes_of).as_deref() != Some(b"c") {
             return Ok(None);
         }
@@ -748,7 +769,10 @@ impl Store for RedisStore {
         let (c, r) = Self::system_args(SystemEnd::Cancelled, now, 0);
         let at = now.to_string();
         let reply = self
-            .run(&self.scripts.cancel, &[id.as_bytes(), &c, &r, at.as_bytes()])
+            .run(
+                &self.scripts.cancel,
+                &[id.as_bytes(), &c, &r, at.as_bytes()],
+            )
             .await?;
         let r = array(reply)?;
         let outcome = match text(r.first(), "cancel outcome")?.as_str() {
@@ -1074,7 +1098,9 @@ mod tests {
     pub(crate) async fn test_store(max_attempts: u32) -> Arc<RedisStore> {
         let url = format!("redis://127.0.0.1:{}/0", server_port());
         let function = format!("test/{}", uuid::Uuid::new_v4());
-        RedisStore::open(&url, &function, max_attempts).await.unwrap()
+        RedisStore::open(&url, &function, max_attempts)
+            .await
+            .unwrap()
     }
 
     #[test]
@@ -1101,7 +1127,10 @@ mod tests {
             store.status("x").await,
             Err(StoreError::Unavailable(_))
         ));
-        assert!(matches!(store.load().await, Err(StoreError::Unavailable(_))));
+        assert!(matches!(
+            store.load().await,
+            Err(StoreError::Unavailable(_))
+        ));
     }
 
     #[tokio::test]
@@ -1126,9 +1155,16 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        let c = b.claim("w", Duration::from_secs(30)).await.unwrap().unwrap();
+        let c = b
+            .claim("w", Duration::from_secs(30))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(c.record.spec.id, ids[0]);
-        assert_eq!(a.status(&ids[4]).await.unwrap().unwrap().queue_position, Some(3));
+        assert_eq!(
+            a.status(&ids[4]).await.unwrap().unwrap().queue_position,
+            Some(3)
+        );
         assert_eq!(a.load().await.unwrap().in_flight, 1);
     }
 
