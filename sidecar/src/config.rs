@@ -111,6 +111,10 @@ pub struct Common {
     /// Lease a worker holds on a running request (renewed while the app runs).
     #[arg(long, env = "FAL_SIDECAR_LEASE", default_value = "30", value_parser = secs)]
     pub lease: Duration,
+    /// Longest one request may run in the app (seconds); then it fails with 504 and the
+    /// app is sent a cancel. Also bounds how long a direct call waits for the app.
+    #[arg(long, env = "FAL_SIDECAR_REQUEST_TIMEOUT", value_parser = secs)]
+    pub request_timeout: Option<Duration>,
     /// Claims of one request before it completes as lost.
     #[arg(long, env = "FAL_SIDECAR_MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: u32,

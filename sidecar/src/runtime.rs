@@ -151,6 +151,7 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
             max_queue: common.max_queue,
             retention: common.retention,
             owner: common.owner.clone(),
+            request_timeout: common.request_timeout,
         },
         metrics.clone(),
     ));
@@ -217,6 +218,7 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
                 .take(common.max_app_attempts.saturating_sub(1))
                 .collect(),
             max_result_bytes: common.max_result_bytes,
+            request_timeout: common.request_timeout,
         },
         running,
         metrics: metrics.clone(),

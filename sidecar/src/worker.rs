@@ -9,7 +9,7 @@ use http::{HeaderName, HeaderValue, Request};
 use http_body_util::{BodyExt, Full, Limited};
 use tokio::sync::watch;
 
-use crate::job::{app_end, now_ms, StoredResult};
+use crate::job::{app_end, now_ms, Completion, StoredResult};
 use crate::logs::Running;
 use crate::metrics::Metrics;
 use crate::store::{Claimed, Lease, Store};
@@ -22,6 +22,9 @@ pub struct WorkerConfig {
     /// Delays between app-call retries (503/504/429/connection errors).
     pub retry_delays: Vec<Duration>,
     pub max_result_bytes: usize,
+    /// Longest one request may run in the app (`--request-timeout`); then it completes
+    /// with 504 and the app is sent a cancel.
+    pub request_timeout: Option<Duration>,
 }
 
 pub struct Workers {
@@ -35,6 +38,9 @@ pub struct Workers {
 /// What the app call produced.
 enum Called {
     Done(StoredResult, f64),
+    /// The sidecar failed the request itself (timeout, app unreachable): the error type
+    /// is ours, not the app's.
+    Failed(StoredResult, f64, &'static str),
     /// Drain deadline passed: give the job back.
     Abandoned,
     /// The lease was lost (another worker may run it): drop the outcome.
@@ -104,7 +110,29 @@ impl Workers {
         if cancel_sent {
             self.send_cancel(&job);
         }
-        let call = self.call_app(&job);
+        let call = async {
+            match self.cfg.request_timeout {
+                None => self.call_app(&job).await,
+                Some(limit) => match tokio::time::timeout(limit, self.call_app(&job)).await {
+                    Ok(called) => called,
+                    Err(_) => {
+                        self.send_cancel(&job);
+                        let detail = format!(
+                            "the app did not finish within the request timeout ({} s)",
+                            limit.as_secs_f64()
+                        );
+                        let body =
+                            serde_json::json!({"detail": detail, "error_type": "request_timeout"});
+                        let r = StoredResult::json(
+                            504,
+                            &body,
+                            &[("x-fal-error-type", "request_timeout")],
+                        );
+                        Called::Failed(r, limit.as_secs_f64(), "request_timeout")
+                    }
+                },
+            }
+        };
         tokio::pin!(call);
         let mut renew = tokio::time::interval(self.cfg.lease / 3);
         renew.tick().await;
@@ -132,25 +160,21 @@ impl Workers {
         };
         match outcome {
             Called::Done(result, secs) => {
-                let status = result.status;
-                self.metrics.inference_seconds.observe(secs);
-                let completion = app_end(status, now_ms(), secs);
-                match self.store.complete(&id, token, completion, result).await {
-                    Ok(true) => {
-                        let outcome = if (200..300).contains(&status) {
-                            "ok"
-                        } else {
-                            "app_error"
-                        };
-                        self.metrics.completed.with_label_values(&[outcome]).inc();
-                    }
-                    Ok(false) => {
-                        tracing::warn!(request_id = %id, "result dropped: the lease was lost and the job was taken over")
-                    }
-                    Err(e) => {
-                        tracing::error!(request_id = %id, error = %e, "storing the result failed")
-                    }
-                }
+                let completion = app_end(result.status, now_ms(), secs);
+                self.finish(&id, token, completion, result, secs).await;
+            }
+            Called::Failed(result, secs, error_type) => {
+                let detail = serde_json::from_slice::<serde_json::Value>(&result.body)
+                    .ok()
+                    .and_then(|v| v["detail"].as_str().map(str::to_string));
+                let completion = Completion {
+                    completed_at_ms: now_ms(),
+                    error: detail
+                        .or_else(|| Some(format!("Invalid status code: {}", result.status))),
+                    error_type: Some(error_type.to_string()),
+                    inference_time: Some(secs),
+                };
+                self.finish(&id, token, completion, result, secs).await;
             }
             Called::Abandoned => {
                 tracing::warn!(request_id = %id, "drain deadline passed; giving the request back to the queue");
@@ -163,6 +187,29 @@ impl Workers {
             }
         }
         self.running.finish(&id);
+    }
+
+    async fn finish(
+        &self,
+        id: &str,
+        token: u64,
+        completion: Completion,
+        result: StoredResult,
+        secs: f64,
+    ) {
+        let outcome = match completion.error_type.as_deref() {
+            None => "ok",
+            Some("app_error") => "app_error",
+            Some(_) => "failed",
+        };
+        self.metrics.inference_seconds.observe(secs);
+        match self.store.complete(id, token, completion, result).await {
+            Ok(true) => self.metrics.completed.with_label_values(&[outcome]).inc(),
+            Ok(false) => {
+                tracing::warn!(request_id = %id, "result dropped: the lease was lost and the job was taken over")
+            }
+            Err(e) => tracing::error!(request_id = %id, error = %e, "storing the result failed"),
+        }
     }
 
     fn build(&self, job: &Claimed, path: &str, body: Bytes) -> Result<Request<Body>, http::Error> {
@@ -234,9 +281,14 @@ impl Workers {
                                 )
                             };
                             let body = serde_json::json!({"detail": detail, "error_type": "runner_disconnected"});
-                            return Called::Done(
-                                StoredResult::json(502, &body, &[]),
+                            return Called::Failed(
+                                StoredResult::json(
+                                    502,
+                                    &body,
+                                    &[("x-fal-error-type", "runner_disconnected")],
+                                ),
                                 started.elapsed().as_secs_f64(),
+                                "runner_disconnected",
                             );
                         }
                     };
@@ -262,7 +314,11 @@ impl Workers {
                         &body,
                         &[("x-fal-error-type", "runner_connection_timeout")],
                     );
-                    return Called::Done(r, started.elapsed().as_secs_f64());
+                    return Called::Failed(
+                        r,
+                        started.elapsed().as_secs_f64(),
+                        "runner_connection_timeout",
+                    );
                 }
             }
             self.metrics.app_retries.inc();

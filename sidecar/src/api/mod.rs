@@ -28,6 +28,8 @@ pub struct ApiConfig {
     pub retention: Duration,
     /// Webhook user id for generations A and B (generation C uses the path's owner).
     pub owner: String,
+    /// Longest a direct call waits for the app's response head.
+    pub request_timeout: Option<Duration>,
 }
 
 /// Everything a request handler needs.

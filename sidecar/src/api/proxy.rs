@@ -94,7 +94,25 @@ pub async fn forward(app: &App, conn: &ConnState, req: Request<Incoming>) -> Res
     parts.version = http::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     let req = Request::from_parts(parts, Limited::new(body, max).boxed_unsync());
-    match conn.send(&app.upstream, req).await {
+    let sent = match app.cfg.request_timeout {
+        None => conn.send(&app.upstream, req).await,
+        Some(limit) => match tokio::time::timeout(limit, conn.send(&app.upstream, req)).await {
+            Ok(r) => r,
+            Err(_) => {
+                let detail = format!(
+                    "the app did not answer within the request timeout ({} s)",
+                    limit.as_secs_f64()
+                );
+                // The abandoned upstream exchange dies with this client connection.
+                return super::closing(error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    &detail,
+                    Some("request_timeout"),
+                ));
+            }
+        },
+    };
+    match sent {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
