@@ -251,14 +251,23 @@ for _, id in ipairs(expired) do
     le = le + 1
   end
 end
-local old = redis.call('ZRANGEBYSCORE', P .. 'completed', '-inf', '(' .. ARGV[3], 'LIMIT', 0, batch)
-for _, id in ipairs(old) do
-  if not redis.call('ZSCORE', P .. 'outbox', id) then
-    redis.call('DEL', jkey(id), P .. 'logs:' .. id)
-    redis.call('ZREM', P .. 'completed', id)
-    redis.call('HDEL', P .. 'outbox_attempts', id)
-    pu = pu + 1
+-- Results past retention; those whose webhook is still pending stay (and are skipped,
+-- so they do not block the ones behind them).
+local skipped, scanned = 0, 0
+while scanned < batch * 4 do
+  local old = redis.call('ZRANGEBYSCORE', P .. 'completed', '-inf', '(' .. ARGV[3], 'LIMIT', skipped, batch)
+  for _, id in ipairs(old) do
+    scanned = scanned + 1
+    if redis.call('ZSCORE', P .. 'outbox', id) then
+      skipped = skipped + 1
+    else
+      redis.call('DEL', jkey(id), P .. 'logs:' .. id)
+      redis.call('ZREM', P .. 'completed', id)
+      redis.call('HDEL', P .. 'outbox_attempts', id)
+      pu = pu + 1
+    end
   end
+  if #old < batch then break end
 end
 if st + le + pu > 0 then redis.call('PUBLISH', P .. 'events', 'sweep') end
 return {st, le, pu}
@@ -1166,6 +1175,65 @@ mod tests {
             Some(3)
         );
         assert_eq!(a.load().await.unwrap().in_flight, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_claims_hand_out_each_job_once() {
+        let url = format!("redis://127.0.0.1:{}/0", server_port());
+        let function = format!("test/{}", uuid::Uuid::new_v4());
+        let a = RedisStore::open(&url, &function, 3).await.unwrap();
+        let b = RedisStore::open(&url, &function, 3).await.unwrap();
+        let mut ids = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let s = crate::store::conformance::spec(crate::job::Priority::Normal);
+            ids.insert(s.id.clone());
+            a.submit(s, Bytes::new(), 1000).await.unwrap();
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for n in 0..8 {
+            let s: Arc<RedisStore> = if n % 2 == 0 { a.clone() } else { b.clone() };
+            tasks.spawn(async move {
+                let mut got = Vec::new();
+                while let Some(c) = s.claim("w", Duration::from_secs(30)).await.unwrap() {
+                    got.push(c.record.spec.id);
+                }
+                got
+            });
+        }
+        let mut claimed = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            claimed.extend(r.unwrap());
+        }
+        assert_eq!(claimed.len(), 200, "each job handed out once");
+        assert_eq!(claimed.into_iter().collect::<std::collections::HashSet<_>>(), ids);
+        assert_eq!(a.load().await.unwrap().in_flight, 200);
+    }
+
+    #[tokio::test]
+    async fn pending_webhooks_do_not_block_purges_and_logs_are_bounded() {
+        let s = test_store(3).await;
+        let mut hooked = crate::store::conformance::spec(crate::job::Priority::Normal);
+        hooked.webhook_url = Some("http://127.0.0.1:9/hook".into());
+        let plain = crate::store::conformance::spec(crate::job::Priority::Normal);
+        for spec in [hooked.clone(), plain.clone()] {
+            s.submit(spec, Bytes::new(), 10).await.unwrap();
+            let c = s.claim("w", Duration::from_secs(30)).await.unwrap().unwrap();
+            let lines = (0..2100).map(|i| LogLine::new(format!("l{i}"), "STDOUT")).collect();
+            s.append_logs(&c.record.spec.id, lines).await.unwrap();
+            let st = s.status(&c.record.spec.id).await.unwrap().unwrap();
+            assert_eq!(st.record.logs.len(), MAX_LOG_LINES);
+            assert_eq!(st.record.logs.last().unwrap().message, "l2099");
+            let (done, result) = system_end(SystemEnd::Cancelled, now_ms(), 1);
+            assert!(s.complete(&c.record.spec.id, c.token, done, result).await.unwrap());
+        }
+        let sweep = s.sweep(now_ms() + 10_000, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(sweep.purged, 1, "the job with a pending webhook stays");
+        assert!(s.status(&hooked.id).await.unwrap().is_some());
+        assert!(s.status(&plain.id).await.unwrap().is_none());
+        s.delivery_attempted(&hooked.id, 1, None).await.unwrap();
+        let sweep = s.sweep(now_ms() + 10_000, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(sweep.purged, 1);
+        assert!(s.result(&hooked.id).await.unwrap().is_none());
     }
 
     crate::conformance_tests!(|_dir: std::path::PathBuf| async move {
