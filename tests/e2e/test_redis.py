@@ -207,6 +207,9 @@ def test_redis_restart_mid_load(replicas, redis_server):
         redis_server.start()
     for sc in scs:
         assert sc.running, f"{sc.name} exited while Redis was down"
+        # the push channel (workers' wake-ups, cancels) comes back by itself
+        wait_until(lambda: "redis subscription restored" in sc.log_text(), timeout=10,
+                   what=f"{sc.name} to resubscribe")
     for i, rid in enumerate(acked):
         r = scs[i % 2].wait_result(rid, timeout=40)
         assert r.status_code == 200, r.text
