@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, KeyToPath, PodSpec,
-    PodTemplateSpec, Probe, SecretVolumeSource, TCPSocketAction, Volume,
+    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, KeyToPath, Lifecycle,
+    LifecycleHandler, PodSpec, PodTemplateSpec, Probe, SecretVolumeSource, TCPSocketAction, Volume,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -114,6 +114,19 @@ fn app_container(ff: &FalFunction, placement: &Placement) -> Container {
         readiness_probe: Some(readiness),
         startup_probe: Some(startup),
         resources: Some(placement.resources.clone()),
+        // Kubernetes stops the app before its native sidecar. The hook asks the sidecar
+        // to stop claiming and waits for running requests first, so none is cut off.
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                http_get: Some(HTTPGetAction {
+                    path: Some("/drain".to_string()),
+                    port: IntOrString::Int(crate::sidecar::SIDECAR_ADMIN_PORT),
+                    ..HTTPGetAction::default()
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
         ..Container::default()
     }
 }
@@ -284,6 +297,17 @@ mod tests {
         assert_eq!(app.image.as_deref(), Some("reg/app:1"));
         assert_eq!(app.ports.as_ref().unwrap()[0].container_port, 8080);
         assert_eq!(env_of(app)["PORT"], "8080");
+        let pre_stop = app.lifecycle.as_ref().unwrap().pre_stop.as_ref().unwrap();
+        let hook = pre_stop.http_get.as_ref().unwrap();
+        assert_eq!(
+            hook.path.as_deref(),
+            Some("/drain"),
+            "the app waits for the sidecar to drain"
+        );
+        assert_eq!(
+            hook.port,
+            IntOrString::Int(crate::sidecar::SIDECAR_ADMIN_PORT)
+        );
         let ready = app.readiness_probe.as_ref().unwrap();
         assert_eq!(
             ready.tcp_socket.as_ref().unwrap().port,

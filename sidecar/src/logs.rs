@@ -25,6 +25,9 @@ impl Running {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|x| x != id);
     }
+    pub fn count(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
     /// The one running request, if exactly one runs.
     pub fn only(&self) -> Option<String> {
         let v = self.0.lock().unwrap_or_else(|e| e.into_inner());

@@ -157,6 +157,9 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
     ));
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Claiming stops on its own signal: `/drain` (preStop) stops it while the listeners
+    // keep answering status and result calls.
+    let (claim_stop_tx, claim_stop_rx) = watch::channel(false);
     let (abandon_tx, abandon_rx) = watch::channel(false);
     let (quit_tx, quit_rx) = watch::channel(false);
     let limits = ConnLimits {
@@ -223,7 +226,12 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
         running,
         metrics: metrics.clone(),
     });
-    let mut workers_task = tokio::spawn(workers.run(stop_rx.clone(), abandon_rx));
+    let _ = app.drain.set(api::DrainHandle {
+        stop_claiming: claim_stop_tx.clone(),
+        running: workers.running.clone(),
+        timeout: drain,
+    });
+    let mut workers_task = tokio::spawn(workers.run(claim_stop_rx, abandon_rx));
 
     let deliverer = Arc::new(Deliverer::new(
         store.clone(),
@@ -279,6 +287,7 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
     // Drain: fail readiness, stop accepting and claiming, let running requests finish.
     app.draining.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
+    let _ = claim_stop_tx.send(true);
     if tokio::time::timeout(drain, &mut workers_task)
         .await
         .is_err()

@@ -41,7 +41,17 @@ pub struct App {
     pub cfg: ApiConfig,
     pub metrics: Arc<Metrics>,
     pub draining: AtomicBool,
+    /// Set by the runtime: what `/drain` uses to stop claiming and wait.
+    pub drain: std::sync::OnceLock<DrainHandle>,
     jwks: Bytes,
+}
+
+/// Lets the admin `/drain` endpoint (a pod's preStop hook) stop this replica from
+/// claiming and wait for its running requests, before Kubernetes stops the app.
+pub struct DrainHandle {
+    pub stop_claiming: tokio::sync::watch::Sender<bool>,
+    pub running: crate::logs::Running,
+    pub timeout: Duration,
 }
 
 impl App {
@@ -62,6 +72,7 @@ impl App {
             cfg,
             metrics,
             draining: AtomicBool::new(false),
+            drain: std::sync::OnceLock::new(),
             jwks,
         }
     }
@@ -168,6 +179,7 @@ pub async fn handle_admin(
             );
             r
         }
+        "/drain" => drain(&app).await,
         "/healthz" => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
         "/readyz" => {
             if app.draining.load(Ordering::Relaxed) {
@@ -198,6 +210,29 @@ pub async fn handle_admin(
             None,
         ),
     }
+}
+
+/// Stops claiming, fails readiness, and waits (up to the drain timeout) until this
+/// process runs no request. Idempotent; SIGTERM afterwards finishes the shutdown.
+async fn drain(app: &App) -> Response<Body> {
+    let Some(d) = app.drain.get() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready to drain yet",
+            None,
+        );
+    };
+    app.draining.store(true, Ordering::Relaxed);
+    let _ = d.stop_claiming.send(true);
+    let deadline = tokio::time::Instant::now() + d.timeout;
+    while d.running.count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = d.running.count();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({"drained": left == 0, "in_flight": left}),
+    )
 }
 
 pub fn full(b: impl Into<Bytes>) -> Body {
