@@ -52,12 +52,11 @@ fn base_url(headers: &HeaderMap) -> String {
     let proto = first("x-forwarded-proto")
         .filter(|p| p == "http" || p == "https")
         .unwrap_or_else(|| "http".into());
+    // A host that could smuggle a path or query into the URLs clients follow is ignored.
+    let sane = |h: &String| h.chars().all(|c| c.is_ascii_alphanumeric() || "-.:[]_".contains(c));
     let host = first("x-forwarded-host")
-        .or_else(|| first("host"))
-        .filter(|h| {
-            h.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-.:[]_".contains(c))
-        })
+        .filter(sane)
+        .or_else(|| first("host").filter(sane))
         .unwrap_or_else(|| "localhost".into());
     format!("{proto}://{host}")
 }
