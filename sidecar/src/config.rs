@@ -78,7 +78,8 @@ pub struct Common {
     /// [default: ./fal-data for run, /var/lib/fal-sidecar for serve].
     #[arg(long, env = "FAL_SIDECAR_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Queue store: `file:DIR` (embedded; the default, in the data dir).
+    /// Queue store: `file:DIR` (embedded, single process; the default, in the data dir)
+    /// or `redis://HOST:PORT/DB` (shared by every replica of the function).
     #[arg(long, env = "FAL_SIDECAR_STORE")]
     pub store: Option<String>,
     /// The function this sidecar serves, NAMESPACE/NAME (names the queue in a shared store).
@@ -87,7 +88,8 @@ pub struct Common {
     /// Webhook user id for /fal/queue submits (the queue host uses the owner in the path).
     #[arg(long, env = "FAL_SIDECAR_OWNER", default_value = "local")]
     pub owner: String,
-    /// Requests run at once against the app.
+    /// Requests run at once against the app (0: serve the API only; other replicas
+    /// sharing the store run the requests).
     #[arg(long, env = "FAL_SIDECAR_MAX_CONCURRENCY", default_value_t = 1)]
     pub max_concurrency: usize,
     /// Requests allowed to wait; more get 429 with Retry-After.

@@ -249,9 +249,14 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
         let retention = common.retention;
         let mut quit = quit_rx.clone();
         tokio::spawn(async move {
+            let mut last_warning = None::<tokio::time::Instant>;
             loop {
                 if let Err(e) = store.sweep(now_ms(), retention).await {
-                    tracing::warn!(error = %e, "queue housekeeping failed");
+                    // Once per 10 s is enough to say the store is down.
+                    if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                        tracing::warn!(error = %e, "queue housekeeping failed");
+                        last_warning = Some(tokio::time::Instant::now());
+                    }
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(100)) => {}

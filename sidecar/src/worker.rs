@@ -60,7 +60,9 @@ impl Workers {
         abandon: watch::Receiver<bool>,
     ) {
         let mut set = tokio::task::JoinSet::new();
-        for n in 0..self.cfg.concurrency.max(1) {
+        // 0 workers = API only: submits, status and cancel are served, another replica
+        // runs the requests (the gateway's mode).
+        for n in 0..self.cfg.concurrency {
             let me = self.clone();
             let (stop, abandon) = (stop_claiming.clone(), abandon.clone());
             set.spawn(async move { me.work(format!("worker-{n}"), stop, abandon).await });
@@ -203,12 +205,34 @@ impl Workers {
             Some(_) => "failed",
         };
         self.metrics.inference_seconds.observe(secs);
-        match self.store.complete(id, token, completion, result).await {
-            Ok(true) => self.metrics.completed.with_label_values(&[outcome]).inc(),
-            Ok(false) => {
-                tracing::warn!(request_id = %id, "result dropped: the lease was lost and the job was taken over")
+        // A store outage must not throw the app's work away: keep trying while the lease
+        // (renewed by nobody now) could still be ours; after that the job runs again.
+        let give_up = tokio::time::Instant::now() + self.cfg.lease;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self
+                .store
+                .complete(id, token, completion.clone(), result.clone())
+                .await
+            {
+                Ok(true) => {
+                    self.metrics.completed.with_label_values(&[outcome]).inc();
+                    return;
+                }
+                Ok(false) => {
+                    tracing::warn!(request_id = %id, "result dropped: the lease was lost and the job was taken over");
+                    return;
+                }
+                Err(e) if tokio::time::Instant::now() + delay < give_up => {
+                    tracing::warn!(request_id = %id, error = %e, "storing the result failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    tracing::error!(request_id = %id, error = %e, "storing the result failed; the request will run again once its lease expires");
+                    return;
+                }
             }
-            Err(e) => tracing::error!(request_id = %id, error = %e, "storing the result failed"),
         }
     }
 

@@ -78,6 +78,10 @@ def test_three_replicas_share_one_queue(replicas):
         body = r.json()
         return i, body["request_id"], body.get("queue_position", 0)
 
+    # Occupy every worker (3 replicas x 4) for a moment so the submits below queue up
+    # whatever the speed of the app.
+    blockers = [scs[i % 3].submit_ok("slow", {"seconds": 1.0})["request_id"] for i in range(12)]
+
     # Sample the positions of the last requests as the queue drains, from every replica.
     with ThreadPoolExecutor(16) as pool:
         submitted = list(pool.map(submit, range(N)))
@@ -123,8 +127,10 @@ def test_three_replicas_share_one_queue(replicas):
     with ThreadPoolExecutor(16) as pool:
         results = dict(pool.map(fetch, ids))
     assert {rid: body["input"]["i"] for rid, body in results.items()} == ids
-    # Each request ran once: the ok completions over all replicas add up to N.
-    assert wait_until(lambda: completed_ok(scs) == N or None, timeout=5, what="metrics") is True
+    # Each request ran once: the ok completions over all replicas add up to N (+ blockers).
+    for rid in blockers:
+        scs[0].wait_completed(rid, timeout=30)
+    assert wait_until(lambda: completed_ok(scs) == N + len(blockers) or None, timeout=5, what="metrics") is True
     # The load spread over the replicas (every one did some of the work).
     per_replica = [completed_ok([sc]) for sc in scs]
     assert all(n > 0 for n in per_replica), per_replica

@@ -1,0 +1,259 @@
+#!/usr/bin/env python3
+"""Redis-backend benchmarks (issue 4), every baseline in the same run:
+
+1. raw submit rate: redis-benchmark running the sidecar's own submit Lua script
+   (extracted from sidecar/src/store/redis.rs) vs HTTP submits through a sidecar
+   (`--max-concurrency 0`, so no worker competes) measured with wrk;
+2. submit → app start latency: sequential submits to a sidecar whose idle worker waits
+   on Redis pub/sub; the app records when each request arrives;
+3. status latency at queue depths 1k, 10k, 100k, 1M (queue filled by redis-benchmark,
+   status of the last request measured with wrk);
+4. Redis memory per queued request.
+
+Usage: scripts/bench_redis.py SIDECAR_BIN [--max-depth N]
+"""
+from __future__ import annotations
+
+import argparse
+import http.server
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FUNCTION = "bench/app"
+PREFIX = "fal:{%s}:" % FUNCTION
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lua(name: str) -> str:
+    src = (REPO / "sidecar/src/store/redis.rs").read_text()
+    grab = lambda n: re.search(r'const %s: &str = r#"(.*?)"#;' % n, src, re.S).group(1)
+    return grab("PRELUDE") + grab(name)
+
+
+def cli(port: int, *args: str) -> str:
+    return subprocess.run(["redis-cli", "-p", str(port), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def wait_http(url: str, timeout: float = 20) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except Exception:
+            time.sleep(0.05)
+    raise SystemExit(f"{url} did not come up")
+
+
+def wrk(url: str, seconds: int, conns: int, script: str | None = None) -> tuple[float, float, float]:
+    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", url]
+    if script:
+        cmd[1:1] = ["-s", script]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    def pct(p):
+        m = re.search(r"^\s+%d%%\s+([\d.]+)(us|ms|s)\s*$" % p, out, re.M)
+        return float(m.group(1)) * {"us": 1e-3, "ms": 1, "s": 1e3}[m.group(2)]
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    return rps, pct(50), pct(99)
+
+
+class StartRecorder(http.server.BaseHTTPRequestHandler):
+    """The app for the latency test: notes when each request arrives."""
+    protocol_version = "HTTP/1.1"
+    # One write per response and no Nagle: otherwise the response body waits ~40 ms for
+    # a delayed ACK and the next request queues behind it.
+    wbufsize = -1
+    disable_nagle_algorithm = True
+    arrivals: dict[str, int] = {}
+
+    def do_POST(self):
+        t = time.perf_counter_ns()
+        rid = self.headers.get("x-fal-request-id", "")
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        StartRecorder.arrivals[rid] = t
+        body = b'{"ok": true}'
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("sidecar")
+    ap.add_argument("--max-depth", type=int, default=1_000_000)
+    ap.add_argument("--seconds", type=int, default=6)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fal-bench-redis."))
+    procs: list[subprocess.Popen] = []
+    try:
+        rport = free_port()
+        procs.append(subprocess.Popen(
+            ["redis-server", "--port", str(rport), "--dir", str(work), "--save", "", "--appendonly", "yes",
+             "--appendfsync", "everysec"], stdout=subprocess.DEVNULL))
+        for _ in range(100):
+            try:
+                if cli(rport, "PING") == "PONG":
+                    break
+            except subprocess.CalledProcessError:
+                pass
+            time.sleep(0.05)
+        store = f"redis://127.0.0.1:{rport}/0"
+
+        # --- the app for the latency test --------------------------------------------
+        app_port = free_port()
+        app = http.server.ThreadingHTTPServer(("127.0.0.1", app_port), StartRecorder)
+        threading.Thread(target=app.serve_forever, daemon=True).start()
+
+        def sidecar(name: str, workers: int) -> tuple[str, str]:
+            l, q, a = free_port(), free_port(), free_port()
+            env = dict(os.environ, FAL_SIDECAR_LOG="warn")
+            procs.append(subprocess.Popen(
+                [args.sidecar, "serve", "--upstream", f"http://127.0.0.1:{app_port}", "--store", store,
+                 "--function", FUNCTION, "--listen", f"127.0.0.1:{l}", "--queue-listen", f"127.0.0.1:{q}",
+                 "--admin-listen", f"127.0.0.1:{a}", "--data-dir", str(work / name),
+                 "--max-concurrency", str(workers), "--max-queue", "100000000"],
+                env=env, stdout=subprocess.DEVNULL, stderr=open(work / f"{name}.log", "w")))
+            wait_http(f"http://127.0.0.1:{a}/readyz")
+            return f"http://127.0.0.1:{l}", f"http://127.0.0.1:{q}"
+
+        # --- 1. raw script rate vs HTTP submits --------------------------------------------
+        sha = cli(rport, "SCRIPT", "LOAD", lua("SUBMIT"))
+        spec = json.dumps({"id": "x", "owner": "bench", "endpoint": "/", "method": "POST",
+                           "headers": [["content-type", "application/json"]], "priority": "normal",
+                           "submitted_at_ms": int(time.time() * 1000)})
+        n_raw = 200_000
+        out = subprocess.run(
+            ["redis-benchmark", "-p", str(rport), "-c", "64", "-n", str(n_raw), "-r", "2000000000", "-q",
+             "EVALSHA", sha, "0", PREFIX, "raw-__rand_int__", spec, '{"prompt": "a cat"}', "0", "",
+             "1000000000", str(int(time.time() * 1000)), "", "bench", str(int(time.time() * 1000))],
+            check=True, capture_output=True, text=True).stdout
+        raw_rps = float(re.findall(r"([\d.]+) requests per second", out)[-1])
+        cli(rport, "DEL", PREFIX + "queue")  # the raw jobs must not sit in front of the HTTP ones
+
+        api_run, api_queue = sidecar("api", 0)
+        lua_body = work / "submit.lua"
+        lua_body.write_text('wrk.method = "POST"\nwrk.body = \'{"prompt": "a cat"}\'\n'
+                            'wrk.headers["Content-Type"] = "application/json"\n')
+        http_rps, http_p50, http_p99 = wrk(f"{api_run}/fal/queue/submit/", args.seconds, 64, str(lua_body))
+
+        # --- 4. memory per queued request (from the HTTP submits just made) -------------------
+        queued = int(cli(rport, "ZCARD", PREFIX + "queue"))
+        cli(rport, "DEL", PREFIX + "queue")
+        # keys of those jobs still exist: measure by flushing and refilling a known count
+        cli(rport, "FLUSHALL")
+        base_mem = int(re.search(r"used_memory:(\d+)", cli(rport, "INFO", "memory")).group(1))
+        import httpx  # the test venv has it
+        with httpx.Client() as c:
+            for i in range(5000):
+                c.post(f"{api_run}/fal/queue/submit/", content=b'{"prompt": "a cat"}',
+                       headers={"content-type": "application/json"})
+        mem = int(re.search(r"used_memory:(\d+)", cli(rport, "INFO", "memory")).group(1))
+        per_request = (mem - base_mem) / 5000
+        cli(rport, "FLUSHALL")
+
+        # --- 2. submit → app start -----------------------------------------------------
+        # A raw keep-alive socket with TCP_NODELAY, one write per request, so the client
+        # adds no Nagle/delayed-ACK stalls of its own.
+        work_run, _ = sidecar("worker", 1)
+        host, port = api_run.rsplit(":", 1)
+        sock = socket.create_connection(("127.0.0.1", int(port)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = sock.makefile("rb")
+
+        def submit(i: int) -> str:
+            body = json.dumps({"i": i}).encode()
+            sock.sendall(b"POST /fal/queue/submit/ HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            return json.loads(reader.read(length))["request_id"]
+
+        lat = []
+        for i in range(300):
+            t0 = time.perf_counter_ns()
+            rid = submit(i)
+            for _ in range(20000):
+                if rid in StartRecorder.arrivals:
+                    break
+                time.sleep(0.00005)
+            lat.append((StartRecorder.arrivals[rid] - t0) / 1e6)
+            time.sleep(0.002)
+        sock.close()
+        lat.sort()
+        start_p50, start_p99 = statistics.median(lat), lat[int(len(lat) * 0.99) - 1]
+        procs[-1].terminate()
+        procs[-1].wait(30)
+        procs.pop()
+        cli(rport, "FLUSHALL")
+
+        # --- 3. status latency by depth ------------------------------------------------------
+        depths = [d for d in (1_000, 10_000, 100_000, 1_000_000) if d <= args.max_depth]
+        status_rows = []
+        filled = 0
+        for depth in depths:
+            subprocess.run(
+                ["redis-benchmark", "-p", str(rport), "-c", "64", "-n", str(depth - filled), "-r", "2000000000",
+                 "-q", "EVALSHA", sha, "0", PREFIX, f"fill{depth}-__rand_int__", spec, "{}", "0", "",
+                 "1000000000", str(int(time.time() * 1000)), "", "bench", str(int(time.time() * 1000))],
+                check=True, capture_output=True)
+            filled = depth
+            with httpx.Client() as c:
+                url = c.post(f"{api_queue}/bench/app/echo", json={}).json()["status_url"]
+                pos = c.get(url).json()["queue_position"]
+            _, p50, p99 = wrk(url, 3, 8)
+            status_rows.append((depth, int(cli(rport, "ZCARD", PREFIX + "queue")), pos, p50, p99))
+            filled += 1
+
+        print()
+        print("| measure | value |")
+        print("|---|---:|")
+        print(f"| raw submit script (redis-benchmark, -c64) | {raw_rps:,.0f} /s |")
+        print(f"| HTTP submits through the sidecar (wrk -c64) | {http_rps:,.0f} /s (p50 {http_p50:.2f} ms, p99 {http_p99:.2f} ms) |")
+        print(f"| HTTP / raw | {http_rps / raw_rps:.2f} (target >= 0.5) |")
+        print(f"| submit -> app start p50 / p99 | {start_p50:.2f} ms / {start_p99:.2f} ms (target p50 < 2 ms) |")
+        print(f"| Redis memory per queued request | {per_request:,.0f} bytes |")
+        print()
+        print("| queue depth | position of the probe | status p50 ms | status p99 ms |")
+        print("|---:|---:|---:|---:|")
+        for depth, card, pos, p50, p99 in status_rows:
+            print(f"| {card:,} | {pos:,} | {p50:.3f} | {p99:.3f} |")
+        if len(status_rows) > 1:
+            print(f"\nstatus p50 at {status_rows[-1][1]:,} / at {status_rows[0][1]:,}: "
+                  f"{status_rows[-1][3] / status_rows[0][3]:.2f} (target <= 2)")
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
