@@ -165,9 +165,29 @@ pub async fn serve<F, Fut>(
         let app = app.clone();
         let handler = handler.clone();
         let state = Arc::new(ConnState::default());
-        let svc = service_fn(move |req| {
-            let fut = handler(app.clone(), state.clone(), req);
-            async move { Ok::<_, std::convert::Infallible>(fut.await) }
+        let max_head = limits.max_header_bytes;
+        let svc = service_fn(move |req: Request<Incoming>| {
+            // hyper's buffer limit is approximate (a large read can overshoot it), so
+            // the head size is checked exactly here too.
+            let head: usize = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len())
+                + req
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                    .sum::<usize>();
+            let fut = (head <= max_head).then(|| handler(app.clone(), state.clone(), req));
+            async move {
+                Ok::<_, std::convert::Infallible>(match fut {
+                    Some(fut) => fut.await,
+                    None => crate::api::closing(crate::api::error(
+                        http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                        &format!(
+                            "the request head is larger than {max_head} bytes (--max-header-bytes)"
+                        ),
+                        None,
+                    )),
+                })
+            }
         });
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
         tokio::spawn(async move {
