@@ -78,9 +78,11 @@ def test_three_replicas_share_one_queue(replicas):
         body = r.json()
         return i, body["request_id"], body.get("queue_position", 0)
 
-    # Occupy every worker (3 replicas x 4) for a moment so the submits below queue up
-    # whatever the speed of the app.
-    blockers = [scs[i % 3].submit_ok("slow", {"seconds": 1.0})["request_id"] for i in range(12)]
+    # Occupy every worker (3 replicas x 4) so the submits below queue up whatever the
+    # speed of the app; they are cancelled once everything is submitted.
+    blockers = [scs[i % 3].submit_ok("slow", {"seconds": 60})["request_id"] for i in range(12)]
+    for i, rid in enumerate(blockers):
+        scs[i % 3].wait_status(rid, "IN_PROGRESS", timeout=15)
 
     # Sample the positions of the last requests as the queue drains, from every replica.
     with ThreadPoolExecutor(16) as pool:
@@ -91,6 +93,12 @@ def test_three_replicas_share_one_queue(replicas):
     sample = [rid for _, rid, _ in submitted[-40:]]
     positions: dict[str, list[int]] = {rid: [] for rid in sample}
     pending = set(sample)
+    for n, rid in enumerate(sample):
+        body = scs[n % 3].status(rid).json()
+        assert body["status"] == "IN_QUEUE", body
+        positions[rid].append(body["queue_position"])
+    for i, rid in enumerate(blockers):
+        assert scs[i % 3].cancel(rid).status_code == 202
     deadline = time.monotonic() + 60
     turn = 0
     while pending and time.monotonic() < deadline:
@@ -127,10 +135,11 @@ def test_three_replicas_share_one_queue(replicas):
     with ThreadPoolExecutor(16) as pool:
         results = dict(pool.map(fetch, ids))
     assert {rid: body["input"]["i"] for rid, body in results.items()} == ids
-    # Each request ran once: the ok completions over all replicas add up to N (+ blockers).
+    # Each request ran once: the ok completions over all replicas add up to N (the
+    # cancelled blockers ended with 499, not ok).
     for rid in blockers:
-        scs[0].wait_completed(rid, timeout=30)
-    assert wait_until(lambda: completed_ok(scs) == N + len(blockers) or None, timeout=5, what="metrics") is True
+        assert scs[0].wait_completed(rid, timeout=30)["error_type"] == "request_cancelled"
+    assert wait_until(lambda: completed_ok(scs) == N or None, timeout=5, what="metrics") is True
     # The load spread over the replicas (every one did some of the work).
     per_replica = [completed_ok([sc]) for sc in scs]
     assert all(n > 0 for n in per_replica), per_replica
