@@ -54,4 +54,6 @@ fi
 
 # --- end to end ----------------------------------------------------------------------------
 echo "== end-to-end (real processes on loopback)"
+# Generous per-test bound: CI machines are shared; the tests poll, they do not time.
+export E2E_TEST_TIMEOUT=${E2E_TEST_TIMEOUT:-180}
 "$VENV/bin/python" -m pytest tests/e2e -q -p no:cacheprovider "$@"
