@@ -83,6 +83,10 @@ impl Upstream {
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the ones named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Hot path: one pass over the (few) headers; most messages carry none of these.
+    if !headers.keys().any(|k| is_hop_by_hop(k.as_str())) {
+        return;
+    }
     if let Some(conn) = headers.get(http::header::CONNECTION).cloned() {
         if let Ok(list) = conn.to_str() {
             for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
