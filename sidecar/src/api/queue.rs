@@ -53,7 +53,10 @@ fn base_url(headers: &HeaderMap) -> String {
         .filter(|p| p == "http" || p == "https")
         .unwrap_or_else(|| "http".into());
     // A host that could smuggle a path or query into the URLs clients follow is ignored.
-    let sane = |h: &String| h.chars().all(|c| c.is_ascii_alphanumeric() || "-.:[]_".contains(c));
+    let sane = |h: &String| {
+        h.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-.:[]_".contains(c))
+    };
     let host = first("x-forwarded-host")
         .filter(sane)
         .or_else(|| first("host").filter(sane))
@@ -76,6 +79,7 @@ fn query_flag(query: Option<&str>, name: &str) -> bool {
     })
 }
 
+#[allow(clippy::result_large_err)] // the error is the response itself
 fn valid_id(id: &str) -> Result<(), Response<Body>> {
     match uuid::Uuid::parse_str(id) {
         Ok(_) => Ok(()),

@@ -46,16 +46,18 @@ enum Op {
 }
 
 type Ack = oneshot::Sender<Result<(), String>>;
+/// One submission to the writer: ops, and who waits for their commit.
+type Batch = (Vec<Op>, Option<Ack>);
 
 /// Handle to the writer thread. Dropping it flushes what is queued and closes the file.
 struct Writer {
-    tx: Mutex<Option<mpsc::Sender<(Vec<Op>, Option<Ack>)>>>,
+    tx: Mutex<Option<mpsc::Sender<Batch>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Writer {
     fn start(db: Arc<Database>) -> Writer {
-        let (tx, rx) = mpsc::channel::<(Vec<Op>, Option<Ack>)>();
+        let (tx, rx) = mpsc::channel::<Batch>();
         let thread = std::thread::Builder::new()
             .name("fal-store-writer".into())
             .spawn(move || writer_loop(&db, rx))
@@ -106,7 +108,7 @@ async fn committed(rx: oneshot::Receiver<Result<(), String>>) -> StoreResult<()>
     }
 }
 
-fn writer_loop(db: &Database, rx: mpsc::Receiver<(Vec<Op>, Option<Ack>)>) {
+fn writer_loop(db: &Database, rx: mpsc::Receiver<Batch>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         // Group commit: everything that queued up while the last fsync ran.
@@ -129,6 +131,7 @@ fn writer_loop(db: &Database, rx: mpsc::Receiver<(Vec<Op>, Option<Ack>)>) {
     }
 }
 
+#[allow(clippy::result_large_err)] // redb's own error type; one per commit, not per request
 fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a Op>) -> Result<(), redb::Error> {
     let txn = db.begin_write()?;
     {

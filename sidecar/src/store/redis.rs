@@ -1076,6 +1076,8 @@ mod tests {
                         Ok(())
                     });
                 }
+                // Lives as long as the test process (PR_SET_PDEATHSIG reaps it).
+                #[allow(clippy::zombie_processes)]
                 let _child = cmd.spawn().expect("start redis-server (is it installed?)");
                 tx.send(port).unwrap();
                 loop {
@@ -1205,7 +1207,12 @@ mod tests {
             claimed.extend(r.unwrap());
         }
         assert_eq!(claimed.len(), 200, "each job handed out once");
-        assert_eq!(claimed.into_iter().collect::<std::collections::HashSet<_>>(), ids);
+        assert_eq!(
+            claimed
+                .into_iter()
+                .collect::<std::collections::HashSet<_>>(),
+            ids
+        );
         assert_eq!(a.load().await.unwrap().in_flight, 200);
     }
 
@@ -1217,21 +1224,36 @@ mod tests {
         let plain = crate::store::conformance::spec(crate::job::Priority::Normal);
         for spec in [hooked.clone(), plain.clone()] {
             s.submit(spec, Bytes::new(), 10).await.unwrap();
-            let c = s.claim("w", Duration::from_secs(30)).await.unwrap().unwrap();
-            let lines = (0..2100).map(|i| LogLine::new(format!("l{i}"), "STDOUT")).collect();
+            let c = s
+                .claim("w", Duration::from_secs(30))
+                .await
+                .unwrap()
+                .unwrap();
+            let lines = (0..2100)
+                .map(|i| LogLine::new(format!("l{i}"), "STDOUT"))
+                .collect();
             s.append_logs(&c.record.spec.id, lines).await.unwrap();
             let st = s.status(&c.record.spec.id).await.unwrap().unwrap();
             assert_eq!(st.record.logs.len(), MAX_LOG_LINES);
             assert_eq!(st.record.logs.last().unwrap().message, "l2099");
             let (done, result) = system_end(SystemEnd::Cancelled, now_ms(), 1);
-            assert!(s.complete(&c.record.spec.id, c.token, done, result).await.unwrap());
+            assert!(s
+                .complete(&c.record.spec.id, c.token, done, result)
+                .await
+                .unwrap());
         }
-        let sweep = s.sweep(now_ms() + 10_000, Duration::from_secs(1)).await.unwrap();
+        let sweep = s
+            .sweep(now_ms() + 10_000, Duration::from_secs(1))
+            .await
+            .unwrap();
         assert_eq!(sweep.purged, 1, "the job with a pending webhook stays");
         assert!(s.status(&hooked.id).await.unwrap().is_some());
         assert!(s.status(&plain.id).await.unwrap().is_none());
         s.delivery_attempted(&hooked.id, 1, None).await.unwrap();
-        let sweep = s.sweep(now_ms() + 10_000, Duration::from_secs(1)).await.unwrap();
+        let sweep = s
+            .sweep(now_ms() + 10_000, Duration::from_secs(1))
+            .await
+            .unwrap();
         assert_eq!(sweep.purged, 1);
         assert!(s.result(&hooked.id).await.unwrap().is_none());
     }
