@@ -88,8 +88,16 @@ fn read_input(path: &PathBuf) -> anyhow::Result<(String, String)> {
     Ok((text, path.display().to_string()))
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() {
+    // The error chain on one line, no backtrace: these are user-facing messages
+    // (`render` names the field at fault).
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("fal-operator: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Crd => {
             print!("{}", render::crd_yaml()?);
