@@ -7,14 +7,78 @@ use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName};
 use http::uri::{Authority, Scheme};
 use http::Uri;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::Limited;
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// Body type of every request and response the sidecar handles.
-pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Body of every request and response the sidecar handles. An enum rather than a boxed
+/// trait object so the common cases (a buffered body, a streamed hyper body) cost no
+/// allocation per message on the proxy path.
+pub enum Body {
+    /// A buffered body (sent as one frame).
+    Full(Option<Bytes>),
+    /// Streamed from the other side as it arrives.
+    Incoming(Incoming),
+    /// Streamed, with a size cap (chunked uploads).
+    Limited(Limited<Incoming>),
+    /// Anything else (server-sent events).
+    Boxed(UnsyncBoxBody<Bytes, BoxError>),
+}
+
+impl Body {
+    pub fn full(b: impl Into<Bytes>) -> Body {
+        Body::Full(Some(b.into()))
+    }
+}
+
+impl HttpBody for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Body::Full(b) => Poll::Ready(
+                b.take()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| Ok(Frame::data(b))),
+            ),
+            Body::Incoming(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
+            Body::Limited(b) => Pin::new(b).poll_frame(cx),
+            Body::Boxed(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
+            Body::Incoming(b) => b.is_end_stream(),
+            Body::Limited(b) => b.is_end_stream(),
+            Body::Boxed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Body::Incoming(b) => b.size_hint(),
+            Body::Limited(b) => b.size_hint(),
+            Body::Boxed(b) => b.size_hint(),
+        }
+    }
+}
 
 /// Where the app listens, with a pooled client to it.
 #[derive(Clone)]

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use tokio::sync::watch;
 
 use crate::job::{app_end, now_ms, Completion, StoredResult};
@@ -259,7 +259,7 @@ impl Workers {
         }
         headers.insert("x-fal-request-id", HeaderValue::from_str(&spec.id)?);
         headers.insert("x-fal-endpoint", HeaderValue::from_str(&spec.endpoint)?);
-        req.body(Full::new(body).map_err(|e| match e {}).boxed_unsync())
+        req.body(Body::full(body))
     }
 
     async fn call_app(&self, job: &Claimed) -> Called {

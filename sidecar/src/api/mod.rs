@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
 use crate::job::now_ms;
@@ -236,7 +235,7 @@ async fn drain(app: &App) -> Response<Body> {
 }
 
 pub fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).map_err(|e| match e {}).boxed_unsync()
+    Body::full(b)
 }
 
 pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {

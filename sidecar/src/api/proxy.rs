@@ -5,7 +5,7 @@
 //! connection), so the hot path takes no shared pool lock.
 
 use http::{HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::Limited;
 use hyper::body::Incoming;
 
 use super::{error, App};
@@ -93,7 +93,14 @@ pub async fn forward(app: &App, conn: &ConnState, req: Request<Incoming>) -> Res
     }
     parts.version = http::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
-    let req = Request::from_parts(parts, Limited::new(body, max).boxed_unsync());
+    // A declared length is enforced by hyper (and was checked against the limit above);
+    // only chunked uploads need counting.
+    let body = if declared.is_some() {
+        Body::Incoming(body)
+    } else {
+        Body::Limited(Limited::new(body, max))
+    };
+    let req = Request::from_parts(parts, body);
     let sent = match app.cfg.request_timeout {
         None => conn.send(&app.upstream, req).await,
         Some(limit) => match tokio::time::timeout(limit, conn.send(&app.upstream, req)).await {
@@ -116,7 +123,7 @@ pub async fn forward(app: &App, conn: &ConnState, req: Request<Incoming>) -> Res
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
+            Response::from_parts(parts, Body::Incoming(body))
         }
         Err(e) => {
             if is_length_limit(e.as_ref()) {

@@ -605,7 +605,7 @@ async fn stream(app: &App, id: &str, logs: bool, urls: Urls) -> Response<Body> {
             }
         }
     });
-    let mut r = Response::new(StreamBody::new(events).boxed_unsync());
+    let mut r = Response::new(Body::Boxed(StreamBody::new(events).boxed_unsync()));
     let h = r.headers_mut();
     h.insert(
         "content-type",
