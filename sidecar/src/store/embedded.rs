@@ -172,6 +172,15 @@ fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a Op>) -> Result<(), red
     Ok(())
 }
 
+/// What memory keeps of a completed job whose record is committed: enough for
+/// retention, cancel and webhook bookkeeping; logs and forwarded headers are read back
+/// from the file when a status asks for them.
+fn slim(rec: &mut JobRecord) {
+    rec.logs = Vec::new();
+    rec.spec.headers = Vec::new();
+    rec.spec.query = None;
+}
+
 /// Stored result encoding: u32 length of a JSON head (status, headers), the head, the body.
 pub(crate) fn encode_result(r: &StoredResult) -> Vec<u8> {
     let head = serde_json::to_vec(&(r.status, &r.headers)).expect("serialize result head");
@@ -337,6 +346,7 @@ impl EmbeddedStore {
                         Phase::Completed => {
                             let at = rec.completion.as_ref().map_or(0, |c| c.completed_at_ms);
                             inner.completed.insert((at, rec.spec.id.clone()));
+                            slim(&mut rec);
                         }
                         Phase::Running | Phase::Queued => {
                             if rec.phase == Phase::Running {
@@ -407,7 +417,8 @@ impl EmbeddedStore {
         let mut inner = self.lock();
         for id in ids {
             inner.fresh_results.remove(id);
-            if let Some(rec) = inner.jobs.get(id) {
+            if let Some(rec) = inner.jobs.get_mut(id) {
+                slim(rec);
                 if let Some(url) = rec.spec.webhook_url.clone() {
                     let owner = rec.spec.owner.clone();
                     inner.outbox.insert(
@@ -508,11 +519,27 @@ impl Store for EmbeddedStore {
     }
 
     async fn status(&self, id: &str) -> StoreResult<Option<JobStatus>> {
-        let inner = self.lock();
-        Ok(inner.jobs.get(id).map(|rec| JobStatus {
-            queue_position: (rec.phase == Phase::Queued)
-                .then(|| inner.positions.position(rec.spec.priority, rec.seq)),
-            record: rec.clone(),
+        {
+            let inner = self.lock();
+            let Some(rec) = inner.jobs.get(id) else {
+                return Ok(None);
+            };
+            // Completed and committed: memory holds a slim copy, the file the whole record.
+            if rec.phase != Phase::Completed || inner.fresh_results.contains_key(id) {
+                return Ok(Some(JobStatus {
+                    queue_position: (rec.phase == Phase::Queued)
+                        .then(|| inner.positions.position(rec.spec.priority, rec.seq)),
+                    record: rec.clone(),
+                }));
+            }
+        }
+        let record = self
+            .read(JOBS, id, |v| serde_json::from_slice::<JobRecord>(v))?
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("job {id}: {e}")))?;
+        Ok(record.map(|record| JobStatus {
+            record,
+            queue_position: None,
         }))
     }
 
@@ -849,6 +876,76 @@ mod tests {
         };
         assert_eq!(decode_result(&encode_result(&r)).unwrap(), r);
         assert!(decode_result(b"\x05\x00").is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reopen_recovers_everything() {
+        use crate::job::{app_end, LogLine};
+        use crate::store::conformance::spec;
+        let dir = std::env::temp_dir().join(format!("fal-reopen-{}", uuid::Uuid::new_v4()));
+        let lease = Duration::from_secs(30);
+        let (done, running, queued) = (
+            spec(Priority::Normal),
+            spec(Priority::Normal),
+            spec(Priority::Low),
+        );
+        let mut done_hook = done.clone();
+        done_hook.webhook_url = Some("http://127.0.0.1:9/hook".into());
+        {
+            let s = EmbeddedStore::open(&dir, 3).unwrap();
+            s.submit(done_hook.clone(), Bytes::from_static(b"{}"), 10)
+                .await
+                .unwrap();
+            s.submit(running.clone(), Bytes::from_static(b"{\"r\":1}"), 10)
+                .await
+                .unwrap();
+            s.submit(queued.clone(), Bytes::new(), 10).await.unwrap();
+            let c = s.claim("w", lease).await.unwrap().unwrap();
+            s.append_logs(&done_hook.id, vec![LogLine::new("kept", "STDOUT")])
+                .await
+                .unwrap();
+            let result = StoredResult {
+                status: 201,
+                headers: vec![],
+                body: Bytes::from_static(b"ok"),
+            };
+            assert!(s
+                .complete(&done_hook.id, c.token, app_end(201, now_ms(), 0.5), result)
+                .await
+                .unwrap());
+            s.claim("w", lease).await.unwrap().unwrap(); // `running` is mid-flight at the "crash"
+        } // dropped: the writer flushes and the file closes, as after a kill the file holds what was committed
+        let s = EmbeddedStore::open(&dir, 3).unwrap();
+        let st = s.status(&done_hook.id).await.unwrap().unwrap();
+        assert_eq!(st.record.phase, Phase::Completed);
+        assert_eq!(
+            st.record.logs[0].message, "kept",
+            "logs come back from the file"
+        );
+        assert_eq!(s.result(&done_hook.id).await.unwrap().unwrap().status, 201);
+        assert_eq!(
+            s.due_deliveries(now_ms(), 10, lease).await.unwrap().len(),
+            1,
+            "the outbox survives"
+        );
+        let st = s.status(&running.id).await.unwrap().unwrap();
+        assert_eq!(
+            (st.record.phase, st.record.attempts, st.queue_position),
+            (Phase::Queued, 1, Some(0))
+        );
+        let again = s.claim("w", lease).await.unwrap().unwrap();
+        assert_eq!(
+            (again.record.spec.id.as_str(), again.body.as_ref()),
+            (running.id.as_str(), &b"{\"r\":1}"[..])
+        );
+        assert_eq!(again.record.attempts, 2);
+        assert!(again.token > 2, "tokens keep growing across restarts");
+        assert_eq!(
+            s.status(&queued.id).await.unwrap().unwrap().queue_position,
+            Some(0)
+        );
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     crate::conformance_tests!(|dir: std::path::PathBuf| async move {
