@@ -3,8 +3,9 @@
 #   1. Rust unit and conformance tests of every crate (cargo nextest);
 #   2. the operator's rendered objects validated by kubernetes-validate;
 #   3. the end-to-end suite: the real sidecar binary, the example app, a webhook
-#      receiver, redis-server and the real PyPI fal-client, all on loopback.
-# Installs what it needs (Python venv, redis-server) when missing.
+#      receiver, redis-server and the real fal clients (PyPI fal-client, npm
+#      @fal-ai/client), all on loopback.
+# Installs what it needs (Python venv, npm packages, redis-server) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -30,6 +31,15 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check -r tests/requirements.txt
   echo "$want" > "$stamp"
+fi
+
+# --- the npm @fal-ai/client, for the JS client test ----------------------------------
+js_stamp=tests/js/node_modules/.lock.sha
+js_want=$(sha256sum tests/js/package-lock.json | cut -d' ' -f1)
+if [ "$(cat "$js_stamp" 2>/dev/null)" != "$js_want" ]; then
+  echo "== installing the npm test client (tests/js)"
+  npm ci --prefix tests/js --no-audit --no-fund --loglevel=error
+  echo "$js_want" > "$js_stamp"
 fi
 
 # --- Rust ----------------------------------------------------------------------------

@@ -1,0 +1,64 @@
+// Drives the real npm @fal-ai/client against a local fal-sidecar, pointed at it the way
+// PROTOCOL.md describes: a requestMiddleware that rewrites fal's hosts to local URLs.
+// Usage: node client_check.mjs QUEUE_BASE RUN_BASE   (prints one JSON object)
+import { createFalClient } from "@fal-ai/client";
+
+const [queueBase, runBase] = process.argv.slice(2);
+const rewrite = (url) =>
+  url.replace("https://queue.fal.run", queueBase).replace("https://fal.run", runBase);
+const fal = createFalClient({
+  credentials: "e2e-key-id:e2e-key-secret",
+  requestMiddleware: async (req) => ({ ...req, url: rewrite(req.url) }),
+});
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const out = {};
+
+// subscribe (polling) with logs
+const logs = [];
+const statuses = new Set();
+const polled = await fal.subscribe("me/js-app/logs", {
+  input: { lines: 3 },
+  logs: true,
+  pollInterval: 100,
+  onQueueUpdate: (u) => {
+    statuses.add(u.status);
+    for (const l of u.logs ?? []) logs.push(l.message);
+  },
+});
+out.polling = { data: polled.data, requestId: polled.requestId, logs, statuses: [...statuses] };
+
+// subscribe in streaming mode (the status SSE stream)
+const streamed = await fal.subscribe("me/js-app/test", { input: { x: 1 }, mode: "streaming" });
+out.streaming = streamed.data;
+
+// submit, status, result
+const { request_id } = await fal.queue.submit("me/js-app/echo", { input: { y: 2 } });
+let status;
+for (let i = 0; i < 200; i++) {
+  status = await fal.queue.status("me/js-app", { requestId: request_id, logs: true });
+  if (status.status === "COMPLETED") break;
+  await sleep(50);
+}
+out.status = status.status;
+out.result = (await fal.queue.result("me/js-app", { requestId: request_id })).data;
+
+// cancel a running request
+const slow = await fal.queue.submit("me/js-app/slow", { input: { seconds: 10 } });
+for (let i = 0; i < 200; i++) {
+  const s = await fal.queue.status("me/js-app", { requestId: slow.request_id });
+  if (s.status === "IN_PROGRESS") break;
+  await sleep(50);
+}
+await fal.queue.cancel("me/js-app", { requestId: slow.request_id });
+let cancelled;
+for (let i = 0; i < 200; i++) {
+  cancelled = await fal.queue.status("me/js-app", { requestId: slow.request_id });
+  if (cancelled.status === "COMPLETED") break;
+  await sleep(50);
+}
+out.cancelled = cancelled;
+
+// synchronous run through the run host
+out.run = (await fal.run("me/js-app/test", { input: { z: 3 } })).data;
+
+console.log(JSON.stringify(out));
