@@ -19,7 +19,6 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::Resource;
 
 use crate::catalog::{MachineCatalog, Placement};
 use crate::config::OperatorConfig;
@@ -204,13 +203,7 @@ impl FalFunction {
             ..PodSpec::default()
         };
         Ok(Deployment {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                namespace: Some(namespace),
-                labels: Some(labels(&name)),
-                owner_references: self.controller_owner_ref(&()).map(|o| vec![o]),
-                ..ObjectMeta::default()
-            },
+            metadata: crate::labels::owned_meta(self)?,
             spec: Some(DeploymentSpec {
                 // replicas: owned by the autoscaler, see the module docs.
                 replicas: None,

@@ -46,6 +46,21 @@ fn is_dns1035_label(s: &str) -> bool {
 }
 
 /// Standard labels of every owned object and pod.
+/// Metadata of an object the function owns: its name, namespace, standard labels and
+/// the controller owner reference (so deleting the FalFunction deletes it).
+pub fn owned_meta(
+    ff: &FalFunction,
+) -> Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta> {
+    let (namespace, name) = identity(ff)?;
+    Ok(k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        labels: Some(labels(&name)),
+        name: Some(name),
+        namespace: Some(namespace),
+        owner_references: ff.controller_owner_ref(&()).map(|o| vec![o]),
+        ..Default::default()
+    })
+}
+
 pub fn labels(name: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_string(), name.to_string()),

@@ -3,12 +3,10 @@
 //! The app's own port is not exposed: every request goes through the sidecar.
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::Resource;
 
 use crate::crd::FalFunction;
-use crate::labels::{identity, labels, selector};
+use crate::labels::{identity, selector};
 use crate::sidecar::{HTTP_PORT_NAME, METRICS_PORT_NAME, QUEUE_PORT_NAME};
 use crate::Result;
 
@@ -32,15 +30,9 @@ fn port(name: &str, number: i32) -> ServicePort {
 impl FalFunction {
     /// The ClusterIP Service named after the function.
     pub fn service(&self) -> Result<Service> {
-        let (namespace, name) = identity(self)?;
+        let (_, name) = identity(self)?;
         Ok(Service {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                namespace: Some(namespace),
-                labels: Some(labels(&name)),
-                owner_references: self.controller_owner_ref(&()).map(|o| vec![o]),
-                ..ObjectMeta::default()
-            },
+            metadata: crate::labels::owned_meta(self)?,
             spec: Some(ServiceSpec {
                 type_: Some("ClusterIP".to_string()),
                 selector: Some(selector(&name)),

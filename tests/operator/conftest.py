@@ -15,14 +15,24 @@ import yaml
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="session")
-def operator_bin():
-    path = pathlib.Path(os.environ.get("FAL_OPERATOR_BIN", "target/debug/fal-operator"))
+def binary(env: str, name: str) -> pathlib.Path:
+    """A workspace binary: $env, else target/debug/<name> (relative to the repo root)."""
+    path = pathlib.Path(os.environ.get(env, f"target/debug/{name}"))
     if not path.is_absolute():
         path = ROOT / path
     if not path.is_file():
-        pytest.fail(f"{path} not found: build it with `cargo build -p fal-operator`")
+        pytest.fail(f"{path} not found: build it with `cargo build -p {name}`")
     return path
+
+
+@pytest.fixture(scope="session")
+def operator_bin():
+    return binary("FAL_OPERATOR_BIN", "fal-operator")
+
+
+@pytest.fixture(scope="session")
+def sidecar_bin():
+    return binary("FAL_SIDECAR_BIN", "fal-sidecar")
 
 
 @pytest.fixture(scope="session")

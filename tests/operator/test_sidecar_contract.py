@@ -2,7 +2,6 @@
 probes; this checks them against the real fal-sidecar binary, so the two crates cannot
 drift apart silently."""
 
-import os
 import pathlib
 import subprocess
 
@@ -13,13 +12,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def sidecar_help():
-    path = pathlib.Path(os.environ.get("FAL_SIDECAR_BIN", "target/debug/fal-sidecar"))
-    if not path.is_absolute():
-        path = ROOT / path
-    if not path.is_file():
-        pytest.fail(f"{path} not found: build it with `cargo build -p fal-sidecar`")
-    return subprocess.run([str(path), "serve", "--help"], capture_output=True, text=True, check=True).stdout
+def sidecar_help(sidecar_bin):
+    return subprocess.run([str(sidecar_bin), "serve", "--help"], capture_output=True, text=True, check=True).stdout
 
 
 def rendered_sidecar(run_operator):
