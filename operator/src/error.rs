@@ -33,6 +33,14 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The autoscaler, the gateway or a local replica could not do its job.
+    #[error("{0}")]
+    Scale(String),
+
+    /// The shared store refused or failed a call.
+    #[error("store: {0}")]
+    Store(#[from] fal_sidecar::store::StoreError),
+
     /// An object could not be converted to or from JSON.
     #[error("JSON conversion failed: {0}")]
     Json(#[from] serde_json::Error),
@@ -51,6 +59,8 @@ impl Error {
             Error::Yaml { .. } => "yaml",
             Error::Io { .. } => "io",
             Error::Json(_) => "json",
+            Error::Scale(_) => "scale",
+            Error::Store(_) => "store",
         }
     }
 

@@ -6,8 +6,12 @@
 //! - [`status`], [`conditions`]: what its status should say (pure);
 //! - [`render`]: the same objects from a manifest, without a cluster;
 //! - [`controller`]: the thin reconcile loop around all of the above;
-//! - [`metrics`]: `/metrics` and `/healthz`.
+//! - [`metrics`]: `/metrics` and `/healthz`;
+//! - [`autoscale`]: load → replicas (the pure decision in `autoscale::decide`);
+//! - [`gateway`]: the always-on entry point (queue API, held sync calls, wake-ups);
+//! - [`local`]: replicas as local processes (`fal-operator local`).
 
+pub mod autoscale;
 pub mod catalog;
 pub mod conditions;
 pub mod config;
@@ -16,9 +20,13 @@ pub mod crd;
 pub mod deployment;
 pub mod diff;
 mod error;
+pub mod function;
+pub mod gateway;
 pub mod labels;
+pub mod local;
 pub mod metrics;
 pub mod render;
+pub mod serve;
 pub mod service;
 pub mod sidecar;
 pub mod status;

@@ -3,14 +3,18 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use fal_operator::catalog::MachineCatalog;
 use fal_operator::config::{self, OperatorConfig};
 use fal_operator::controller::{self, Context};
+use fal_operator::gateway::GatewayConfig;
+use fal_operator::local::LocalFunction;
 use fal_operator::metrics::{self, Metrics};
 use fal_operator::render;
+use fal_operator::serve::{self, GatewayOptions, Listen, LocalOptions};
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +39,11 @@ enum Command {
         #[command(flatten)]
         objects: ObjectArgs,
     },
+    /// The always-on entry point: queue API, sync calls, wake-ups (in a cluster).
+    Gateway(GatewayArgs),
+    /// Gateway + autoscaler on this machine, replicas as local processes: try a
+    /// function's scale-to-zero behaviour before deploying it.
+    Local(LocalArgs),
     /// Reconcile FalFunctions in the current cluster.
     Controller {
         #[command(flatten)]
@@ -43,6 +52,113 @@ enum Command {
         #[arg(long, env = config::ENV_METRICS_ADDR, default_value = "0.0.0.0:8080")]
         metrics_addr: SocketAddr,
     },
+}
+
+/// Settings the gateway and `local` share.
+#[derive(Args)]
+struct GatewayFlags {
+    /// Routes `Host: {name}.{namespace}.{domain}` to a function (per-app host).
+    #[arg(long, env = "FAL_GATEWAY_DOMAIN")]
+    domain: Option<String>,
+    /// Longest a sync call waits for a replica (seconds) [default: the function's startupTimeout].
+    #[arg(long, env = "FAL_COLD_START_TIMEOUT", value_parser = fal_sidecar::config::secs)]
+    cold_start_timeout: Option<Duration>,
+    /// Allow webhooks to this CIDR, IP or host name (repeatable).
+    #[arg(
+        long = "webhook-allow",
+        env = "FAL_WEBHOOK_ALLOW",
+        value_delimiter = ','
+    )]
+    webhook_allow: Vec<String>,
+    /// Largest request body accepted (413 beyond).
+    #[arg(long, env = "FAL_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Requests allowed to wait per function; more get 429 with Retry-After.
+    #[arg(long, env = "FAL_MAX_QUEUE", default_value_t = 100_000)]
+    max_queue: usize,
+    /// How long results are kept (seconds, or 1h, 30m…).
+    #[arg(long, env = "FAL_RETENTION", default_value = "3600", value_parser = fal_sidecar::config::secs)]
+    retention: Duration,
+    /// Delays between webhook attempts (comma-separated seconds).
+    #[arg(long, env = "FAL_WEBHOOK_RETRY_DELAYS", default_value = "15,60,120,300,600,900,1200,1500,2700", value_parser = fal_sidecar::config::secs_list)]
+    webhook_retry_delays: fal_sidecar::config::DelayList,
+}
+
+impl GatewayFlags {
+    fn config(&self) -> GatewayConfig {
+        let mut c = GatewayConfig {
+            domain: self.domain.clone(),
+            cold_start_timeout: self.cold_start_timeout,
+            max_body_bytes: self.max_body_bytes,
+            max_queue: self.max_queue,
+            retention: self.retention,
+            ..GatewayConfig::default()
+        };
+        c.delivery.retry_delays = self.webhook_retry_delays.0.clone();
+        c
+    }
+}
+
+#[derive(Args)]
+struct GatewayArgs {
+    /// The shared Redis store (redis://HOST:PORT/DB).
+    #[arg(long, env = config::ENV_STORE_URL)]
+    store: String,
+    /// Run host: sync calls (`fal.run` style) and /{namespace}/{name}/fal/queue/….
+    #[arg(long, env = "FAL_GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: String,
+    /// Queue host (`queue.fal.run` style).
+    #[arg(long, env = "FAL_GATEWAY_QUEUE_LISTEN", default_value = "0.0.0.0:8081")]
+    queue_listen: String,
+    /// /metrics, /healthz, /readyz, /functions.
+    #[arg(long, env = "FAL_GATEWAY_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    admin_listen: String,
+    /// Ed25519 webhook signing key file (the sidecars' key, so one JWKS verifies all).
+    #[arg(long, env = "FAL_SIGNING_KEY_FILE")]
+    signing_key: Option<PathBuf>,
+    /// Where a generated signing key is kept when --signing-key is not given.
+    #[arg(long, env = "FAL_GATEWAY_DATA_DIR", default_value = "/tmp/fal-gateway")]
+    data_dir: PathBuf,
+    #[command(flatten)]
+    flags: GatewayFlags,
+}
+
+#[derive(Args)]
+struct LocalArgs {
+    /// FalFunction manifests (multi-document YAML); each needs spec.command.
+    #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+    files: Vec<PathBuf>,
+    /// The shared Redis store.
+    #[arg(long, env = config::ENV_STORE_URL, default_value = "redis://127.0.0.1:6379/0")]
+    store: String,
+    /// Run host: sync calls and /{namespace}/{name}/fal/queue/….
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Queue host.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    queue_listen: String,
+    /// /metrics, /healthz, /readyz, /functions.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    admin_listen: String,
+    /// The fal-sidecar binary [default: next to this binary, then PATH].
+    #[arg(long, env = "FAL_SIDECAR_BIN")]
+    sidecar_bin: Option<PathBuf>,
+    /// Replica data dirs and the webhook signing key.
+    #[arg(long, default_value = "./fal-local")]
+    state_dir: PathBuf,
+    #[command(flatten)]
+    flags: GatewayFlags,
+}
+
+/// `fal-sidecar` next to this binary, else on PATH.
+fn default_sidecar_bin() -> PathBuf {
+    let sibling = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("fal-sidecar")));
+    match sibling {
+        Some(p) if p.is_file() => p,
+        _ => PathBuf::from("fal-sidecar"),
+    }
 }
 
 /// What the rendered objects depend on; shared by `render` and `controller`.
@@ -109,23 +225,76 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", render::render(&text, &origin, &catalog, &config)?);
             Ok(())
         }
+        Command::Gateway(a) => {
+            init_tracing();
+            let opts = GatewayOptions {
+                store_url: a.store,
+                listen: Listen {
+                    run: a.listen,
+                    queue: a.queue_listen,
+                    admin: a.admin_listen,
+                },
+                gateway: a.flags.config(),
+                signing_key: a.signing_key,
+                data_dir: a.data_dir,
+                webhook_allow: a.flags.webhook_allow,
+            };
+            runtime()?.block_on(serve::run_gateway(opts))?;
+            Ok(())
+        }
+        Command::Local(a) => {
+            init_tracing();
+            let mut functions = Vec::new();
+            for file in &a.files {
+                let (text, origin) = read_input(file)?;
+                for ff in render::parse_manifests(&text, &origin)? {
+                    functions.push(LocalFunction::from_object(&ff)?);
+                }
+            }
+            if functions.is_empty() {
+                anyhow::bail!("no FalFunction in {:?}", a.files);
+            }
+            let opts = LocalOptions {
+                functions,
+                store_url: a.store,
+                listen: Listen {
+                    run: a.listen,
+                    queue: a.queue_listen,
+                    admin: a.admin_listen,
+                },
+                sidecar_bin: a.sidecar_bin.unwrap_or_else(default_sidecar_bin),
+                state_dir: a.state_dir,
+                gateway: a.flags.config(),
+                webhook_allow: a.flags.webhook_allow,
+            };
+            runtime()?.block_on(serve::run_local(opts))?;
+            Ok(())
+        }
         Command::Controller {
             objects,
             metrics_addr,
         } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info,kube=warn".into()),
-                )
-                .init();
+            init_tracing();
             let (catalog, config) = objects.load()?;
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(run_controller(catalog, config, metrics_addr))
+            runtime()?.block_on(run_controller(catalog, config, metrics_addr))
         }
     }
+}
+
+fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }
 
 async fn run_controller(

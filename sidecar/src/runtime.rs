@@ -143,7 +143,7 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
 
     let app = Arc::new(App::new(
         store.clone(),
-        upstream.clone(),
+        Some(upstream.clone()),
         signer.clone(),
         policy.clone(),
         ApiConfig {
@@ -240,6 +240,7 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
         DeliveryConfig {
             retry_delays: common.webhook_retry_delays.0.clone(),
             attempt_timeout: common.webhook_timeout,
+            idle_poll: Duration::from_millis(200),
         },
         metrics,
     )?);

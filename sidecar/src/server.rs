@@ -15,7 +15,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::proxy::ConnState;
-use crate::api::App;
 use crate::upstream::Body;
 
 #[derive(Debug, Clone, Copy)]
@@ -37,24 +36,25 @@ impl Default for ConnLimits {
     }
 }
 
-/// Serves `addr` from `threads` OS threads, each with its own single-threaded runtime
+/// Serves `addr` from `threads` OS threads (handlers get `app`, the listener's state), each with its own single-threaded runtime
 /// and its own `SO_REUSEPORT` listener (the kernel spreads connections): a connection,
 /// its handler and its upstream connection then live on one thread, with no
 /// cross-thread wake-ups on the hot path (the nginx worker model). Returns once every
 /// thread is listening; the handles finish after `stop` and the drain.
 #[allow(clippy::too_many_arguments)]
-pub fn serve_per_thread<F, Fut>(
+pub fn serve_per_thread<S, F, Fut>(
     addr: &str,
     what: &str,
     threads: usize,
-    app: Arc<App>,
+    app: Arc<S>,
     handler: F,
     limits: ConnLimits,
     stop: watch::Receiver<bool>,
     drain: Duration,
 ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>>
 where
-    F: Fn(Arc<App>, Arc<ConnState>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    S: Send + Sync + 'static,
+    F: Fn(Arc<S>, Arc<ConnState>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
     let sock_addr: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(addr)
@@ -129,15 +129,16 @@ pub async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
 
 /// Serves `listener` until `stop` turns true, then lets open connections finish their
 /// current request (closing idle ones) for up to `drain`.
-pub async fn serve<F, Fut>(
+pub async fn serve<S, F, Fut>(
     listener: TcpListener,
-    app: Arc<App>,
+    app: Arc<S>,
     handler: F,
     limits: ConnLimits,
     mut stop: watch::Receiver<bool>,
     drain: Duration,
 ) where
-    F: Fn(Arc<App>, Arc<ConnState>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    S: Send + Sync + 'static,
+    F: Fn(Arc<S>, Arc<ConnState>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();

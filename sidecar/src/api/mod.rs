@@ -34,7 +34,8 @@ pub struct ApiConfig {
 /// Everything a request handler needs.
 pub struct App {
     pub store: Arc<dyn Store>,
-    pub upstream: Upstream,
+    /// The app (`None` in a gateway: it picks a replica per call).
+    pub upstream: Option<Upstream>,
     pub signer: Arc<Signer>,
     pub policy: Arc<Policy>,
     pub cfg: ApiConfig,
@@ -56,7 +57,7 @@ pub struct DrainHandle {
 impl App {
     pub fn new(
         store: Arc<dyn Store>,
-        upstream: Upstream,
+        upstream: Option<Upstream>,
         signer: Arc<Signer>,
         policy: Arc<Policy>,
         cfg: ApiConfig,
@@ -76,7 +77,8 @@ impl App {
         }
     }
 
-    fn jwks(&self) -> Response<Body> {
+    /// `/.well-known/jwks.json`: the public half of the webhook signing key.
+    pub fn jwks(&self) -> Response<Body> {
         let mut r = Response::new(full(self.jwks.clone()));
         r.headers_mut()
             .insert("content-type", HeaderValue::from_static("application/json"));
@@ -99,9 +101,52 @@ pub async fn handle_run(
         return app.jwks();
     }
     if path == "/fal/queue" || path.starts_with("/fal/queue/") {
-        return queue::handle_per_app(&app, req).await;
+        return queue::handle_per_app(&app, req, "").await;
     }
-    proxy::forward(&app, &conn, req).await
+    forward_to_app(&app, &conn, req).await
+}
+
+async fn forward_to_app(
+    app: &App,
+    conn: &proxy::ConnState,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    match &app.upstream {
+        Some(up) => proxy::forward(app, conn, up, req).await,
+        None => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this listener has no app to call",
+            None,
+        ),
+    }
+}
+
+/// Drops the first `segments` path segments (the `{owner}/{alias}` of the run host):
+/// `/{owner}/{alias}/x?q` becomes `/x?q`.
+#[allow(clippy::result_large_err)] // the error is the response itself
+pub fn strip_segments<B>(req: &mut Request<B>, segments: usize) -> Result<(), Response<Body>> {
+    let path = req.uri().path();
+    let rest: String = path
+        .trim_start_matches('/')
+        .splitn(segments + 1, '/')
+        .nth(segments)
+        .unwrap_or("")
+        .to_string();
+    let pq = match req.uri().query() {
+        Some(q) => format!("/{rest}?{q}"),
+        None => format!("/{rest}"),
+    };
+    match pq.parse() {
+        Ok(uri) => {
+            *req.uri_mut() = uri;
+            Ok(())
+        }
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            &format!("the request target is not valid: {e}"),
+            None,
+        )),
+    }
 }
 
 /// The queue-host listener (generation C).
@@ -139,27 +184,10 @@ pub async fn handle_run_host(
             format!("no endpoint at {path}; the run host serves /{{owner}}/{{alias}}[/{{path}}]");
         return error(StatusCode::NOT_FOUND, &detail, None);
     }
-    let rest: String = path
-        .trim_start_matches('/')
-        .splitn(ns_len + 1, '/')
-        .nth(ns_len)
-        .unwrap_or("")
-        .to_string();
-    let pq = match req.uri().query() {
-        Some(q) => format!("/{rest}?{q}"),
-        None => format!("/{rest}"),
-    };
-    match pq.parse() {
-        Ok(uri) => *req.uri_mut() = uri,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                &format!("the request target is not valid: {e}"),
-                None,
-            )
-        }
+    if let Err(r) = strip_segments(&mut req, ns_len) {
+        return r;
     }
-    proxy::forward(&app, &conn, req).await
+    forward_to_app(&app, &conn, req).await
 }
 
 /// The admin listener: metrics and probes.
@@ -179,35 +207,47 @@ pub async fn handle_admin(
             r
         }
         "/drain" => drain(&app).await,
-        "/healthz" => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
-        "/readyz" => {
-            if app.draining.load(Ordering::Relaxed) {
-                error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "draining: this sidecar is shutting down",
-                    None,
-                )
-            } else if !app.upstream.reachable().await {
-                let detail = format!(
-                    "the app is not accepting connections on {}",
-                    app.upstream.authority()
-                );
-                error(StatusCode::SERVICE_UNAVAILABLE, &detail, None)
-            } else if let Err(e) = app.store.load().await {
-                error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("the store is unavailable: {e}"),
-                    None,
-                )
-            } else {
-                json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
-            }
+        // What this replica runs right now: a scaler removes the idlest replica first.
+        "/load" => {
+            let running = app.drain.get().map_or(0, |d| d.running.count());
+            json(
+                StatusCode::OK,
+                &serde_json::json!({"running": running, "draining": app.draining.load(Ordering::Relaxed)}),
+            )
         }
+        "/healthz" => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        "/readyz" => ready(&app).await,
         _ => error(
             StatusCode::NOT_FOUND,
-            "admin paths are /metrics, /healthz and /readyz",
+            "admin paths are /metrics, /healthz, /readyz, /load and /drain",
             None,
         ),
+    }
+}
+
+/// Ready: not draining, the app accepts connections (when there is one), the store
+/// answers.
+async fn ready(app: &App) -> Response<Body> {
+    if app.draining.load(Ordering::Relaxed) {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining: this sidecar is shutting down",
+            None,
+        );
+    }
+    if let Some(up) = &app.upstream {
+        if !up.reachable().await {
+            let detail = format!("the app is not accepting connections on {}", up.authority());
+            return error(StatusCode::SERVICE_UNAVAILABLE, &detail, None);
+        }
+    }
+    match app.store.load().await {
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("the store is unavailable: {e}"),
+            None,
+        ),
+        Ok(_) => json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
     }
 }
 

@@ -14,10 +14,11 @@ use hyper_util::rt::TokioIo;
 
 use crate::upstream::{error_chain, is_length_limit, strip_hop_by_hop, Body, BoxError, Upstream};
 
-/// The upstream connection of one client connection.
+/// The upstream connection of one client connection (and where it goes: a gateway's
+/// client connection may reach different replicas over time).
 #[derive(Default)]
 pub struct ConnState {
-    sender: tokio::sync::Mutex<Option<SendRequest<Body>>>,
+    sender: tokio::sync::Mutex<Option<(String, SendRequest<Body>)>>,
 }
 
 impl ConnState {
@@ -28,10 +29,13 @@ impl ConnState {
     ) -> Result<Response<Incoming>, BoxError> {
         let mut slot = self.sender.lock().await;
         for attempt in 0..2 {
-            if slot.as_ref().is_none_or(|s| s.is_closed()) {
-                *slot = Some(connect(upstream).await?);
+            if slot
+                .as_ref()
+                .is_none_or(|(to, s)| s.is_closed() || to != upstream.authority())
+            {
+                *slot = Some((upstream.authority().to_string(), connect(upstream).await?));
             }
-            let sender = slot.as_mut().expect("just connected");
+            let (_, sender) = slot.as_mut().expect("just connected");
             if sender.ready().await.is_err() {
                 *slot = None;
                 continue;
@@ -65,7 +69,13 @@ async fn connect(upstream: &Upstream) -> Result<SendRequest<Body>, BoxError> {
     Ok(sender)
 }
 
-pub async fn forward(app: &App, conn: &ConnState, req: Request<Incoming>) -> Response<Body> {
+/// Proxies `req` to `upstream` over the client connection's upstream connection.
+pub async fn forward(
+    app: &App,
+    conn: &ConnState,
+    upstream: &Upstream,
+    req: Request<Incoming>,
+) -> Response<Body> {
     app.metrics.direct_requests.inc();
     let max = app.cfg.max_body_bytes;
     let declared = req
@@ -102,8 +112,8 @@ pub async fn forward(app: &App, conn: &ConnState, req: Request<Incoming>) -> Res
     };
     let req = Request::from_parts(parts, body);
     let sent = match app.cfg.request_timeout {
-        None => conn.send(&app.upstream, req).await,
-        Some(limit) => match tokio::time::timeout(limit, conn.send(&app.upstream, req)).await {
+        None => conn.send(upstream, req).await,
+        Some(limit) => match tokio::time::timeout(limit, conn.send(upstream, req)).await {
             Ok(r) => r,
             Err(_) => {
                 let detail = format!(
@@ -132,7 +142,7 @@ pub async fn forward(app: &App, conn: &ConnState, req: Request<Incoming>) -> Res
             app.metrics.direct_errors.inc();
             let detail = format!(
                 "the app at {} did not answer: {}. Check that it is running and listening on that port.",
-                app.upstream.authority(),
+                upstream.authority(),
                 error_chain(e.as_ref())
             );
             let mut r = error(

@@ -103,10 +103,14 @@ fn not_found(app: &App, id: &str) -> Value {
     json!({"status": "NOT_FOUND", "detail": detail})
 }
 
-/// `/fal/queue/*` on the run listener (generations A and B).
-pub async fn handle_per_app(app: &App, req: Request<Incoming>) -> Response<Body> {
+/// `/fal/queue/*` on the run listener (generations A and B). `mount` is the path the
+/// per-app API sits under (`""` on a sidecar, `/{namespace}/{name}` on the gateway's
+/// run listener): it is stripped from the path and kept in the URLs handed out.
+pub async fn handle_per_app(app: &App, req: Request<Incoming>, mount: &str) -> Response<Body> {
     let path = trimmed(req.uri().path()).to_string();
     let rest = path
+        .strip_prefix(mount)
+        .unwrap_or(&path)
         .strip_prefix("/fal/queue")
         .unwrap_or("")
         .trim_start_matches('/');
@@ -115,7 +119,7 @@ pub async fn handle_per_app(app: &App, req: Request<Incoming>) -> Response<Body>
     } else {
         rest.split('/').collect()
     };
-    let base = format!("{}/fal/queue/requests", base_url(req.headers()));
+    let base = format!("{}{mount}/fal/queue/requests", base_url(req.headers()));
     let urls = |id: &str| Urls {
         response: format!("{base}/{id}"),
     };

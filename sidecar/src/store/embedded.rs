@@ -851,6 +851,7 @@ impl Store for EmbeddedStore {
             in_flight: inner.running.len() as u64,
             oldest_queued_ms: oldest,
             last_activity_ms: inner.last_activity_ms,
+            sync: 0,
         })
     }
 

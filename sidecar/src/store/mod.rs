@@ -87,8 +87,10 @@ pub struct Load {
     pub in_flight: u64,
     /// Submit time of the oldest queued request (unix ms), if any.
     pub oldest_queued_ms: Option<u64>,
-    /// Last submit, claim or completion (unix ms).
+    /// Last submit, claim, completion or sync call through a gateway (unix ms).
     pub last_activity_ms: u64,
+    /// Sync calls gateways hold (cold start) or have in flight (shared store only).
+    pub sync: u64,
 }
 
 /// Results of one housekeeping pass.

@@ -326,7 +326,30 @@ for _, range in ipairs(ranges) do
   end
 end
 local act = tonumber(redis.call('GET', P .. 'activity') or '-1')
-return {q, r, oldest, act}
+-- Sync calls gateways hold or have in flight: gateway id -> "count:expiry ms".
+local sync = 0
+local now = rtime()
+local entries = redis.call('HGETALL', P .. 'sync')
+for i = 1, #entries, 2 do
+  local c, exp = string.match(entries[i + 1], '^(%d+):(%d+)$')
+  if c and tonumber(exp) >= now then
+    sync = sync + tonumber(c)
+  else
+    redis.call('HDEL', P .. 'sync', entries[i])
+  end
+end
+return {q, r, oldest, act, sync}
+"#;
+
+/// ARGV: P, gateway id, count, last sync call ms, ttl ms, wake (1/0)
+const SYNC_REPORT: &str = r#"
+local exp = string.format('%.0f', rtime() + tonumber(ARGV[5]))
+redis.call('HSET', P .. 'sync', ARGV[2], ARGV[3] .. ':' .. exp)
+if tonumber(ARGV[4]) > tonumber(redis.call('GET', P .. 'activity') or '0') then
+  redis.call('SET', P .. 'activity', ARGV[4])
+end
+if ARGV[6] == '1' then redis.call('PUBLISH', P .. 'events', 'wake') end
+return 1
 "#;
 
 struct Scripts {
@@ -341,6 +364,7 @@ struct Scripts {
     due_deliveries: Script,
     delivery_attempted: Script,
     load: Script,
+    sync_report: Script,
 }
 
 impl Scripts {
@@ -358,27 +382,187 @@ impl Scripts {
             due_deliveries: s(DUE_DELIVERIES),
             delivery_attempted: s(DELIVERY_ATTEMPTED),
             load: s(LOAD),
+            sync_report: s(SYNC_REPORT),
+        }
+    }
+}
+
+/// What one shared connection subscribes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subscribe {
+    /// The channels of one function (a sidecar: it hears only its own queue).
+    One(String),
+    /// Every function's channels (the gateway and the autoscaler), by pattern.
+    All,
+}
+
+/// Pub/sub fan-out of one function: status streams and workers wait on `changed`,
+/// workers hear cancels on `cancels`.
+struct Channels {
+    changed: watch::Sender<u64>,
+    cancels: broadcast::Sender<String>,
+}
+
+impl Channels {
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+}
+
+/// A message on a function's events channel, as the autoscaler hears it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Activity {
+    /// `NAMESPACE/NAME`.
+    pub function: String,
+    /// `submit`, `claim`, `complete`, `wake`, …
+    pub kind: String,
+}
+
+/// One Redis connection (multiplexed) and one subscription, shared by the stores of
+/// every function a process serves: a gateway that knows a thousand functions holds
+/// two connections, not two thousand.
+pub struct RedisHub {
+    conn: ConnectionManager,
+    /// The server, for error messages (no credentials).
+    server: String,
+    scripts: Scripts,
+    channels: std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<Channels>>>,
+    activity: broadcast::Sender<Activity>,
+    subscriber: std::sync::OnceLock<tokio::task::AbortHandle>,
+}
+
+impl Drop for RedisHub {
+    fn drop(&mut self) {
+        if let Some(s) = self.subscriber.get() {
+            s.abort();
         }
     }
 }
 
 /// See the module docs.
 pub struct RedisStore {
-    conn: ConnectionManager,
+    hub: Arc<RedisHub>,
     prefix: String,
-    /// The server, for error messages (no credentials).
-    server: String,
     max_attempts: u32,
-    scripts: Scripts,
-    changed: Arc<watch::Sender<u64>>,
-    cancels: broadcast::Sender<String>,
+    chans: Arc<Channels>,
     opened_at_ms: u64,
-    subscriber: tokio::task::AbortHandle,
 }
 
-impl Drop for RedisStore {
-    fn drop(&mut self) {
-        self.subscriber.abort();
+impl RedisHub {
+    /// Connects to `url` (redis://HOST:PORT/DB). Does not fail when Redis is down:
+    /// calls return `Unavailable` until it is back.
+    pub fn connect(url: &str, subscribe: Subscribe) -> StoreResult<Arc<RedisHub>> {
+        let client = redis::Client::open(url)
+            .map_err(|e| StoreError::Unavailable(format!("invalid redis URL {url:?}: {e}")))?;
+        let info = client.get_connection_info();
+        let server = info.addr().to_string();
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(3)))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| StoreError::Unavailable(format!("redis at {server}: {e}")))?;
+        let (activity, _) = broadcast::channel(4096);
+        let hub = Arc::new(RedisHub {
+            conn,
+            server,
+            scripts: Scripts::new(),
+            channels: Default::default(),
+            activity,
+            subscriber: std::sync::OnceLock::new(),
+        });
+        let task = tokio::spawn(subscribe_loop(client, subscribe, Arc::downgrade(&hub)));
+        let _ = hub.subscriber.set(task.abort_handle());
+        Ok(hub)
+    }
+
+    /// The server address (for messages).
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// Messages on every function's events channel (with [`Subscribe::All`]).
+    pub fn activity(&self) -> broadcast::Receiver<Activity> {
+        self.activity.subscribe()
+    }
+
+    /// Round trip to the server.
+    pub async fn ping(&self) -> StoreResult<()> {
+        let cmd = &redis::cmd("PING");
+        self.guard(|mut c| async move { cmd.query_async::<Value>(&mut c).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// The store of `function` (NAMESPACE/NAME) over this hub's connection.
+    pub fn store(self: &Arc<Self>, function: &str, max_attempts: u32) -> Arc<RedisStore> {
+        let prefix = key_prefix(function);
+        let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        let chans = match map.get(&prefix).and_then(std::sync::Weak::upgrade) {
+            Some(c) => c,
+            None => {
+                let c = Arc::new(Channels {
+                    changed: watch::channel(0u64).0,
+                    cancels: broadcast::channel(256).0,
+                });
+                map.retain(|_, w| w.strong_count() > 0);
+                map.insert(prefix.clone(), Arc::downgrade(&c));
+                c
+            }
+        };
+        Arc::new(RedisStore {
+            hub: self.clone(),
+            prefix,
+            max_attempts,
+            chans,
+            opened_at_ms: now_ms(),
+        })
+    }
+
+    fn channels_of(&self, prefix: &str) -> Option<Arc<Channels>> {
+        self.channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(prefix)
+            .and_then(std::sync::Weak::upgrade)
+    }
+
+    fn bump_all(&self) {
+        let live: Vec<Arc<Channels>> = self
+            .channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        live.iter().for_each(|c| c.bump());
+    }
+
+    fn unavailable(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Unavailable(format!("redis at {}: {e}", self.server))
+    }
+
+    /// Runs one request with a time bound. A refused connection means the request was
+    /// never sent (and the manager reconnects when it sees one), so that case is tried
+    /// once more: the first call after Redis comes back does not fail for nothing.
+    async fn guard<T, F, Fut>(&self, mut op: F) -> StoreResult<T>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let attempt = async {
+            match op(self.conn.clone()).await {
+                Err(e) if e.is_connection_refusal() => op(self.conn.clone()).await,
+                other => other,
+            }
+        };
+        match tokio::time::timeout(OP_TIMEOUT, attempt).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.unavailable(e)),
+            Err(_) => Err(self.unavailable(format!("no answer within {OP_TIMEOUT:?}"))),
+        }
     }
 }
 
@@ -450,51 +634,18 @@ fn parse_spec(v: Option<&Value>) -> StoreResult<JobSpec> {
 
 impl RedisStore {
     /// Connects to `url` (redis://HOST:PORT/DB) for the queue of `function`
-    /// (NAMESPACE/NAME). Does not fail when Redis is down: calls return
-    /// `Unavailable` until it is back.
+    /// (NAMESPACE/NAME), with a connection of its own. Does not fail when Redis is
+    /// down: calls return `Unavailable` until it is back.
     pub async fn open(
         url: &str,
         function: &str,
         max_attempts: u32,
     ) -> StoreResult<Arc<RedisStore>> {
-        let client = redis::Client::open(url)
-            .map_err(|e| StoreError::Unavailable(format!("invalid redis URL {url:?}: {e}")))?;
-        let info = client.get_connection_info();
-        let server = info.addr().to_string();
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(Duration::from_secs(3)))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| StoreError::Unavailable(format!("redis at {server}: {e}")))?;
-        let prefix = key_prefix(function);
-        let (changed, _) = watch::channel(0u64);
-        let changed = Arc::new(changed);
-        let (cancels, _) = broadcast::channel(1024);
-        let subscriber = tokio::spawn(subscribe_loop(
-            client,
-            prefix.clone(),
-            server.clone(),
-            changed.clone(),
-            cancels.clone(),
-        ))
-        .abort_handle();
-        let store = Arc::new(RedisStore {
-            conn,
-            prefix,
-            server,
-            max_attempts,
-            scripts: Scripts::new(),
-            changed,
-            cancels,
-            opened_at_ms: now_ms(),
-            subscriber,
-        });
-        match store.ping().await {
+        let hub = RedisHub::connect(url, Subscribe::One(key_prefix(function)))?;
+        let store = hub.store(function, max_attempts);
+        match hub.ping().await {
             Ok(()) => {
-                tracing::info!(server = %store.server, prefix = %store.prefix, "using the redis store")
+                tracing::info!(server = %hub.server, prefix = %store.prefix, "using the redis store")
             }
             Err(e) => {
                 tracing::warn!(error = %e, "redis is not reachable yet; requests get 503 until it is")
@@ -503,40 +654,16 @@ impl RedisStore {
         Ok(store)
     }
 
-    async fn ping(&self) -> StoreResult<()> {
-        let cmd = &redis::cmd("PING");
-        self.guard(|mut c| async move { cmd.query_async::<Value>(&mut c).await })
-            .await
-            .map(|_| ())
-    }
-
     fn bump(&self) {
-        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        self.chans.bump();
     }
 
-    fn unavailable(&self, e: impl std::fmt::Display) -> StoreError {
-        StoreError::Unavailable(format!("redis at {}: {e}", self.server))
-    }
-
-    /// Runs one request with a time bound. A refused connection means the request was
-    /// never sent (and the manager reconnects when it sees one), so that case is tried
-    /// once more: the first call after Redis comes back does not fail for nothing.
-    async fn guard<T, F, Fut>(&self, mut op: F) -> StoreResult<T>
+    async fn guard<T, F, Fut>(&self, op: F) -> StoreResult<T>
     where
         F: FnMut(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        let attempt = async {
-            match op(self.conn.clone()).await {
-                Err(e) if e.is_connection_refusal() => op(self.conn.clone()).await,
-                other => other,
-            }
-        };
-        match tokio::time::timeout(OP_TIMEOUT, attempt).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.unavailable(e)),
-            Err(_) => Err(self.unavailable(format!("no answer within {OP_TIMEOUT:?}"))),
-        }
+        self.hub.guard(op).await
     }
 
     /// Runs one script with ARGV = [prefix, args...].
@@ -548,6 +675,40 @@ impl RedisStore {
         let inv = &inv;
         self.guard(|mut c| async move { inv.invoke_async::<Value>(&mut c).await })
             .await
+    }
+
+    /// A gateway's report of the sync calls it holds or has in flight for this
+    /// function: counted in [`Load::sync`] until `ttl` passes without a new report;
+    /// `last_ms` (the latest sync call) counts as activity for keep-alive; `wake`
+    /// publishes a `wake` event so the autoscaler acts at once.
+    pub async fn report_sync(
+        &self,
+        gateway: &str,
+        count: u64,
+        last_ms: u64,
+        ttl: Duration,
+        wake: bool,
+    ) -> StoreResult<()> {
+        let count = count.to_string();
+        let last = last_ms.to_string();
+        let ttl = (ttl.as_millis() as u64).to_string();
+        self.run(
+            &self.hub.scripts.sync_report,
+            &[
+                gateway.as_bytes(),
+                count.as_bytes(),
+                last.as_bytes(),
+                ttl.as_bytes(),
+                if wake { b"1" } else { b"0" },
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The hub this store runs on.
+    pub fn hub(&self) -> &Arc<RedisHub> {
+        &self.hub
     }
 
     fn record(&self, f: &[Value], logs: Vec<LogLine>) -> StoreResult<JobRecord> {
@@ -588,27 +749,39 @@ impl RedisStore {
     }
 }
 
-/// Feeds `changes()` and `cancellations()` from the function's pub/sub channels;
-/// reconnects with backoff when Redis goes away (and bumps on reconnect: messages may
-/// have been missed meanwhile).
+/// `NAMESPACE/NAME` and the channel kind (`events` or `cancel`) of a channel name.
+fn parse_channel(channel: &str) -> Option<(&str, &str)> {
+    let rest = channel.strip_prefix("fal:{")?;
+    let (function, kind) = rest.rsplit_once("}:")?;
+    Some((function, kind))
+}
+
+/// Feeds every store's `changes()` and `cancellations()` (and the hub's `activity()`)
+/// from pub/sub; reconnects with backoff when Redis goes away (and bumps every store
+/// on reconnect: messages may have been missed meanwhile).
 async fn subscribe_loop(
     client: redis::Client,
-    prefix: String,
-    server: String,
-    changed: Arc<watch::Sender<u64>>,
-    cancels: broadcast::Sender<String>,
+    subscribe: Subscribe,
+    hub: std::sync::Weak<RedisHub>,
 ) {
-    let events = format!("{prefix}events");
-    let cancel_channel = format!("{prefix}cancel");
-    let bump = || changed.send_modify(|v| *v = v.wrapping_add(1));
+    let server = client.get_connection_info().addr().to_string();
     let mut backoff = Duration::from_millis(100);
     let mut failing = false;
     loop {
         let connect = async {
             let mut pubsub = client.get_async_pubsub().await?;
-            pubsub
-                .subscribe(&[events.as_str(), cancel_channel.as_str()])
-                .await?;
+            match &subscribe {
+                Subscribe::One(prefix) => {
+                    pubsub
+                        .subscribe(&[format!("{prefix}events"), format!("{prefix}cancel")])
+                        .await?
+                }
+                Subscribe::All => {
+                    pubsub
+                        .psubscribe(&["fal:{*}:events", "fal:{*}:cancel"])
+                        .await?
+                }
+            }
             Ok::<_, redis::RedisError>(pubsub)
         };
         match tokio::time::timeout(Duration::from_secs(3), connect).await {
@@ -617,7 +790,10 @@ async fn subscribe_loop(
                     tracing::info!(%server, "redis subscription restored");
                 }
                 backoff = Duration::from_millis(100);
-                bump();
+                match hub.upgrade() {
+                    Some(h) => h.bump_all(),
+                    None => return,
+                }
                 let (mut sink, mut stream) = pubsub.split();
                 let mut ping = tokio::time::interval(Duration::from_secs(5));
                 ping.tick().await;
@@ -626,12 +802,24 @@ async fn subscribe_loop(
                         msg = stream.next() => match msg {
                             None => break,
                             Some(msg) => {
-                                if msg.get_channel_name() == cancel_channel {
-                                    if let Ok(id) = msg.get_payload::<String>() {
-                                        let _ = cancels.send(id);
+                                let Some(hub) = hub.upgrade() else { return };
+                                let channel = msg.get_channel_name();
+                                let Some((function, kind)) = parse_channel(channel) else { continue };
+                                let prefix = key_prefix(function);
+                                let chans = hub.channels_of(&prefix);
+                                if kind == "cancel" {
+                                    if let (Some(c), Ok(id)) = (&chans, msg.get_payload::<String>()) {
+                                        let _ = c.cancels.send(id);
                                     }
+                                } else if hub.activity.receiver_count() > 0 {
+                                    let _ = hub.activity.send(Activity {
+                                        function: function.to_string(),
+                                        kind: msg.get_payload::<String>().unwrap_or_default(),
+                                    });
                                 }
-                                bump();
+                                if let Some(c) = chans {
+                                    c.bump();
+                                }
                             }
                         },
                         _ = ping.tick() => {
@@ -678,7 +866,7 @@ impl Store for RedisStore {
         let at = now_ms().to_string();
         let reply = self
             .run(
-                &self.scripts.submit,
+                &self.hub.scripts.submit,
                 &[
                     spec.id.as_bytes(),
                     &spec_json,
@@ -779,7 +967,7 @@ impl Store for RedisStore {
         let at = now.to_string();
         let reply = self
             .run(
-                &self.scripts.cancel,
+                &self.hub.scripts.cancel,
                 &[id.as_bytes(), &c, &r, at.as_bytes()],
             )
             .await?;
@@ -791,7 +979,7 @@ impl Store for RedisStore {
             "running" => {
                 let spec = parse_spec(r.get(1))?;
                 // The pub/sub message reaches every replica; this one learns at once.
-                let _ = self.cancels.send(id.to_string());
+                let _ = self.chans.cancels.send(id.to_string());
                 CancelOutcome::Running {
                     endpoint: spec.endpoint,
                 }
@@ -815,7 +1003,7 @@ impl Store for RedisStore {
             let batch = SCRIPT_BATCH.to_string();
             let reply = self
                 .run(
-                    &self.scripts.claim,
+                    &self.hub.scripts.claim,
                     &[
                         max.as_bytes(),
                         lease_ms.as_bytes(),
@@ -869,7 +1057,7 @@ impl Store for RedisStore {
         let lease_ms = (lease.as_millis() as u64).max(1).to_string();
         let reply = self
             .run(
-                &self.scripts.renew,
+                &self.hub.scripts.renew,
                 &[id.as_bytes(), token.as_bytes(), lease_ms.as_bytes()],
             )
             .await?;
@@ -884,7 +1072,10 @@ impl Store for RedisStore {
     async fn release(&self, id: &str, token: u64) -> StoreResult<bool> {
         let token = token.to_string();
         let reply = self
-            .run(&self.scripts.release, &[id.as_bytes(), token.as_bytes()])
+            .run(
+                &self.hub.scripts.release,
+                &[id.as_bytes(), token.as_bytes()],
+            )
             .await?;
         let ok = int_of(&reply) == Some(1);
         if ok {
@@ -906,7 +1097,7 @@ impl Store for RedisStore {
         let r = encode_result(&result);
         let reply = self
             .run(
-                &self.scripts.complete,
+                &self.hub.scripts.complete,
                 &[id.as_bytes(), token.as_bytes(), &c, &r, at.as_bytes()],
             )
             .await?;
@@ -929,7 +1120,7 @@ impl Store for RedisStore {
         let max = MAX_LOG_LINES.to_string();
         let mut args: Vec<&[u8]> = vec![id.as_bytes(), max.as_bytes()];
         args.extend(encoded.iter().map(|l| l.as_slice()));
-        let reply = self.run(&self.scripts.append_logs, &args).await?;
+        let reply = self.run(&self.hub.scripts.append_logs, &args).await?;
         if int_of(&reply) == Some(1) {
             self.bump();
         }
@@ -945,7 +1136,7 @@ impl Store for RedisStore {
         let batch = SCRIPT_BATCH.to_string();
         let reply = self
             .run(
-                &self.scripts.sweep,
+                &self.hub.scripts.sweep,
                 &[
                     now_s.as_bytes(),
                     cutoff.as_bytes(),
@@ -983,7 +1174,7 @@ impl Store for RedisStore {
         let lease_ms = (lease.as_millis() as u64).to_string();
         let reply = self
             .run(
-                &self.scripts.due_deliveries,
+                &self.hub.scripts.due_deliveries,
                 &[now_s.as_bytes(), limit.as_bytes(), lease_ms.as_bytes()],
             )
             .await?;
@@ -1010,7 +1201,7 @@ impl Store for RedisStore {
         let attempts = attempts.to_string();
         let next = next_attempt_ms.map(|n| n.to_string()).unwrap_or_default();
         self.run(
-            &self.scripts.delivery_attempted,
+            &self.hub.scripts.delivery_attempted,
             &[request_id.as_bytes(), attempts.as_bytes(), next.as_bytes()],
         )
         .await?;
@@ -1018,7 +1209,7 @@ impl Store for RedisStore {
     }
 
     async fn load(&self) -> StoreResult<Load> {
-        let r = array(self.run(&self.scripts.load, &[]).await?)?;
+        let r = array(self.run(&self.hub.scripts.load, &[]).await?)?;
         let oldest: i64 = num(r.get(2), "oldest")?;
         let activity: i64 = num(r.get(3), "activity")?;
         Ok(Load {
@@ -1026,15 +1217,16 @@ impl Store for RedisStore {
             in_flight: num(r.get(1), "in flight")?,
             oldest_queued_ms: u64::try_from(oldest).ok(),
             last_activity_ms: u64::try_from(activity).unwrap_or(self.opened_at_ms),
+            sync: num(r.get(4), "sync calls")?,
         })
     }
 
     fn changes(&self) -> watch::Receiver<u64> {
-        self.changed.subscribe()
+        self.chans.changed.subscribe()
     }
 
     fn cancellations(&self) -> broadcast::Receiver<String> {
-        self.cancels.subscribe()
+        self.chans.cancels.subscribe()
     }
 }
 

@@ -51,6 +51,9 @@ pub struct DeliveryConfig {
     /// Delays between attempts; attempts = `retry_delays.len() + 1`.
     pub retry_delays: Vec<Duration>,
     pub attempt_timeout: Duration,
+    /// Outbox poll interval when nothing wakes the loop (a replica: 200 ms; a gateway
+    /// watching many functions polls less, change events still wake it at once).
+    pub idle_poll: Duration,
 }
 
 impl DeliveryConfig {
@@ -80,22 +83,45 @@ impl Deliverer {
         cfg: DeliveryConfig,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Deliverer> {
-        let client = reqwest::Client::builder()
+        let client = Self::client(&policy, &cfg)?;
+        Ok(Self::with_client(
+            store, signer, policy, cfg, metrics, client,
+        ))
+    }
+
+    /// The HTTP client of webhook deliveries (no redirects, no proxy, the SSRF guard on
+    /// every resolved address). One can serve many deliverers (a gateway's functions).
+    pub fn client(
+        policy: &Arc<ssrf::Policy>,
+        cfg: &DeliveryConfig,
+    ) -> anyhow::Result<reqwest::Client> {
+        Ok(reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .timeout(cfg.attempt_timeout)
             .connect_timeout(cfg.attempt_timeout.min(Duration::from_secs(5)))
             .dns_resolver(Arc::new(ssrf::GuardedResolver(policy.clone())))
             .user_agent(concat!("fal-sidecar/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        Ok(Deliverer {
+            .build()?)
+    }
+
+    /// A deliverer over an existing client (see [`Deliverer::client`]).
+    pub fn with_client(
+        store: Arc<dyn Store>,
+        signer: Arc<Signer>,
+        policy: Arc<ssrf::Policy>,
+        cfg: DeliveryConfig,
+        metrics: Arc<Metrics>,
+        client: reqwest::Client,
+    ) -> Deliverer {
+        Deliverer {
             store,
             signer,
             client,
             policy,
             cfg,
             metrics,
-        })
+        }
     }
 
     /// Runs until `stop` turns true.
@@ -122,7 +148,7 @@ impl Deliverer {
             }
             tokio::select! {
                 _ = changes.changed() => {}
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = tokio::time::sleep(self.cfg.idle_poll) => {}
                 _ = stop.changed() => {}
             }
         }

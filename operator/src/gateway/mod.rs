@@ -1,0 +1,873 @@
+//! `fal-operator gateway`: the always-on entry point of every FalFunction.
+//!
+//! - The queue API (all three generations) is the sidecar library's own handlers over
+//!   the function's store: submit, status, result and cancel never wait for a replica.
+//! - Sync calls go to a ready replica with a free slot (`maxConcurrency` per replica,
+//!   counted here), streamed both ways; with none free they are held here while the
+//!   function scales (from zero, or up), and the autoscaler is woken through the
+//!   store's pub/sub at once.
+//! - The webhook outbox and the store's housekeeping keep running here, so retries and
+//!   start deadlines go on at zero replicas.
+//!
+//! Where the functions and their replicas come from is not its business: the cluster
+//! (`kube.rs`: FalFunctions and EndpointSlices) or `fal-operator local` call
+//! [`Gateway::upsert_function`] and [`Gateway::set_replicas`].
+
+pub mod kube;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fal_sidecar::api::proxy::{self, ConnState};
+use fal_sidecar::api::{self as api, error, json, ApiConfig, App};
+use fal_sidecar::job::now_ms;
+use fal_sidecar::metrics::Metrics as SidecarMetrics;
+use fal_sidecar::store::redis::{RedisHub, RedisStore};
+use fal_sidecar::store::Store;
+use fal_sidecar::upstream::{Body, BoxError, Upstream};
+use fal_sidecar::webhook::signing::Signer;
+use fal_sidecar::webhook::ssrf::Policy;
+use fal_sidecar::webhook::{Deliverer, DeliveryConfig};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
+use tokio::sync::{watch, Notify};
+
+use crate::function::{is_dns_label, FunctionInfo};
+
+/// How often a gateway reports its sync-call counts to the store.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the gateway sweeps a function's queue (start deadlines, expired leases,
+/// retention) and polls its webhook outbox when no change event woke it.
+pub const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Settings of the gateway.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// `Host: {name}.{namespace}.{domain}` routes to a function (the seed's per-app host).
+    pub domain: Option<String>,
+    /// Longest a sync call is held for a replica; default: the function's `startupTimeout`.
+    pub cold_start_timeout: Option<Duration>,
+    pub max_body_bytes: usize,
+    pub max_queue: usize,
+    pub retention: Duration,
+    /// Claims of one request before it completes as lost (the replicas' setting).
+    pub max_attempts: u32,
+    pub delivery: DeliveryConfig,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            domain: None,
+            cold_start_timeout: None,
+            max_body_bytes: 10 * 1024 * 1024,
+            max_queue: 100_000,
+            retention: Duration::from_secs(3600),
+            max_attempts: 3,
+            delivery: DeliveryConfig {
+                retry_delays: DeliveryConfig::default_delays(),
+                attempt_timeout: Duration::from_secs(15),
+                idle_poll: MAINTENANCE_INTERVAL,
+            },
+        }
+    }
+}
+
+/// Gateway metrics.
+#[derive(Clone)]
+pub struct GatewayMetrics {
+    pub requests: IntCounterVec,
+    pub held: IntGaugeVec,
+    pub cold_start: Histogram,
+}
+
+impl GatewayMetrics {
+    pub fn new(r: &Registry) -> prometheus::Result<Self> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "fal_gateway_requests_total",
+                "Requests by function and kind (sync, queue, per_app)",
+            ),
+            &["function", "kind"],
+        )?;
+        let held = IntGaugeVec::new(
+            Opts::new(
+                "fal_gateway_held_sync_calls",
+                "Sync calls waiting for a replica",
+            ),
+            &["function"],
+        )?;
+        let cold_start = Histogram::with_opts(
+            HistogramOpts::new(
+                "fal_cold_start_seconds",
+                "Wake (first request at zero replicas) to the first ready replica",
+            )
+            .buckets(vec![
+                0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+            ]),
+        )?;
+        r.register(Box::new(requests.clone()))?;
+        r.register(Box::new(held.clone()))?;
+        r.register(Box::new(cold_start.clone()))?;
+        Ok(GatewayMetrics {
+            requests,
+            held,
+            cold_start,
+        })
+    }
+}
+
+/// One ready replica of a function: where its sidecar's run API listens.
+pub struct Replica {
+    pub id: String,
+    upstream: Upstream,
+    in_flight: AtomicU32,
+}
+
+impl Replica {
+    /// Sync calls this gateway has in flight on it.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// A function as one gateway serves it.
+pub struct Entry {
+    info: RwLock<FunctionInfo>,
+    key: String,
+    /// The queue API over the function's store.
+    pub app: Arc<App>,
+    pub store: Arc<RedisStore>,
+    replicas: RwLock<Arc<Vec<Arc<Replica>>>>,
+    /// Sync calls held or in flight here.
+    sync: AtomicU64,
+    held: AtomicU64,
+    last_sync_ms: AtomicU64,
+    reported: AtomicU64,
+    /// Woken when a slot frees up or the replica set changes.
+    capacity: Notify,
+    /// When a request found the function at zero (for `fal_cold_start_seconds`).
+    cold_since: Mutex<Option<Instant>>,
+    tasks: Vec<tokio::task::AbortHandle>,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        self.tasks.iter().for_each(|t| t.abort());
+    }
+}
+
+impl Entry {
+    pub fn info(&self) -> FunctionInfo {
+        self.info.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The ready replicas.
+    pub fn replicas(&self) -> Arc<Vec<Arc<Replica>>> {
+        self.replicas
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Sync calls held or in flight in this gateway.
+    pub fn sync_calls(&self) -> u64 {
+        self.sync.load(Ordering::Relaxed)
+    }
+
+    /// Sync calls waiting for a replica.
+    pub fn held_calls(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Takes a slot on the least busy replica with one free.
+    fn try_acquire(&self) -> Option<Arc<Replica>> {
+        let max = self
+            .info
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .bounds
+            .max_concurrency;
+        let replicas = self.replicas();
+        loop {
+            let best = replicas
+                .iter()
+                .map(|r| (r.in_flight(), r))
+                .filter(|(n, _)| *n < max)
+                .min_by_key(|(n, _)| *n)?;
+            let (n, r) = best;
+            if r.in_flight
+                .compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                return Some(r.clone());
+            }
+        }
+    }
+
+    fn mark_cold(&self) {
+        let mut c = self.cold_since.lock().unwrap_or_else(|e| e.into_inner());
+        if c.is_none() {
+            *c = Some(Instant::now());
+        }
+    }
+}
+
+/// Gives a replica slot back when a forwarded call's response body is done.
+struct SlotGuard {
+    entry: Arc<Entry>,
+    replica: Option<Arc<Replica>>,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        if let Some(r) = &self.replica {
+            r.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.entry.sync.fetch_sub(1, Ordering::AcqRel);
+        self.entry.capacity.notify_waiters();
+    }
+}
+
+/// A response body that holds its call's slot until it is fully sent (or dropped).
+struct Tracked {
+    inner: Body,
+    _slot: SlotGuard,
+}
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// See the module docs.
+pub struct Gateway {
+    hub: Arc<RedisHub>,
+    /// This gateway's id in the store's sync-call reports.
+    id: String,
+    cfg: GatewayConfig,
+    signer: Arc<Signer>,
+    policy: Arc<Policy>,
+    webhook_client: reqwest::Client,
+    sidecar_metrics: Arc<SidecarMetrics>,
+    pub metrics: GatewayMetrics,
+    functions: RwLock<HashMap<String, Arc<Entry>>>,
+    /// Moves when the set of functions changes.
+    changed: watch::Sender<u64>,
+}
+
+impl Gateway {
+    pub fn new(
+        hub: Arc<RedisHub>,
+        cfg: GatewayConfig,
+        signer: Arc<Signer>,
+        policy: Arc<Policy>,
+        registry: &Registry,
+    ) -> crate::Result<Arc<Gateway>> {
+        let metrics =
+            GatewayMetrics::new(registry).map_err(|e| crate::Error::Scale(e.to_string()))?;
+        let webhook_client = Deliverer::client(&policy, &cfg.delivery)
+            .map_err(|e| crate::Error::Scale(format!("webhook client: {e}")))?;
+        Ok(Arc::new(Gateway {
+            hub,
+            id: format!("gw-{}", uuid::Uuid::new_v4()),
+            cfg,
+            signer,
+            policy,
+            webhook_client,
+            sidecar_metrics: Arc::new(SidecarMetrics::new()),
+            metrics,
+            functions: RwLock::new(HashMap::new()),
+            changed: watch::channel(0).0,
+        }))
+    }
+
+    pub fn hub(&self) -> &Arc<RedisHub> {
+        &self.hub
+    }
+
+    /// The shared queue metrics of every function's API (submits, rejects, …).
+    pub fn queue_metrics(&self) -> &SidecarMetrics {
+        &self.sidecar_metrics
+    }
+
+    /// The function at `namespace/name`.
+    pub fn entry(&self, key: &str) -> Option<Arc<Entry>> {
+        self.functions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    /// Every known function.
+    pub fn entries(&self) -> Vec<Arc<Entry>> {
+        let mut v: Vec<_> = self
+            .functions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.key.cmp(&b.key));
+        v
+    }
+
+    /// Starts serving a function, or updates its bounds.
+    pub fn upsert_function(&self, info: FunctionInfo) {
+        let key = info.key();
+        if let Some(e) = self.entry(&key) {
+            *e.info.write().unwrap_or_else(|e| e.into_inner()) = info;
+            e.capacity.notify_waiters();
+            return;
+        }
+        let store = self.hub.store(&key, self.cfg.max_attempts);
+        let dyn_store: Arc<dyn Store> = store.clone();
+        let app = Arc::new(App::new(
+            dyn_store.clone(),
+            None,
+            self.signer.clone(),
+            self.policy.clone(),
+            ApiConfig {
+                max_body_bytes: self.cfg.max_body_bytes,
+                max_queue: self.cfg.max_queue,
+                retention: self.cfg.retention,
+                owner: info.namespace.clone(),
+                request_timeout: None,
+            },
+            self.sidecar_metrics.clone(),
+        ));
+        // Webhooks and housekeeping go on here whatever the replica count.
+        let deliverer = Arc::new(Deliverer::with_client(
+            dyn_store.clone(),
+            self.signer.clone(),
+            self.policy.clone(),
+            self.cfg.delivery.clone(),
+            self.sidecar_metrics.clone(),
+            self.webhook_client.clone(),
+        ));
+        let (_never, quiet) = watch::channel(false);
+        let deliver = tokio::spawn(async move {
+            let _keep = _never;
+            deliverer.run(quiet).await
+        });
+        let retention = self.cfg.retention;
+        let sweeper = {
+            let store = dyn_store.clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                let mut changes = store.changes();
+                loop {
+                    if let Err(e) = store.sweep(now_ms(), retention).await {
+                        tracing::debug!(function = %key, error = %e, "gateway housekeeping failed");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(MAINTENANCE_INTERVAL) => {}
+                        // A submit with a start deadline: look again at its deadline soon.
+                        _ = changes.changed() => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+            })
+        };
+        let entry = Arc::new(Entry {
+            info: RwLock::new(info),
+            key: key.clone(),
+            app,
+            store,
+            replicas: RwLock::new(Arc::new(Vec::new())),
+            sync: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+            last_sync_ms: AtomicU64::new(0),
+            reported: AtomicU64::new(0),
+            capacity: Notify::new(),
+            cold_since: Mutex::new(None),
+            tasks: vec![deliver.abort_handle(), sweeper.abort_handle()],
+        });
+        self.functions
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, entry);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Stops serving a function (deleted).
+    pub fn remove_function(&self, key: &str) {
+        let gone = self
+            .functions
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        if let Some(e) = gone {
+            e.capacity.notify_waiters();
+            let _ = self.metrics.held.remove_label_values(&[key]);
+            self.changed.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Replaces the ready replicas of a function: `(id, host:port of its sidecar's run
+    /// API)`. Replicas that stay keep their in-flight counts.
+    pub fn set_replicas(&self, key: &str, ready: Vec<(String, String)>) {
+        let Some(e) = self.entry(key) else { return };
+        let old = e.replicas();
+        let new: Vec<Arc<Replica>> = ready
+            .into_iter()
+            .filter_map(|(id, addr)| {
+                if let Some(r) = old
+                    .iter()
+                    .find(|r| r.id == id && r.upstream.authority() == addr)
+                {
+                    return Some(r.clone());
+                }
+                match Upstream::new(&format!("http://{addr}")) {
+                    Ok(upstream) => Some(Arc::new(Replica {
+                        id,
+                        upstream,
+                        in_flight: AtomicU32::new(0),
+                    })),
+                    Err(why) => {
+                        tracing::warn!(function = key, %why, "ignoring a replica with a bad address");
+                        None
+                    }
+                }
+            })
+            .collect();
+        if !new.is_empty() {
+            if let Some(t) = e
+                .cold_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+            {
+                self.metrics.cold_start.observe(t.elapsed().as_secs_f64());
+            }
+        }
+        *e.replicas.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        e.capacity.notify_waiters();
+    }
+
+    /// Reports sync-call counts to the store every [`REPORT_INTERVAL`] (the autoscaler
+    /// counts them as load, and their arrival as activity for keep-alive).
+    pub async fn run_reporter(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let ttl = REPORT_INTERVAL * 3 + Duration::from_secs(2);
+        loop {
+            for e in self.entries() {
+                let n = e.sync.load(Ordering::Relaxed);
+                if n == 0 && e.reported.load(Ordering::Relaxed) == 0 {
+                    continue;
+                }
+                let last = e.last_sync_ms.load(Ordering::Relaxed);
+                if e.store
+                    .report_sync(&self.id, n, last, ttl, false)
+                    .await
+                    .is_ok()
+                {
+                    e.reported.store(n, Ordering::Relaxed);
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(REPORT_INTERVAL) => {}
+                _ = fal_sidecar::server::wait_true(&mut stop) => return,
+            }
+        }
+    }
+
+    fn jwks(&self) -> Response<Body> {
+        let mut r = Response::new(Body::full(self.signer.jwks().to_string()));
+        r.headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/json"));
+        r
+    }
+
+    /// The function a `Host: {name}.{namespace}.{domain}` header names.
+    fn host_function(&self, headers: &HeaderMap) -> Option<(String, String)> {
+        let domain = self.cfg.domain.as_deref()?;
+        let host = headers.get("host")?.to_str().ok()?;
+        let host = host.rsplit_once(':').map_or(host, |(h, p)| {
+            if p.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        });
+        let sub = host.strip_suffix(domain)?.strip_suffix('.')?;
+        let (name, ns) = sub.split_once('.')?;
+        Some((ns.to_string(), name.to_string()))
+    }
+
+    #[allow(clippy::result_large_err)] // the error is the response itself
+    fn lookup(&self, ns: &str, name: &str) -> Result<Arc<Entry>, Response<Body>> {
+        if !is_dns_label(ns) || !is_dns_label(name) {
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                &format!(
+                    "{ns:?}/{name:?} is not a function address: use /{{namespace}}/{{name}}[/{{path}}] with the FalFunction's namespace and name"
+                ),
+                None,
+            ));
+        }
+        self.entry(&format!("{ns}/{name}")).ok_or_else(|| {
+            error(
+                StatusCode::NOT_FOUND,
+                &format!(
+                    "no function {ns}/{name}: apply a FalFunction named {name:?} in namespace {ns:?} (kubectl get falfunctions -n {ns})"
+                ),
+                None,
+            )
+        })
+    }
+
+    fn count(&self, key: &str, kind: &str) {
+        self.metrics.requests.with_label_values(&[key, kind]).inc();
+    }
+}
+
+/// `/{namespace}/{name}` and the rest of a path.
+fn split_function(path: &str) -> Option<(&str, &str, &str)> {
+    let p = path.strip_prefix('/')?;
+    let (ns, rest) = p.split_once('/').unwrap_or((p, ""));
+    let (name, rest) = rest.split_once('/').map_or((rest, ""), |(n, r)| (n, r));
+    if ns.is_empty() || name.is_empty() {
+        return None;
+    }
+    Some((ns, name, rest))
+}
+
+fn is_queue_path(rest: &str) -> bool {
+    rest == "fal/queue" || rest.starts_with("fal/queue/")
+}
+
+/// The run listener: sync calls (`fal.run` style) and the per-app queue API
+/// (generations A and B) under `/{namespace}/{name}`, or on the function's own host.
+pub async fn handle_run(
+    gw: Arc<Gateway>,
+    conn: Arc<ConnState>,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    if req.uri().path() == "/.well-known/jwks.json" {
+        return gw.jwks();
+    }
+    if let Some((ns, name)) = gw.host_function(req.headers()) {
+        let entry = match gw.lookup(&ns, &name) {
+            Ok(e) => e,
+            Err(r) => return r,
+        };
+        if is_queue_path(req.uri().path().trim_start_matches('/')) {
+            gw.count(&entry.key, "per_app");
+            return api::queue::handle_per_app(&entry.app, req, "").await;
+        }
+        return sync_call(&gw, entry, &conn, req).await;
+    }
+    let path = req.uri().path().to_string();
+    let Some((ns, name, rest)) = split_function(&path) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("no endpoint at {path}; call /{{namespace}}/{{name}}[/{{path}}] (sync) or /{{namespace}}/{{name}}/fal/queue/…"),
+            None,
+        );
+    };
+    let entry = match gw.lookup(ns, name) {
+        Ok(e) => e,
+        Err(r) => return r,
+    };
+    if is_queue_path(rest) {
+        gw.count(&entry.key, "per_app");
+        let mount = format!("/{ns}/{name}");
+        return api::queue::handle_per_app(&entry.app, req, &mount).await;
+    }
+    if let Err(r) = api::strip_segments(&mut req, 2) {
+        return r;
+    }
+    sync_call(&gw, entry, &conn, req).await
+}
+
+/// The queue listener (generation C, `queue.fal.run` style): owner = namespace,
+/// alias = name.
+pub async fn handle_queue(
+    gw: Arc<Gateway>,
+    _conn: Arc<ConnState>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    if req.uri().path() == "/.well-known/jwks.json" {
+        return gw.jwks();
+    }
+    let path = req.uri().path().to_string();
+    let Some((ns, name, _)) = split_function(&path) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("no endpoint at {path}; the queue host serves /{{namespace}}/{{name}}[/{{path}}] and /{{namespace}}/{{name}}/requests/{{id}}"),
+            None,
+        );
+    };
+    let entry = match gw.lookup(ns, name) {
+        Ok(e) => e,
+        Err(r) => return r,
+    };
+    gw.count(&entry.key, "queue");
+    if entry.replicas().is_empty() && req.method() == http::Method::POST {
+        entry.mark_cold();
+    }
+    api::queue::handle_queue_host(&entry.app, req).await
+}
+
+/// The start deadline a caller set with `X-Fal-Request-Timeout` (seconds).
+fn request_deadline(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get("x-fal-request-timeout")?.to_str().ok()?;
+    let s = v.trim().parse::<f64>().ok()?;
+    (s.is_finite() && s > 0.0).then(|| Duration::from_secs_f64(s.min(86_400.0)))
+}
+
+/// A sync call: a free replica slot now, or held until one frees up or starts.
+async fn sync_call(
+    gw: &Gateway,
+    entry: Arc<Entry>,
+    conn: &ConnState,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    gw.count(&entry.key, "sync");
+    entry.last_sync_ms.store(now_ms(), Ordering::Relaxed);
+    entry.sync.fetch_add(1, Ordering::AcqRel);
+    let mut slot = SlotGuard {
+        entry: entry.clone(),
+        replica: None,
+    };
+    let replica = match entry.try_acquire() {
+        Some(r) => r,
+        None => match hold(gw, &entry, req.headers()).await {
+            Ok(r) => r,
+            Err(resp) => return resp,
+        },
+    };
+    slot.replica = Some(replica.clone());
+    let resp = proxy::forward(&entry.app, conn, &replica.upstream, req).await;
+    let (parts, body) = resp.into_parts();
+    let body = Tracked {
+        inner: body,
+        _slot: slot,
+    };
+    Response::from_parts(parts, Body::Boxed(body.boxed_unsync()))
+}
+
+/// Holds a sync call until a replica slot is free: wakes the autoscaler, then waits
+/// (bounded by the cold-start timeout and the caller's `X-Fal-Request-Timeout`).
+async fn hold(
+    gw: &Gateway,
+    entry: &Arc<Entry>,
+    headers: &HeaderMap,
+) -> Result<Arc<Replica>, Response<Body>> {
+    let info = entry.info();
+    let key = entry.key.as_str();
+    entry.held.fetch_add(1, Ordering::AcqRel);
+    let held_gauge = gw.metrics.held.with_label_values(&[key]);
+    held_gauge.inc();
+    struct Unhold<'a>(&'a Entry, prometheus::IntGauge);
+    impl Drop for Unhold<'_> {
+        fn drop(&mut self) {
+            self.0.held.fetch_sub(1, Ordering::AcqRel);
+            self.1.dec();
+        }
+    }
+    let _unhold = Unhold(entry, held_gauge);
+    if entry.replicas().is_empty() {
+        entry.mark_cold();
+    }
+    let ttl = REPORT_INTERVAL * 3 + Duration::from_secs(2);
+    let n = entry.sync.load(Ordering::Relaxed);
+    let last = entry.last_sync_ms.load(Ordering::Relaxed);
+    if let Err(e) = entry.store.report_sync(&gw.id, n, last, ttl, true).await {
+        let mut r = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("{key} has no free replica and the store that wakes it is unavailable ({e}); retry shortly"),
+            Some("runner_scheduling_failure"),
+        );
+        r.headers_mut()
+            .insert("retry-after", HeaderValue::from_static("1"));
+        return Err(r);
+    }
+    entry.reported.store(n, Ordering::Relaxed);
+    let cold = gw.cfg.cold_start_timeout.unwrap_or(info.startup_timeout);
+    let user = request_deadline(headers);
+    let (limit, by_user) = match user {
+        Some(u) if u < cold => (u, true),
+        _ => (cold, false),
+    };
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let notified = entry.capacity.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if let Some(r) = entry.try_acquire() {
+            return Ok(r);
+        }
+        if gw.entry(key).is_none() {
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                &format!("function {key} was deleted while the call waited"),
+                None,
+            ));
+        }
+        tokio::select! {
+            _ = notified => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                let secs = limit.as_secs_f64();
+                let mut r = if by_user {
+                    let mut r = error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        &format!("no replica of {key} could take the call within X-Fal-Request-Timeout ({secs} s)"),
+                        Some("request_timeout"),
+                    );
+                    r.headers_mut().insert("x-fal-request-timeout-type", HeaderValue::from_static("user"));
+                    r
+                } else {
+                    error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        &format!(
+                            "no replica of {key} became ready within {secs} s (cold start); check its pods (kubectl get pods -n {}), raise startupTimeout, or submit to the queue instead",
+                            info.namespace
+                        ),
+                        Some("startup_timeout"),
+                    )
+                };
+                r.headers_mut().insert("retry-after", HeaderValue::from_static("5"));
+                return Err(r);
+            }
+        }
+    }
+}
+
+/// The state of the admin listener.
+pub struct Admin {
+    pub gw: Arc<Gateway>,
+    /// The process's own metrics (gateway, autoscaler).
+    pub registry: Registry,
+    /// `local` and the controller add the autoscaler's view to `/functions`.
+    pub autoscaler: Option<Arc<crate::autoscale::Autoscaler>>,
+    /// `local` adds its replicas (starting, ready, draining) to `/functions`.
+    pub describe: Option<Box<dyn Fn(&str) -> serde_json::Value + Send + Sync>>,
+}
+
+/// `/functions`: each function's bounds, replicas and load as this process sees them.
+pub fn functions_json(admin: &Admin) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = admin
+        .gw
+        .entries()
+        .iter()
+        .map(|e| {
+            let info = e.info();
+            let mut v = serde_json::json!({
+                "function": e.key,
+                "minReplicas": info.bounds.min_replicas,
+                "maxReplicas": info.bounds.max_replicas,
+                "maxConcurrency": info.bounds.max_concurrency,
+                "keepAlive": info.bounds.keep_alive.as_secs(),
+                "readyReplicas": e.replicas().len(),
+                "syncCalls": e.sync_calls(),
+                "heldCalls": e.held_calls(),
+            });
+            if let Some(snap) = admin.autoscaler.as_ref().and_then(|a| a.snapshot(&e.key)) {
+                v["replicas"] = snap.replicas.into();
+                v["desiredReplicas"] = snap.desired.into();
+                v["load"] = serde_json::json!({
+                    "queued": snap.queued, "running": snap.running, "sync": snap.sync,
+                    "lastActivityMs": snap.last_activity_ms,
+                });
+            }
+            if let Some(describe) = &admin.describe {
+                v["local"] = describe(&e.key);
+            }
+            v
+        })
+        .collect();
+    serde_json::Value::Array(list)
+}
+
+/// The admin listener: `/metrics`, `/healthz`, `/readyz` (the store answers),
+/// `/functions`.
+pub async fn handle_admin(
+    admin: Arc<Admin>,
+    _conn: Arc<ConnState>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    match req.uri().path() {
+        "/healthz" => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        "/readyz" => match admin.gw.hub.ping().await {
+            Ok(()) => json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
+            Err(e) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("the store is unavailable: {e}"),
+                None,
+            ),
+        },
+        "/functions" => json(StatusCode::OK, &functions_json(&admin)),
+        "/metrics" => {
+            use prometheus::Encoder;
+            let mut buf = Vec::new();
+            let enc = prometheus::TextEncoder::new();
+            let _ = enc.encode(&admin.registry.gather(), &mut buf);
+            let _ = enc.encode(&admin.gw.sidecar_metrics.registry.gather(), &mut buf);
+            let mut r = Response::new(Body::full(buf));
+            r.headers_mut().insert(
+                "content-type",
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "admin paths are /metrics, /healthz, /readyz and /functions",
+            None,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn function_paths() {
+        assert_eq!(split_function("/ns/app"), Some(("ns", "app", "")));
+        assert_eq!(split_function("/ns/app/"), Some(("ns", "app", "")));
+        assert_eq!(
+            split_function("/ns/app/fal/queue/submit/x"),
+            Some(("ns", "app", "fal/queue/submit/x"))
+        );
+        assert_eq!(split_function("/ns"), None);
+        assert_eq!(split_function("/"), None);
+        assert_eq!(split_function("//app"), None);
+        assert!(is_queue_path("fal/queue/submit"));
+        assert!(is_queue_path("fal/queue"));
+        assert!(!is_queue_path("fal/queueing"));
+        assert!(!is_queue_path("predict"));
+    }
+
+    #[test]
+    fn request_timeout_header() {
+        let mut h = HeaderMap::new();
+        assert_eq!(request_deadline(&h), None);
+        h.insert("x-fal-request-timeout", "2.5".parse().unwrap());
+        assert_eq!(request_deadline(&h), Some(Duration::from_millis(2500)));
+        h.insert("x-fal-request-timeout", "-1".parse().unwrap());
+        assert_eq!(request_deadline(&h), None);
+        h.insert("x-fal-request-timeout", "soon".parse().unwrap());
+        assert_eq!(request_deadline(&h), None);
+    }
+}

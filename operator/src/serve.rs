@@ -1,0 +1,265 @@
+//! Wiring of `fal-operator gateway` and `fal-operator local`: config → store, key,
+//! listeners → serve → drain. `main` parses flags into these structs.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fal_sidecar::server::{self, ConnLimits};
+use fal_sidecar::store::redis::{RedisHub, Subscribe};
+use fal_sidecar::webhook::signing::Signer;
+use fal_sidecar::webhook::ssrf::Policy;
+use prometheus::Registry;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::autoscale::{AutoscaleMetrics, Autoscaler};
+use crate::gateway::{self, Admin, Gateway, GatewayConfig};
+use crate::local::{LocalConfig, LocalFunction, LocalScaler};
+use crate::{Error, Result};
+
+/// Listeners and shared settings of a gateway process.
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub run: String,
+    pub queue: String,
+    pub admin: String,
+}
+
+/// Connects to the store and checks it answers (a clear error when it does not).
+pub async fn connect_store(url: &str) -> Result<Arc<RedisHub>> {
+    if !(url.starts_with("redis://")
+        || url.starts_with("rediss://")
+        || url.starts_with("redis+unix://"))
+    {
+        return Err(Error::Scale(format!(
+            "--store {url:?}: the gateway needs the shared Redis store (redis://HOST:PORT/DB)"
+        )));
+    }
+    let hub = RedisHub::connect(url, Subscribe::All)?;
+    hub.ping().await.map_err(|e| {
+        Error::Scale(format!(
+            "cannot reach the store at {}: {e}. Start Redis (e.g. `redis-server --port 6379`) or pass --store redis://HOST:PORT/DB",
+            hub.server()
+        ))
+    })?;
+    Ok(hub)
+}
+
+/// Binds and serves the gateway's three listeners until `stop`; returns the threads
+/// and tasks to join.
+pub struct Served {
+    threads: Vec<std::thread::JoinHandle<()>>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Served {
+    pub async fn join(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+        let threads = std::mem::take(&mut self.threads);
+        let _ =
+            tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join())))
+                .await;
+    }
+}
+
+pub async fn serve_listeners(
+    gw: Arc<Gateway>,
+    admin: Arc<Admin>,
+    listen: &Listen,
+    stop: watch::Receiver<bool>,
+    quit: watch::Receiver<bool>,
+) -> Result<Served> {
+    let io = |e: anyhow::Error| Error::Scale(format!("{e:#}"));
+    drop(
+        server::bind(&listen.run, "the run host (--listen)")
+            .await
+            .map_err(io)?,
+    );
+    let queue_l = server::bind(&listen.queue, "the queue host (--queue-listen)")
+        .await
+        .map_err(io)?;
+    let admin_l = server::bind(&listen.admin, "metrics and probes (--admin-listen)")
+        .await
+        .map_err(io)?;
+    let limits = ConnLimits::default();
+    let drain = Duration::from_secs(30);
+    let threads = server::serve_per_thread(
+        &listen.run,
+        "the run host (--listen)",
+        fal_sidecar::runtime::http_threads(),
+        gw.clone(),
+        gateway::handle_run,
+        limits,
+        stop.clone(),
+        drain,
+    )
+    .map_err(io)?;
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(server::serve(
+        queue_l,
+        gw.clone(),
+        gateway::handle_queue,
+        limits,
+        stop,
+        drain,
+    ));
+    tasks.spawn(server::serve(
+        admin_l,
+        admin,
+        gateway::handle_admin,
+        limits,
+        quit.clone(),
+        drain,
+    ));
+    tasks.spawn(gw.run_reporter(quit));
+    Ok(Served { threads, tasks })
+}
+
+/// Waits for SIGTERM or SIGINT.
+pub async fn terminated() -> Result<()> {
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| Error::Scale(format!("installing the SIGTERM handler: {e}")))?;
+    let mut int = signal(SignalKind::interrupt())
+        .map_err(|e| Error::Scale(format!("installing the SIGINT handler: {e}")))?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+    Ok(())
+}
+
+/// The webhook signing key: `--signing-key FILE`, else one kept in `dir`.
+pub fn signer(key_file: Option<&std::path::Path>, dir: &std::path::Path) -> Result<Arc<Signer>> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    Signer::load_or_create(key_file, dir)
+        .map(Arc::new)
+        .map_err(|e| Error::Scale(format!("webhook signing key: {e}")))
+}
+
+/// Everything `local` needs.
+pub struct LocalOptions {
+    pub functions: Vec<LocalFunction>,
+    pub store_url: String,
+    pub listen: Listen,
+    pub sidecar_bin: PathBuf,
+    pub state_dir: PathBuf,
+    pub gateway: GatewayConfig,
+    pub webhook_allow: Vec<String>,
+}
+
+/// `fal-operator local`: gateway + autoscaler + local replicas until SIGTERM, then
+/// every replica drained and stopped.
+pub async fn run_local(opts: LocalOptions) -> Result<()> {
+    let hub = connect_store(&opts.store_url).await?;
+    let signer = signer(None, &opts.state_dir)?;
+    let signing_key = opts.state_dir.join("webhook-signing.key");
+    // Loopback webhook targets are fine on one's own machine (as in `fal-sidecar run`).
+    let policy = Arc::new(Policy::new(&opts.webhook_allow, true).map_err(Error::Scale)?);
+    let registry = Registry::new();
+    let gw = Gateway::new(hub.clone(), opts.gateway.clone(), signer, policy, &registry)?;
+    for f in &opts.functions {
+        gw.upsert_function(f.info.clone());
+    }
+    let workdir = std::env::current_dir().map_err(|source| Error::Io {
+        path: ".".into(),
+        source,
+    })?;
+    let scaler = LocalScaler::new(
+        gw.clone(),
+        LocalConfig {
+            sidecar_bin: opts.sidecar_bin.clone(),
+            store_url: opts.store_url.clone(),
+            state_dir: opts.state_dir.clone(),
+            signing_key,
+            workdir,
+        },
+        opts.functions.clone(),
+    );
+    let metrics = AutoscaleMetrics::new(&registry).map_err(|e| Error::Scale(e.to_string()))?;
+    let autoscaler = Arc::new(Autoscaler::new(hub.clone(), scaler.clone(), metrics));
+    for f in &opts.functions {
+        autoscaler.upsert(f.info.clone());
+    }
+    let describe_scaler = scaler.clone();
+    let admin = Arc::new(Admin {
+        gw: gw.clone(),
+        registry,
+        autoscaler: Some(autoscaler.clone()),
+        describe: Some(Box::new(move |key: &str| describe_scaler.describe(key))),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (quit_tx, quit_rx) = watch::channel(false);
+    let served = serve_listeners(
+        gw.clone(),
+        admin,
+        &opts.listen,
+        stop_rx.clone(),
+        quit_rx.clone(),
+    )
+    .await?;
+    let scaling = tokio::spawn(autoscaler.clone().run(quit_rx.clone()));
+    tracing::info!(
+        listen = %opts.listen.run, queue_listen = %opts.listen.queue, admin_listen = %opts.listen.admin,
+        functions = opts.functions.len(), store = %hub.server(), "fal-operator local ready"
+    );
+    terminated().await?;
+    // Stop scaling first (nothing new starts), then drain every replica, then the
+    // listeners: held calls get their answers while replicas drain.
+    let _ = quit_tx.send(true);
+    let _ = scaling.await;
+    scaler.shutdown(Duration::from_secs(150)).await;
+    let _ = stop_tx.send(true);
+    served.join().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Everything `gateway` needs.
+pub struct GatewayOptions {
+    pub store_url: String,
+    pub listen: Listen,
+    pub gateway: GatewayConfig,
+    pub signing_key: Option<PathBuf>,
+    pub data_dir: PathBuf,
+    pub webhook_allow: Vec<String>,
+}
+
+/// `fal-operator gateway`: functions and replicas from the cluster.
+pub async fn run_gateway(opts: GatewayOptions) -> Result<()> {
+    let hub = connect_store(&opts.store_url).await?;
+    if opts.signing_key.is_none() {
+        tracing::warn!("no --signing-key: webhooks sent from here are signed with a key of this gateway's own (mount the sidecars' key so one JWKS verifies them all)");
+    }
+    let signer = signer(opts.signing_key.as_deref(), &opts.data_dir)?;
+    let policy = Arc::new(Policy::new(&opts.webhook_allow, false).map_err(Error::Scale)?);
+    let registry = Registry::new();
+    let gw = Gateway::new(hub, opts.gateway.clone(), signer, policy, &registry)?;
+    let client = kube::Client::try_default().await.map_err(|e| {
+        Error::Scale(format!(
+            "connecting to the Kubernetes API (in-cluster or KUBECONFIG): {e}"
+        ))
+    })?;
+    let admin = Arc::new(Admin {
+        gw: gw.clone(),
+        registry,
+        autoscaler: None,
+        describe: None,
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (quit_tx, quit_rx) = watch::channel(false);
+    let served = serve_listeners(gw.clone(), admin, &opts.listen, stop_rx, quit_rx).await?;
+    let functions = tokio::spawn(gateway::kube::watch_functions(client.clone(), gw.clone()));
+    let endpoints = tokio::spawn(gateway::kube::watch_endpoints(client, gw.clone()));
+    tracing::info!(listen = %opts.listen.run, queue_listen = %opts.listen.queue, admin_listen = %opts.listen.admin, "fal-operator gateway ready");
+    terminated().await?;
+    let _ = stop_tx.send(true);
+    let _ = quit_tx.send(true);
+    functions.abort();
+    endpoints.abort();
+    served.join().await;
+    Ok(())
+}
