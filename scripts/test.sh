@@ -66,6 +66,12 @@ if [ -x scripts/test-operator.sh ]; then
   scripts/test-operator.sh "$VENV/bin/python"
 fi
 
+# --- Helm chart and images ----------------------------------------------------------------
+if [ -x scripts/test-chart.sh ]; then
+  echo "== chart: helm lint/template against the Kubernetes schema; images (scripts/images.sh)"
+  scripts/test-chart.sh "$VENV/bin/python"
+fi
+
 # --- end to end ----------------------------------------------------------------------------
 echo "== end-to-end (real processes on loopback)"
 # Generous per-test bound: CI machines are shared; the tests poll, they do not time.

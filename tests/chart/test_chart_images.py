@@ -1,0 +1,158 @@
+"""The images scripts/images.sh builds (dist/images/*.tar, docker-archive): named as the
+chart expects, non-root, no shell, only the binary and what it needs; each is unpacked
+and its entrypoint run with --help from the image's own root filesystem (chroot)."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import tarfile
+
+import pytest
+import yaml
+
+from conftest import CHART, ROOT, binary
+
+IMAGES_DIR = os.environ.get("FAL_IMAGES_DIR")
+pytestmark = pytest.mark.skipif(
+    not IMAGES_DIR, reason="FAL_IMAGES_DIR unset (scripts/test-chart.sh sets it after "
+                           "scripts/images.sh; FAL_SKIP_IMAGES=1 skips the images)")
+
+NAMES = ["fal-operator", "fal-sidecar"]
+UID = 65532
+SHELLS = {"sh", "bash", "dash", "ash", "busybox", "zsh"}
+# Host tools by absolute path: the processes run with the image's environment only.
+CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
+UNSHARE = shutil.which("unshare") or "/usr/bin/unshare"
+
+
+def chroot_cmd(root, argv, user):
+    if os.geteuid() == 0:
+        return [CHROOT, f"--userspec={user}", str(root), *argv]
+    # An unprivileged user namespace stands in for root to chroot.
+    return [UNSHARE, "--user", "--map-root-user", CHROOT, str(root), *argv]
+
+
+def chart_image(name):
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    key = "operator" if name == "fal-operator" else "sidecar"
+    return f'{values[key]["image"]["repository"]}:{values[key]["image"]["tag"] or version}'
+
+
+def archive(name):
+    path = pathlib.Path(IMAGES_DIR) / f"{name}.tar"
+    assert path.is_file(), f"{path} missing: scripts/images.sh writes it"
+    return path
+
+
+def image_config(name):
+    with tarfile.open(archive(name)) as tar:
+        (manifest,) = json.load(tar.extractfile("manifest.json"))
+        config = json.load(tar.extractfile(manifest["Config"]))
+    return manifest, config
+
+
+@pytest.fixture(scope="module")
+def rootfs(tmp_path_factory):
+    """name → the unpacked root filesystem (skopeo to an OCI layout, umoci unpack)."""
+    out = {}
+    for name in NAMES:
+        work = tmp_path_factory.mktemp(name)
+        layout = f"{work}/oci:img"
+        subprocess.run(["skopeo", "copy", "--quiet", f"docker-archive:{archive(name)}",
+                        f"oci:{layout}"], check=True, capture_output=True)
+        rootless = [] if os.geteuid() == 0 else ["--rootless"]
+        subprocess.run(["umoci", "unpack", *rootless, "--image", layout, str(work / "bundle")],
+                       check=True, capture_output=True)
+        out[name] = work / "bundle" / "rootfs"
+    return out
+
+
+def run_in_image(name, root, args):
+    """Runs the image's entrypoint + args inside its root fs, as the image's user, with
+    the image's environment and nothing from the host."""
+    _, config = image_config(name)
+    cfg = config["config"]
+    argv = cfg["Entrypoint"] + args
+    env = dict(e.split("=", 1) for e in cfg.get("Env", []))
+    cmd = chroot_cmd(root, argv, cfg["User"])
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_archive_is_tagged_as_the_chart_expects(name):
+    manifest, config = image_config(name)
+    assert manifest["RepoTags"] == [chart_image(name)]
+    assert config["os"] == "linux"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_image_config(name):
+    _, config = image_config(name)
+    cfg = config["config"]
+    assert cfg["User"] == f"{UID}:{UID}"
+    assert cfg["Entrypoint"] == [f"/usr/local/bin/{name}"]
+    assert cfg["Cmd"] == {"fal-operator": ["controller"], "fal-sidecar": ["serve"]}[name]
+    env = dict(e.split("=", 1) for e in cfg["Env"])
+    assert env["PATH"] == "/usr/local/bin"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_only_the_binary_and_what_it_needs(rootfs, name):
+    root = rootfs[name]
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
+    for f in files:
+        assert pathlib.PurePath(f).name not in SHELLS, f"a shell in the image: {f}"
+    allowed_exact = {f"usr/local/bin/{name}", "etc/passwd", "etc/group",
+                     "etc/ssl/certs/ca-certificates.crt"}
+    libs = [f for f in files if f not in allowed_exact]
+    for f in libs:
+        assert f.startswith(("lib/", "lib64/", "usr/lib/", "usr/lib64/")) and ".so" in f, \
+            f"unexpected file in the image: {f}"
+    assert set(allowed_exact) <= set(files)
+    assert len(libs) <= 8, libs
+    passwd = (root / "etc" / "passwd").read_text()
+    assert f"nonroot:x:{UID}:{UID}:" in passwd
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_entrypoint_runs_from_the_image_root(rootfs, name):
+    proc = run_in_image(name, rootfs[name], ["--help"])
+    assert proc.returncode == 0, proc.stderr
+    assert f"Usage: {name}" in proc.stdout
+
+
+def test_operator_image_has_the_controller(rootfs):
+    proc = run_in_image("fal-operator", rootfs["fal-operator"], ["controller", "--help"])
+    assert proc.returncode == 0, proc.stderr
+    assert "[env: FAL_STORE_URL=" in proc.stdout
+
+
+def test_sidecar_image_runs_what_the_operator_injects(rootfs):
+    """The operator's injected container names the binary by `command` (resolved on
+    the image's PATH) and its `args`; both must work in the image."""
+    operator = binary("FAL_OPERATOR_BIN", "fal-operator")
+    out = subprocess.run([str(operator), "render", "-f", ROOT / "examples" / "seed-app.yaml"],
+                         capture_output=True, text=True, check=True)
+    dep = next(d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "Deployment")
+    sidecar = next(c for c in dep["spec"]["template"]["spec"]["initContainers"]
+                   if c["name"] == "fal-sidecar")
+    root = rootfs["fal-sidecar"]
+    _, config = image_config("fal-sidecar")
+    path = dict(e.split("=", 1) for e in config["config"]["Env"])["PATH"].split(":")
+    (command,) = sidecar["command"]
+    resolved = [d for d in path if os.access(root / d.lstrip("/") / command, os.X_OK)]
+    assert resolved, f"{command} is not on the image's PATH {path}"
+    cmd = chroot_cmd(root, [f"{resolved[0]}/{command}", *sidecar["args"], "--help"],
+                     f"{UID}:{UID}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={})
+    assert proc.returncode == 0, proc.stderr
+    assert "[env: FAL_SIDECAR_STORE=" in proc.stdout
+
+
+def test_tools_present():
+    for tool in ("skopeo", "umoci"):
+        assert shutil.which(tool), f"{tool} missing"
+    assert os.access(CHROOT, os.X_OK)
