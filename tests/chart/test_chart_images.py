@@ -12,7 +12,7 @@ import tarfile
 import pytest
 import yaml
 
-from conftest import CHART, ROOT, binary
+from conftest import CHART, ROOT, binary, one
 
 IMAGES_DIR = os.environ.get("FAL_IMAGES_DIR")
 pytestmark = pytest.mark.skipif(
@@ -128,6 +128,19 @@ def test_operator_image_has_the_controller(rootfs):
     proc = run_in_image("fal-operator", rootfs["fal-operator"], ["controller", "--help"])
     assert proc.returncode == 0, proc.stderr
     assert "[env: FAL_STORE_URL=" in proc.stdout
+
+
+def test_operator_image_has_the_gateway_the_chart_runs(rootfs, template):
+    gateway = one(template(), "Deployment", "fal-serverless-gateway")
+    (c,) = gateway["spec"]["template"]["spec"]["containers"]
+    assert c["image"] == chart_image("fal-operator"), "the gateway runs the operator image"
+    proc = run_in_image("fal-operator", rootfs["fal-operator"], [*c["args"], "--help"])
+    if proc.returncode != 0 and "unrecognized subcommand" in proc.stderr:
+        pytest.skip("this fal-operator build has no gateway subcommand yet")
+    assert proc.returncode == 0, proc.stderr
+    unknown = [e["name"] for e in c["env"] if e["name"].startswith("FAL_")
+               and f"[env: {e['name']}=" not in proc.stdout]
+    assert not unknown, f"the gateway in the image does not read {unknown}"
 
 
 def test_sidecar_image_runs_what_the_operator_injects(rootfs):
