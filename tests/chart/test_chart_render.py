@@ -233,6 +233,36 @@ def test_store_from_the_bundled_redis(template):
     assert svc["spec"]["ports"][0]["port"] == 6379
 
 
+def test_redis_network_policy_admits_exactly_the_store_clients(template, tmp_path):
+    objs = template()
+    policy = one(objs, "NetworkPolicy")
+    sts = one(objs, "StatefulSet")
+    assert policy["spec"]["podSelector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"]
+    (rule,) = policy["spec"]["ingress"]
+    pod_labels = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+                  for d in by_kind(objs, "Deployment")}
+
+    def admitted(labels, other_namespace=False):
+        for peer in rule["from"]:
+            if other_namespace and "namespaceSelector" not in peer:
+                continue
+            if peer["podSelector"]["matchLabels"].items() <= labels.items():
+                return True
+        return False
+
+    assert admitted(pod_labels["fal-serverless-operator"])
+    assert admitted(pod_labels["fal-serverless-gateway"])
+    # Function pods, as the operator renders them, from their own namespace.
+    operator = binary("FAL_OPERATOR_BIN", "fal-operator")
+    out = subprocess.run([str(operator), "render", "-f", ROOT / "examples" / "seed-app.yaml"],
+                         capture_output=True, text=True, check=True)
+    dep = next(d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "Deployment")
+    assert admitted(dep["spec"]["template"]["metadata"]["labels"], other_namespace=True)
+    assert not admitted({"app": "something-else"}, other_namespace=True)
+    assert rule["ports"] == [{"port": "redis", "protocol": "TCP"}]
+    assert not by_kind(template({"redis": {"networkPolicy": {"enabled": False}}}), "NetworkPolicy")
+
+
 def test_bundled_redis_password_is_random_per_install(template):
     def password():
         (s,) = [s for s in by_kind(template(), "Secret")
