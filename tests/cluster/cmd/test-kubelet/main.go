@@ -1,0 +1,130 @@
+// test-kubelet: the node of the test control plane. It registers a Node (with GPU
+// capacity and the labels of one machine type of the catalog), keeps its Lease fresh,
+// and runs the pods bound to it as local processes: each pod in its own network
+// namespace with its own address on a bridge, its volumes as per-pod directories bind
+// mounted in a private mount namespace, its env and args. A container whose image is
+// the fal-sidecar image runs the workspace's fal-sidecar binary; any other container
+// runs its command + args. Probes set Ready; deletion runs preStop hooks, then SIGTERM,
+// then SIGKILL at the end of the grace period.
+//
+// It is a test harness, not a kubelet: no images, no cgroups, no kubelet API
+// (`kubectl logs` reads nothing; container output is in --state-dir/pods/…/NAME.log).
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/klog/v2"
+)
+
+type config struct {
+	kubeconfig   string
+	nodeName     string
+	stateDir     string
+	workDir      string
+	sidecarBin   string
+	sidecarRepo  string
+	bridge       string
+	subnet       string // a /24: .1 is the node, pods get .2 … .254
+	labels       map[string]string
+	capacity     map[string]string
+	imageCommand map[string][]string
+}
+
+type kvFlag map[string]string
+
+func (k kvFlag) String() string { return fmt.Sprint(map[string]string(k)) }
+func (k kvFlag) Set(s string) error {
+	key, value, ok := strings.Cut(s, "=")
+	if !ok {
+		return fmt.Errorf("want KEY=VALUE, got %q", s)
+	}
+	k[key] = value
+	return nil
+}
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == helperCommand {
+		runContainerHelper(os.Args[2:]) // never returns
+	}
+	cfg := config{
+		labels: map[string]string{
+			// Machine type GPU-T4 of the built-in catalog (any one of its node-affinity
+			// terms is enough; two are given).
+			"cloud.google.com/gke-accelerator": "nvidia-tesla-t4",
+			"nvidia.com/gpu.product":           "Tesla-T4",
+		},
+		capacity: map[string]string{
+			"cpu": "32", "memory": "128Gi", "pods": "110", "nvidia.com/gpu": "4",
+			"ephemeral-storage": "100Gi",
+		},
+		imageCommand: map[string][]string{},
+	}
+	labels, capacity, images := kvFlag{}, kvFlag{}, kvFlag{}
+	flag.StringVar(&cfg.kubeconfig, "kubeconfig", "", "kubeconfig of the control plane")
+	flag.StringVar(&cfg.nodeName, "node-name", "fal-test-node", "name of the Node")
+	flag.StringVar(&cfg.stateDir, "state-dir", ".cluster/kubelet", "pod directories and container logs")
+	flag.StringVar(&cfg.workDir, "workdir", ".", "working directory of containers without workingDir (the 'image' filesystem)")
+	flag.StringVar(&cfg.sidecarBin, "sidecar-bin", "fal-sidecar", "the fal-sidecar binary run for the fal-sidecar image")
+	flag.StringVar(&cfg.sidecarRepo, "sidecar-image", "fal-sidecar", "an image whose repository ends with this name is the fal-sidecar image")
+	flag.StringVar(&cfg.bridge, "bridge", "falk0", "bridge of the pod network")
+	flag.StringVar(&cfg.subnet, "subnet", "198.18.0", "first three octets of the pod /24 (198.18.0.0/15 is reserved for tests)")
+	flag.Var(labels, "label", "extra node label KEY=VALUE (repeatable)")
+	flag.Var(capacity, "capacity", "node capacity RESOURCE=QUANTITY (repeatable)")
+	flag.Var(images, "image-command", "IMAGE_REPO=CMD ARG…: what a container of this image without a command runs (repeatable)")
+	klog.InitFlags(nil)
+	flag.Parse()
+	for k, v := range labels {
+		cfg.labels[k] = v
+	}
+	for k, v := range capacity {
+		cfg.capacity[k] = v
+	}
+	for k, v := range images {
+		cfg.imageCommand[k] = strings.Fields(v)
+	}
+	if err := run(cfg); err != nil {
+		fmt.Fprintf(os.Stderr, "test-kubelet: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func run(cfg config) error {
+	restCfg, err := clientcmd.BuildConfigFromFlags("", cfg.kubeconfig)
+	if err != nil {
+		return err
+	}
+	restCfg.QPS, restCfg.Burst = 50, 100
+	client, err := kubernetes.NewForConfig(restCfg)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(cfg.stateDir, 0o755); err != nil {
+		return err
+	}
+	net, err := newPodNetwork(cfg.bridge, cfg.subnet)
+	if err != nil {
+		return fmt.Errorf("pod network: %w", err)
+	}
+	defer net.teardown()
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	node := &nodeAgent{client: client, cfg: cfg, ip: net.nodeIP()}
+	if err := node.register(ctx); err != nil {
+		return fmt.Errorf("registering node %s: %w", cfg.nodeName, err)
+	}
+	go node.heartbeat(ctx)
+	k := newKubelet(client, cfg, net)
+	err = k.run(ctx)
+	k.shutdown()
+	return err
+}

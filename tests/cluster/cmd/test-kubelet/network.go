@@ -1,0 +1,114 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+)
+
+// podNetwork: a bridge on the host holding the node address (.1 of a /24) and one
+// network namespace per pod, joined to the bridge by a veth pair, with its own
+// address. Host ↔ pod and pod ↔ pod traffic stays on the bridge; nothing is routed
+// off the machine (no default route on the host side, no NAT).
+type podNetwork struct {
+	bridge string
+	subnet string
+	mu     sync.Mutex
+	used   map[int]string // last octet → pod key
+}
+
+const netnsPrefix = "falk-"
+
+func ipCmd(args ...string) error {
+	out, err := exec.Command("ip", args...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("ip %s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+func newPodNetwork(bridge, subnet string) (*podNetwork, error) {
+	n := &podNetwork{bridge: bridge, subnet: subnet, used: map[int]string{}}
+	n.removeStale()
+	_ = ipCmd("link", "del", bridge)
+	for _, args := range [][]string{
+		{"link", "add", bridge, "type", "bridge"},
+		{"addr", "add", n.nodeIP() + "/24", "dev", bridge},
+		{"link", "set", bridge, "up"},
+	} {
+		if err := ipCmd(args...); err != nil {
+			return nil, err
+		}
+	}
+	return n, nil
+}
+
+func (n *podNetwork) nodeIP() string { return n.subnet + ".1" }
+
+// removeStale deletes namespaces a previous run left behind (its pods are gone).
+func (n *podNetwork) removeStale() {
+	entries, _ := os.ReadDir("/run/netns")
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), netnsPrefix) {
+			_ = ipCmd("netns", "del", e.Name())
+		}
+	}
+}
+
+func (n *podNetwork) teardown() {
+	n.removeStale()
+	_ = ipCmd("link", "del", n.bridge)
+}
+
+// add creates the namespace of a pod and returns its name and address.
+func (n *podNetwork) add(key string) (netns, ip string, err error) {
+	n.mu.Lock()
+	octet := 0
+	for i := 2; i < 255; i++ {
+		if _, taken := n.used[i]; !taken {
+			octet = i
+			n.used[i] = key
+			break
+		}
+	}
+	n.mu.Unlock()
+	if octet == 0 {
+		return "", "", fmt.Errorf("pod network %s.0/24 is full", n.subnet)
+	}
+	netns = fmt.Sprintf("%s%d", netnsPrefix, octet)
+	ip = fmt.Sprintf("%s.%d", n.subnet, octet)
+	host := fmt.Sprintf("falkh%d", octet)
+	peer := fmt.Sprintf("falkp%d", octet)
+	_ = ipCmd("netns", "del", netns)
+	_ = ipCmd("link", "del", host)
+	for _, args := range [][]string{
+		{"netns", "add", netns},
+		{"link", "add", host, "type", "veth", "peer", "name", peer},
+		{"link", "set", peer, "netns", netns},
+		{"link", "set", host, "master", n.bridge},
+		{"link", "set", host, "up"},
+		{"-n", netns, "link", "set", peer, "name", "eth0"},
+		{"-n", netns, "addr", "add", ip + "/24", "dev", "eth0"},
+		{"-n", netns, "link", "set", "eth0", "up"},
+		{"-n", netns, "link", "set", "lo", "up"},
+		{"-n", netns, "route", "add", "default", "via", n.nodeIP()},
+	} {
+		if err = ipCmd(args...); err != nil {
+			n.remove(netns, ip)
+			return "", "", err
+		}
+	}
+	return netns, ip, nil
+}
+
+func (n *podNetwork) remove(netns, ip string) {
+	var octet int
+	fmt.Sscanf(strings.TrimPrefix(ip, n.subnet+"."), "%d", &octet)
+	_ = ipCmd("netns", "del", netns) // takes the veth pair with it
+	_ = ipCmd("link", "del", fmt.Sprintf("falkh%d", octet))
+	n.mu.Lock()
+	delete(n.used, octet)
+	n.mu.Unlock()
+}

@@ -1,0 +1,145 @@
+"""Fixtures for the tests against a real control plane (scripts/cluster.sh): etcd,
+kube-apiserver, kube-controller-manager, kube-scheduler built from the Kubernetes
+Go modules, and the test kubelet running pods as local processes in their own network
+namespaces.
+
+Run:  tests/cluster/run.sh PYTHON   (builds if needed, starts the cluster, runs, stops)
+or, with a cluster already up (`scripts/cluster.sh up`):  python -m pytest tests/cluster
+
+Fixtures for later suites (the gateway, scale to zero):
+  cluster                 Cluster: kubectl/json/apply, pod_address(), node_ip(), pod_log()
+  crds, operator_rbac     the CRD and the project's RBAC applied
+  make_operator(*args, subcommand="controller", service_account=…)
+                          a fal-operator process authenticated as a ServiceAccount
+  namespace               a fresh namespace per test, deleted afterwards
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kube import CLUSTER_SH, OPERATOR_BIN, REPO, STATE, Cluster, Operator, wait_until  # noqa: E402
+
+TEST_TIMEOUT = float(os.environ.get("CLUSTER_TEST_TIMEOUT", "300"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"test exceeded {TEST_TIMEOUT:g}s (CLUSTER_TEST_TIMEOUT)")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, TEST_TIMEOUT)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On failure: the operator's output and the end of the kubelet's log."""
+    outcome = yield
+    rep = outcome.get_result()
+    if not rep.failed or rep.when not in ("setup", "call"):
+        return
+    for op in item.__dict__.get("_operators", []):
+        rep.sections.append((f"fal-operator ({op.log_path})", op.log()[-20000:] or "(empty)"))
+    try:
+        kubelet = (STATE / "logs" / "test-kubelet.log").read_text(errors="replace")
+        rep.sections.append(("test-kubelet log (tail)", kubelet[-8000:]))
+    except OSError:
+        pass
+
+
+def _up() -> bool:
+    return subprocess.run([str(CLUSTER_SH), "status"], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Cluster:
+    """The control plane. Started (and stopped at the end) unless already up."""
+    started = False
+    if not _up():
+        subprocess.run([str(CLUSTER_SH), "up"], check=True, timeout=1800)
+        started = True
+    try:
+        yield Cluster()
+    finally:
+        if started and not os.environ.get("FAL_CLUSTER_KEEP"):
+            subprocess.run([str(CLUSTER_SH), "down"], check=False, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: Cluster):
+    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    cluster.kubectl("wait", "--for", "condition=Established", "--timeout", "60s",
+                    "crd/falfunctions.fal.serverless.dev")
+    return REPO / "crds"
+
+
+def rbac_manifests() -> list[Path]:
+    """The project's RBAC for the operator: the chart's rendering once it is committed
+    as deploy/rbac.yaml (generated from the chart), that file until then."""
+    return [REPO / "deploy" / "rbac.yaml"]
+
+
+@pytest.fixture(scope="session")
+def operator_rbac(cluster: Cluster, crds):
+    for path in rbac_manifests():
+        cluster.kubectl("apply", "-f", str(path))
+    # The token for the ServiceAccount comes from the TokenRequest API.
+    wait_until(lambda: cluster.get("serviceaccount", "fal-operator", "fal-system"), 30,
+               "ServiceAccount fal-system/fal-operator")
+    return ("fal-system", "fal-operator")
+
+
+def operator_supports(flag: str, subcommand: str = "controller") -> bool:
+    out = subprocess.run([str(OPERATOR_BIN), subcommand, "--help"], capture_output=True, text=True)
+    return flag in out.stdout
+
+
+@pytest.fixture(scope="session")
+def _operator_binary():
+    if not OPERATOR_BIN.is_file():
+        pytest.exit(f"fal-operator binary not found at {OPERATOR_BIN}: build it (cargo build) "
+                    "or set FAL_OPERATOR_BIN", returncode=3)
+
+
+@pytest.fixture
+def make_operator(request, cluster: Cluster, operator_rbac, tmp_path, _operator_binary):
+    """Factory: make_operator("--store-url", "…") starts `fal-operator controller` as
+    the fal-system/fal-operator ServiceAccount; stopped at teardown."""
+    made: list[Operator] = []
+    request.node.__dict__["_operators"] = made
+
+    def factory(*args: str, **kw) -> Operator:
+        workdir = tmp_path / f"operator{len(made)}"
+        workdir.mkdir()
+        op = Operator(cluster, workdir, *args, **kw)
+        made.append(op)
+        return op.start()
+
+    yield factory
+    for op in made:
+        op.stop()
+
+
+@pytest.fixture
+def namespace(cluster: Cluster):
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    wait_until(lambda: cluster.get("serviceaccount", "default", name), 30,
+               f"the default ServiceAccount of {name}")
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
