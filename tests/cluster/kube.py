@@ -80,7 +80,8 @@ class Cluster:
         return json.loads(self.kubectl(*args, "-o", "json").stdout)
 
     def get(self, kind: str, name: str, namespace: str = "default") -> dict | None:
-        proc = self.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
+        proc = self.kubectl("get", kind, name, "-n", namespace, "-o", "json",
+                            "--show-managed-fields", check=False)
         if proc.returncode != 0:
             if "NotFound" in proc.stderr or "not found" in proc.stderr:
                 return None
@@ -162,7 +163,7 @@ class Operator:
         if subcommand == "controller" and not any(a.startswith("--metrics-addr") for a in args):
             self.args += ["--metrics-addr", f"127.0.0.1:{self.metrics_port}"]
         self.env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
-                    "RUST_LOG": os.environ.get("RUST_LOG", "info"), **(env or {})}
+                    "RUST_LOG": os.environ.get("RUST_LOG", "info"), "NO_COLOR": "1", **(env or {})}
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Operator":

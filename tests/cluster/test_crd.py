@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kube import REPO, Cluster, KubectlError
+from kube import REPO, Cluster, KubectlError, wait_until
 
 
 def falfunction(name: str, namespace: str, **spec) -> dict:
@@ -25,8 +25,10 @@ def test_crd_is_established_and_explained(cluster: Cluster, crds):
     assert conds["Established"] == "True" and conds["NamesAccepted"] == "True", conds
     assert "ff" in crd["spec"]["names"]["shortNames"]
     # The field docs reach `kubectl explain` (served from the apiserver's OpenAPI).
-    out = cluster.kubectl("explain", "falfunction.spec.keepAlive").stdout
-    assert "scales down" in out or "keep_alive" in out, out
+    # The apiserver publishes a new CRD's OpenAPI a moment after it is Established.
+    out = wait_until(lambda: cluster.kubectl("explain", "falfunction.spec.keepAlive").stdout, 30,
+                     "kubectl explain falfunction.spec.keepAlive")
+    assert "keep_alive" in out, out
 
 
 def test_defaults_are_applied_by_the_apiserver(cluster: Cluster, crds, namespace):
