@@ -13,6 +13,8 @@ pub const FIELD_MANAGER: &str = "fal-operator";
 pub const ENV_SIDECAR_IMAGE: &str = "FAL_SIDECAR_IMAGE";
 /// Environment variable equivalent of `--store-url`.
 pub const ENV_STORE_URL: &str = "FAL_STORE_URL";
+/// Environment variable equivalent of `--store-secret`.
+pub const ENV_STORE_SECRET: &str = "FAL_STORE_SECRET";
 /// Environment variable equivalent of `--catalog`.
 pub const ENV_CATALOG: &str = "FAL_CATALOG";
 /// Environment variable equivalent of `--gateway-domain`.
@@ -29,6 +31,10 @@ pub struct OperatorConfig {
     pub sidecar_image: String,
     /// `FAL_SIDECAR_STORE` of every sidecar (`redis://…` or `file:…`).
     pub store_url: String,
+    /// `(Secret name, key)` holding the store URL (with its password) in each
+    /// function's namespace: the sidecars read it through `secretKeyRef` instead of
+    /// a plaintext value in the pod spec.
+    pub store_secret: Option<(String, String)>,
     /// Public domain of the gateway (`fal.example.com`, optionally with an `http://` or
     /// `https://` prefix). Status URLs point there; without it they point at the
     /// function's in-cluster Service.
@@ -43,6 +49,7 @@ impl Default for OperatorConfig {
         OperatorConfig {
             sidecar_image: DEFAULT_SIDECAR_IMAGE.to_string(),
             store_url: DEFAULT_STORE_URL.to_string(),
+            store_secret: None,
             gateway_domain: None,
             signing_key_secret: None,
         }

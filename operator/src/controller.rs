@@ -61,6 +61,8 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// The clock (fixed in tests).
     now: fn() -> Timestamp,
+    /// The autoscaler, when it runs: its last decision goes into the status.
+    pub autoscaler: std::sync::OnceLock<Arc<crate::autoscale::Autoscaler>>,
 }
 
 impl Context {
@@ -96,6 +98,7 @@ impl Context {
             metrics,
             failures: Mutex::new(HashMap::new()),
             now,
+            autoscaler: std::sync::OnceLock::new(),
         }
     }
 
@@ -281,7 +284,18 @@ async fn apply(ff: &FalFunction, ctx: &Context) -> Result<Action> {
         .status
         .as_ref()
         .is_some_and(|s| is_true(&s.conditions, ConditionType::Ready));
-    let status = next_status(ff, machine.as_deref(), Ok(&deployment), cfg, &now);
+    let mut status = next_status(ff, machine.as_deref(), Ok(&deployment), cfg, &now);
+    if let Some(snap) = ctx
+        .autoscaler
+        .get()
+        .and_then(|a| a.snapshot(&format!("{namespace}/{name}")))
+    {
+        status.desired_replicas = i32::try_from(snap.desired).ok();
+        status.last_request_time = (snap.last_activity_ms > 0)
+            .then(|| Timestamp::from_millisecond(snap.last_activity_ms as i64).ok())
+            .flatten()
+            .map(Time);
+    }
     let ready = find(&status.conditions, ConditionType::Ready).cloned();
     write_status(ctx, ff, status).await?;
 

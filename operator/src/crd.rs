@@ -48,6 +48,7 @@ pub const DEFAULT_STARTUP_TIMEOUT: i32 = 600;
     printcolumn(name = "Machine", type_ = "string", json_path = ".spec.machineType"),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Desired", type_ = "integer", json_path = ".status.desiredReplicas", priority = 1),
     printcolumn(name = "URL", type_ = "string", json_path = ".status.url"),
     printcolumn(
         name = "Status",
@@ -235,6 +236,13 @@ pub struct FalFunctionStatus {
     /// Replicas passing their readiness probes.
     #[serde(default)]
     pub ready_replicas: i32,
+    /// Replicas the autoscaler wants for the current load (queued, running and held
+    /// requests divided by `maxConcurrency`, within `minReplicas`..`maxReplicas`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
+    /// Last time a request arrived, ran or completed: `keepAlive` counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_request_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     /// Machine type the pods run on, as resolved from the catalog.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine_type: Option<String>,
@@ -286,7 +294,7 @@ mod tests {
             .collect();
         assert_eq!(
             cols,
-            ["Machine", "Replicas", "Ready", "URL", "Status", "Age"]
+            ["Machine", "Replicas", "Ready", "Desired", "URL", "Status", "Age"]
         );
 
         let schema = serde_json::to_value(&version.schema).unwrap();

@@ -498,10 +498,39 @@ mod tests {
     }
 
     #[test]
+    fn store_url_from_a_secret_is_never_plaintext() {
+        let cfg = OperatorConfig {
+            store_secret: Some(("fal-store".into(), "url".into())),
+            ..OperatorConfig::default()
+        };
+        let d = ff(FalFunctionSpec::with_image("a:1"))
+            .deployment(&MachineCatalog::builtin(), &cfg)
+            .unwrap();
+        let sc = &pod(&d).init_containers.as_ref().unwrap()[0];
+        let var = sc
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == "FAL_SIDECAR_STORE")
+            .unwrap();
+        assert_eq!(var.value, None);
+        let r = var
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!((r.name.as_str(), r.key.as_str()), ("fal-store", "url"));
+    }
+
+    #[test]
     fn config_reaches_the_sidecar() {
         let cfg = OperatorConfig {
             sidecar_image: "reg/sidecar:dev".into(),
             store_url: "redis://redis.fal-system:6379/0".into(),
+            store_secret: None,
             gateway_domain: None,
             signing_key_secret: Some("fal-webhook-key".into()),
         };

@@ -55,6 +55,12 @@ impl FunctionInfo {
     }
 }
 
+/// Something that follows the set of functions (the gateway, the autoscaler).
+pub trait FunctionSink: Send + Sync + 'static {
+    fn upsert(&self, info: FunctionInfo);
+    fn remove(&self, key: &str);
+}
+
 /// RFC 1123 label: what namespaces and FalFunction names are. Anything else in a
 /// request path is refused before it can name a store key.
 pub fn is_dns_label(s: &str) -> bool {

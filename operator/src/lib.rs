@@ -23,6 +23,7 @@ mod error;
 pub mod function;
 pub mod gateway;
 pub mod labels;
+pub mod leader;
 pub mod local;
 pub mod metrics;
 pub mod render;

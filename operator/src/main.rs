@@ -51,6 +51,15 @@ enum Command {
         /// Address of /metrics and /healthz.
         #[arg(long, env = config::ENV_METRICS_ADDR, default_value = "0.0.0.0:8080")]
         metrics_addr: SocketAddr,
+        /// Act only while holding a Lease (run two replicas safely).
+        #[arg(long, env = "FAL_LEADER_ELECT", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+        leader_elect: bool,
+        /// Name of the Lease.
+        #[arg(long, env = "FAL_LEASE_NAME", default_value = "fal-operator")]
+        lease_name: String,
+        /// Namespace of the Lease [default: POD_NAMESPACE].
+        #[arg(long, env = "FAL_LEASE_NAMESPACE")]
+        lease_namespace: Option<String>,
     },
 }
 
@@ -173,6 +182,10 @@ struct ObjectArgs {
     /// Job store URL given to every sidecar (redis://… or file:…).
     #[arg(long, env = config::ENV_STORE_URL, default_value = config::DEFAULT_STORE_URL)]
     store_url: String,
+    /// Secret (NAME:KEY, in each function's namespace) the sidecars read the store URL
+    /// from, instead of a plaintext --store-url in their pod spec.
+    #[arg(long, env = config::ENV_STORE_SECRET, value_parser = secret_ref)]
+    store_secret: Option<(String, String)>,
     /// Public domain of the gateway, used for status URLs (e.g. fal.example.com).
     #[arg(long, env = config::ENV_GATEWAY_DOMAIN)]
     gateway_domain: Option<String>,
@@ -187,10 +200,21 @@ impl ObjectArgs {
         let config = OperatorConfig {
             sidecar_image: self.sidecar_image,
             store_url: self.store_url,
+            store_secret: self.store_secret,
             gateway_domain: self.gateway_domain,
             signing_key_secret: self.signing_key_secret,
         };
         Ok((catalog, config))
+    }
+}
+
+/// `NAME:KEY` of a Secret.
+fn secret_ref(s: &str) -> Result<(String, String), String> {
+    match s.split_once(':') {
+        Some((n, k)) if !n.is_empty() && !k.is_empty() => Ok((n.to_string(), k.to_string())),
+        _ => Err(format!(
+            "{s:?}: expected NAME:KEY (a Secret and the key holding the store URL)"
+        )),
     }
 }
 
@@ -273,10 +297,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Controller {
             objects,
             metrics_addr,
+            leader_elect,
+            lease_name,
+            lease_namespace,
         } => {
             init_tracing();
             let (catalog, config) = objects.load()?;
-            runtime()?.block_on(run_controller(catalog, config, metrics_addr))
+            let lease = leader_elect.then(|| {
+                let ns = lease_namespace
+                    .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                    .unwrap_or_else(|| "default".into());
+                (ns, lease_name)
+            });
+            runtime()?.block_on(run_controller(catalog, config, metrics_addr, lease))
         }
     }
 }
@@ -301,6 +334,7 @@ async fn run_controller(
     catalog: MachineCatalog,
     config: OperatorConfig,
     metrics_addr: SocketAddr,
+    lease: Option<(String, String)>,
 ) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
@@ -313,9 +347,41 @@ async fn run_controller(
     let listener = metrics::bind(metrics_addr)
         .await
         .with_context(|| format!("binding the metrics address {metrics_addr}"))?;
-    tokio::spawn(metrics::serve(listener, registry));
+    tokio::spawn(metrics::serve(listener, registry.clone()));
     let instance = std::env::var("POD_NAME").ok();
-    let ctx = Arc::new(Context::new(client, catalog, config, metrics, instance));
+    if let Some((ns, name)) = &lease {
+        let me = instance
+            .clone()
+            .unwrap_or_else(|| format!("fal-operator-{}", std::process::id()));
+        fal_operator::leader::lead(client.clone(), ns, name, &me).await;
+    }
+    let store_url = config.store_url.clone();
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        catalog,
+        config,
+        metrics,
+        instance.clone(),
+    ));
+    // The autoscaler needs the shared store; with the per-pod file store there is no
+    // load to read (every function keeps its one replica).
+    if store_url.starts_with("redis") {
+        let registry = registry.clone();
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let publish = move |a| {
+                let _ = ctx.autoscaler.set(a);
+            };
+            if let Err(e) =
+                serve::run_cluster_autoscaler(client, &store_url, &registry, instance, publish)
+                    .await
+            {
+                tracing::error!(error = %e, "the autoscaler stopped");
+            }
+        });
+    } else {
+        tracing::warn!(store = %store_url, "no shared store (--store-url redis://…): the autoscaler is off");
+    }
     tracing::info!(%metrics_addr, "fal-operator controller started");
     controller::run(ctx).await;
     tracing::info!("fal-operator controller stopped");
@@ -330,6 +396,53 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn gateway_and_local_flags() {
+        let cli = Cli::try_parse_from([
+            "fal-operator",
+            "gateway",
+            "--store",
+            "redis://r:6379/0",
+            "--domain",
+            "fal.test",
+            "--cold-start-timeout",
+            "2.5",
+        ])
+        .unwrap();
+        let Command::Gateway(a) = cli.command else {
+            panic!("gateway expected")
+        };
+        let cfg = a.flags.config();
+        assert_eq!(cfg.domain.as_deref(), Some("fal.test"));
+        assert_eq!(cfg.cold_start_timeout, Some(Duration::from_millis(2500)));
+        assert_eq!(a.listen, "0.0.0.0:8080");
+        assert!(
+            Cli::try_parse_from(["fal-operator", "local"]).is_err(),
+            "local needs -f"
+        );
+        let cli = Cli::try_parse_from([
+            "fal-operator",
+            "controller",
+            "--leader-elect",
+            "--store-secret",
+            "s:url",
+        ])
+        .unwrap();
+        let Command::Controller {
+            leader_elect,
+            objects,
+            ..
+        } = cli.command
+        else {
+            panic!()
+        };
+        assert!(leader_elect);
+        assert_eq!(objects.store_secret, Some(("s".into(), "url".into())));
+        assert!(
+            Cli::try_parse_from(["fal-operator", "controller", "--store-secret", "nokey"]).is_err()
+        );
     }
 
     #[test]
@@ -350,11 +463,14 @@ mod tests {
         let Command::Controller {
             objects,
             metrics_addr,
+            leader_elect,
+            ..
         } = cli.command
         else {
             panic!("parsed the wrong subcommand");
         };
         assert_eq!(metrics_addr, "127.0.0.1:9000".parse().unwrap());
+        assert!(!leader_elect);
         let (catalog, config) = objects.load().unwrap();
         assert!(catalog.get("GPU-T4").is_some());
         assert_eq!(config.sidecar_image, "reg/sidecar:1");

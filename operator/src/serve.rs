@@ -182,7 +182,7 @@ pub async fn run_local(opts: LocalOptions) -> Result<()> {
     let metrics = AutoscaleMetrics::new(&registry).map_err(|e| Error::Scale(e.to_string()))?;
     let autoscaler = Arc::new(Autoscaler::new(hub.clone(), scaler.clone(), metrics));
     for f in &opts.functions {
-        autoscaler.upsert(f.info.clone());
+        autoscaler.track(f.info.clone());
     }
     let describe_scaler = scaler.clone();
     let admin = Arc::new(Admin {
@@ -261,5 +261,44 @@ pub async fn run_gateway(opts: GatewayOptions) -> Result<()> {
     functions.abort();
     endpoints.abort();
     served.join().await;
+    Ok(())
+}
+
+/// The autoscaler of `fal-operator controller`: functions from FalFunction watch
+/// events, replica counts from a Deployment cache, load and wake-ups from the store.
+pub async fn run_cluster_autoscaler(
+    client: kube::Client,
+    store_url: &str,
+    registry: &Registry,
+    instance: Option<String>,
+    publish: impl FnOnce(Arc<Autoscaler>),
+) -> Result<()> {
+    use futures_util::StreamExt;
+    use k8s_openapi::api::apps::v1::Deployment;
+    use kube::runtime::{reflector, watcher, WatchStreamExt};
+
+    let hub = connect_store(store_url).await?;
+    let (reader, writer) = reflector::store::<Deployment>();
+    let deployments: kube::Api<Deployment> = kube::Api::all(client.clone());
+    let cfg = watcher::Config::default().labels(crate::labels::MANAGED_SELECTOR);
+    let cache = reflector::reflector(writer, watcher::watcher(deployments, cfg))
+        .default_backoff()
+        .for_each(|_| std::future::ready(()));
+    let scaler = Arc::new(crate::autoscale::kube::KubeScaler::new(
+        client.clone(),
+        reader.clone(),
+        Arc::new(crate::autoscale::kube::StoreBusy(hub.clone())),
+        instance,
+    ));
+    let metrics = AutoscaleMetrics::new(registry).map_err(|e| Error::Scale(e.to_string()))?;
+    let autoscaler = Arc::new(Autoscaler::new(hub, scaler, metrics));
+    publish(autoscaler.clone());
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(cache);
+    // Decisions wait for the cache: an empty one would read as "no Deployment".
+    let _ = reader.wait_until_ready().await;
+    tokio::spawn(gateway::kube::watch_functions(client, autoscaler.clone()));
+    tracing::info!("autoscaler started");
+    autoscaler.run(stop_rx).await;
     Ok(())
 }

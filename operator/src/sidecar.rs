@@ -4,8 +4,8 @@
 //! up before the app starts, and it keeps running until the app container has exited.
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, Probe, ResourceRequirements,
-    SeccompProfile, SecurityContext, VolumeMount,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Probe,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -100,7 +100,21 @@ pub fn sidecar_container(
             "FAL_SIDECAR_UPSTREAM",
             format!("http://127.0.0.1:{}", spec.exposed_port),
         ),
-        env("FAL_SIDECAR_STORE", cfg.store_url.clone()),
+        match &cfg.store_secret {
+            Some((name, key)) => EnvVar {
+                name: "FAL_SIDECAR_STORE".to_string(),
+                value: None,
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: name.clone(),
+                        key: key.clone(),
+                        optional: Some(false),
+                    }),
+                    ..EnvVarSource::default()
+                }),
+            },
+            None => env("FAL_SIDECAR_STORE", cfg.store_url.clone()),
+        },
         env("FAL_SIDECAR_DATA_DIR", DATA_DIR),
         env("FAL_SIDECAR_FUNCTION", format!("{namespace}/{name}")),
         env(

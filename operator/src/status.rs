@@ -109,6 +109,8 @@ pub fn next_status(
         observed_generation: generation,
         replicas: previous.replicas,
         ready_replicas: previous.ready_replicas,
+        desired_replicas: previous.desired_replicas,
+        last_request_time: previous.last_request_time.clone(),
         machine_type: previous.machine_type.clone(),
         url: Some(url),
         queue_url: Some(queue_url),

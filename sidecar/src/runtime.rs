@@ -65,6 +65,17 @@ pub async fn open_store(
     )
 }
 
+/// This replica's name: `FAL_SIDECAR_REPLICA`, else `HOSTNAME` (the pod name in
+/// Kubernetes), else `local`.
+pub fn replica_name() -> String {
+    ["FAL_SIDECAR_REPLICA", "HOSTNAME"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok())
+        .map(|v| v.trim().to_string())
+        .find(|v| !v.is_empty() && !v.contains('/'))
+        .unwrap_or_else(|| "local".to_string())
+}
+
 /// Threads serving the run listener: `FAL_SIDECAR_WORKER_THREADS` or the core count.
 pub fn http_threads() -> usize {
     std::env::var("FAL_SIDECAR_WORKER_THREADS")
@@ -211,6 +222,7 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
         store: store.clone(),
         upstream,
         cfg: WorkerConfig {
+            replica: replica_name(),
             concurrency: common.max_concurrency,
             lease: common.lease,
             retry_delays: common

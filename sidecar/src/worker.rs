@@ -17,6 +17,9 @@ use crate::upstream::{error_chain, is_hop_by_hop, Body, Upstream};
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
+    /// This replica's name (the pod name in a cluster): claims record it, so a scaler
+    /// can tell busy replicas from idle ones.
+    pub replica: String,
     pub concurrency: usize,
     pub lease: Duration,
     /// Delays between app-call retries (503/504/429/connection errors).
@@ -65,7 +68,8 @@ impl Workers {
         for n in 0..self.cfg.concurrency {
             let me = self.clone();
             let (stop, abandon) = (stop_claiming.clone(), abandon.clone());
-            set.spawn(async move { me.work(format!("worker-{n}"), stop, abandon).await });
+            let name = format!("{}/worker-{n}", me.cfg.replica);
+            set.spawn(async move { me.work(name, stop, abandon).await });
         }
         while set.join_next().await.is_some() {}
     }

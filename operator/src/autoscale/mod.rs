@@ -7,6 +7,7 @@
 //! for a function with no free replica): a cold start costs no polling interval.
 
 pub mod decide;
+pub mod kube;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -54,6 +55,15 @@ struct Tracked {
     window: Window,
     last: Option<Snapshot>,
     checked: Option<Instant>,
+}
+
+impl crate::function::FunctionSink for Autoscaler {
+    fn upsert(&self, info: FunctionInfo) {
+        self.track(info)
+    }
+    fn remove(&self, key: &str) {
+        self.untrack(key)
+    }
 }
 
 /// Autoscaler metrics.
@@ -120,7 +130,7 @@ impl Autoscaler {
     }
 
     /// Starts tracking a function, or updates its bounds.
-    pub fn upsert(&self, info: FunctionInfo) {
+    pub fn track(&self, info: FunctionInfo) {
         let key = info.key();
         let mut map = self.map();
         match map.get_mut(&key) {
@@ -142,7 +152,7 @@ impl Autoscaler {
     }
 
     /// Stops tracking a function (deleted).
-    pub fn remove(&self, key: &str) {
+    pub fn untrack(&self, key: &str) {
         self.map().remove(key);
         let _ = self.metrics.desired.remove_label_values(&[key]);
         let _ = self.metrics.actual.remove_label_values(&[key]);

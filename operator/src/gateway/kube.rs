@@ -13,12 +13,13 @@ use kube::{Api, Client, ResourceExt};
 
 use super::Gateway;
 use crate::crd::FalFunction;
-use crate::function::FunctionInfo;
+use crate::function::{FunctionInfo, FunctionSink};
 use crate::labels::{FUNCTION_LABEL, MANAGED_SELECTOR};
 use crate::sidecar::HTTP_PORT_NAME;
 
-/// Keeps the gateway's functions in step with the cluster's FalFunctions.
-pub async fn watch_functions(client: Client, gw: Arc<Gateway>) {
+/// Keeps a sink's functions (the gateway's, the autoscaler's) in step with the
+/// cluster's FalFunctions.
+pub async fn watch_functions(client: Client, gw: Arc<dyn FunctionSink>) {
     let api: Api<FalFunction> = Api::all(client);
     let mut seen: HashSet<String> = HashSet::new();
     let mut init: HashSet<String> = HashSet::new();
@@ -30,7 +31,7 @@ pub async fn watch_functions(client: Client, gw: Arc<Gateway>) {
                     Ok(info) => {
                         init.insert(info.key());
                         seen.insert(info.key());
-                        gw.upsert_function(info);
+                        gw.upsert(info);
                     }
                     Err(e) => {
                         tracing::warn!(name = %ff.name_any(), error = %e, "gateway: ignoring a FalFunction")
@@ -40,13 +41,13 @@ pub async fn watch_functions(client: Client, gw: Arc<Gateway>) {
             Ok(Event::Delete(ff)) => {
                 let key = format!("{}/{}", ff.namespace().unwrap_or_default(), ff.name_any());
                 seen.remove(&key);
-                gw.remove_function(&key);
+                gw.remove(&key);
             }
             Ok(Event::Init) => init.clear(),
             Ok(Event::InitDone) => {
                 // A relist: what was not listed is gone.
                 for gone in seen.difference(&init).cloned().collect::<Vec<_>>() {
-                    gw.remove_function(&gone);
+                    gw.remove(&gone);
                 }
                 seen = init.clone();
             }
@@ -106,15 +107,18 @@ fn slice_function(slice: &EndpointSlice) -> Option<String> {
     Some(format!("{}/{}", slice.namespace()?, name))
 }
 
+/// Ready endpoints `(pod, ip:port)` of a function, by EndpointSlice uid.
+type Slices = HashMap<String, (String, Vec<(String, String)>)>;
+
 /// Keeps every function's ready replicas in step with its EndpointSlices.
 pub async fn watch_endpoints(client: Client, gw: Arc<Gateway>) {
     let api: Api<EndpointSlice> = Api::all(client);
     let cfg = watcher::Config::default().labels(MANAGED_SELECTOR);
     // slice uid → (function, endpoints)
-    let mut slices: HashMap<String, (String, Vec<(String, String)>)> = HashMap::new();
-    let mut staged: HashMap<String, (String, Vec<(String, String)>)> = HashMap::new();
+    let mut slices: Slices = HashMap::new();
+    let mut staged: Slices = HashMap::new();
     let mut events = watcher::watcher(api, cfg).boxed();
-    let publish = |slices: &HashMap<String, (String, Vec<(String, String)>)>, keys: &[String]| {
+    let publish = |slices: &Slices, keys: &[String]| {
         let mut by_fn: BTreeMap<&str, Vec<(String, String)>> = BTreeMap::new();
         for (f, eps) in slices.values() {
             by_fn

@@ -540,6 +540,15 @@ impl Gateway {
     }
 }
 
+impl crate::function::FunctionSink for Gateway {
+    fn upsert(&self, info: FunctionInfo) {
+        self.upsert_function(info)
+    }
+    fn remove(&self, key: &str) {
+        self.remove_function(key)
+    }
+}
+
 /// `/{namespace}/{name}` and the rest of a path.
 fn split_function(path: &str) -> Option<(&str, &str, &str)> {
     let p = path.strip_prefix('/')?;
@@ -753,6 +762,9 @@ async fn hold(
     }
 }
 
+/// Extra per-function detail for `/functions` (local mode: its replica processes).
+pub type Describe = Box<dyn Fn(&str) -> serde_json::Value + Send + Sync>;
+
 /// The state of the admin listener.
 pub struct Admin {
     pub gw: Arc<Gateway>,
@@ -761,7 +773,7 @@ pub struct Admin {
     /// `local` and the controller add the autoscaler's view to `/functions`.
     pub autoscaler: Option<Arc<crate::autoscale::Autoscaler>>,
     /// `local` adds its replicas (starting, ready, draining) to `/functions`.
-    pub describe: Option<Box<dyn Fn(&str) -> serde_json::Value + Send + Sync>>,
+    pub describe: Option<Describe>,
 }
 
 /// `/functions`: each function's bounds, replicas and load as this process sees them.

@@ -109,7 +109,7 @@ return {0, redis.call('ZRANK', P .. 'queue', id)}
 "#;
 
 /// ARGV: P, max_attempts, lease_ms, timeout completion, timeout result, lost completion,
-/// lost result, at, batch
+/// lost result, at, batch, worker
 const CLAIM: &str = r#"
 local now = rtime()
 local max = tonumber(ARGV[2])
@@ -143,7 +143,7 @@ while ended < batch do
       redis.call('ZREM', P .. 'queue', id)
       redis.call('ZREM', P .. 'deadlines', id)
       redis.call('HSET', jk, 'phase', 'r', 'attempts', attempts + 1, 'token', tok,
-        'lease', lease_until, 'started', now)
+        'lease', lease_until, 'started', now, 'worker', ARGV[10])
       redis.call('DEL', P .. 'logs:' .. id)
       redis.call('ZADD', P .. 'running', lease_until, id)
       redis.call('SET', P .. 'activity', now)
@@ -341,6 +341,22 @@ end
 return {q, r, oldest, act, sync}
 "#;
 
+/// ARGV: P → flat [worker, count]... of the running jobs
+const RUNNING_WORKERS: &str = r#"
+local ids = redis.call('ZRANGE', P .. 'running', 0, -1)
+local counts = {}
+for _, id in ipairs(ids) do
+  local w = redis.call('HGET', jkey(id), 'worker') or ''
+  counts[w] = (counts[w] or 0) + 1
+end
+local out = {}
+for w, n in pairs(counts) do
+  table.insert(out, w)
+  table.insert(out, n)
+end
+return out
+"#;
+
 /// ARGV: P, gateway id, count, last sync call ms, ttl ms, wake (1/0)
 const SYNC_REPORT: &str = r#"
 local exp = string.format('%.0f', rtime() + tonumber(ARGV[5]))
@@ -365,6 +381,7 @@ struct Scripts {
     delivery_attempted: Script,
     load: Script,
     sync_report: Script,
+    running_workers: Script,
 }
 
 impl Scripts {
@@ -383,6 +400,7 @@ impl Scripts {
             delivery_attempted: s(DELIVERY_ATTEMPTED),
             load: s(LOAD),
             sync_report: s(SYNC_REPORT),
+            running_workers: s(RUNNING_WORKERS),
         }
     }
 }
@@ -706,6 +724,22 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Running requests per replica (the part of the worker name before `/`): a
+    /// scaler removes the idlest replicas first.
+    pub async fn running_by_replica(&self) -> StoreResult<std::collections::HashMap<String, u64>> {
+        let r = array(self.run(&self.hub.scripts.running_workers, &[]).await?)?;
+        let mut out = std::collections::HashMap::new();
+        for pair in r.chunks_exact(2) {
+            let worker = text(pair.first(), "worker").unwrap_or_default();
+            let replica = worker
+                .rsplit_once('/')
+                .map_or(worker.as_str(), |(r, _)| r)
+                .to_string();
+            *out.entry(replica).or_insert(0) += num::<u64>(pair.get(1), "running count")?;
+        }
+        Ok(out)
+    }
+
     /// The hub this store runs on.
     pub fn hub(&self) -> &Arc<RedisHub> {
         &self.hub
@@ -992,7 +1026,7 @@ impl Store for RedisStore {
         Ok(outcome)
     }
 
-    async fn claim(&self, _worker: &str, lease: Duration) -> StoreResult<Option<Claimed>> {
+    async fn claim(&self, worker: &str, lease: Duration) -> StoreResult<Option<Claimed>> {
         loop {
             let now = now_ms();
             let (tc, tr) = Self::system_args(SystemEnd::StartTimeout, now, 0);
@@ -1013,6 +1047,7 @@ impl Store for RedisStore {
                         &lr,
                         at.as_bytes(),
                         batch.as_bytes(),
+                        worker.as_bytes(),
                     ],
                 )
                 .await?;
