@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import yaml
 
-from conftest import CHART, NAMESPACE, RELEASE, run_helm
+from conftest import CHART, K8S_VERSION, NAMESPACE, RELEASE, run_helm
 
 
 class FakeApiServer:
@@ -88,7 +88,7 @@ def cluster(tmp_path):
 
 def render_against(helm, tmp_path, kubeconfig, values=None):
     proc = run_helm(helm, "template", RELEASE, CHART, "-n", NAMESPACE, "--dry-run=server",
-                    "--kubeconfig", kubeconfig, values=values or {}, tmp_dir=tmp_path)
+                    "--kube-version", K8S_VERSION, "--kubeconfig", kubeconfig, values=values or {}, tmp_dir=tmp_path)
     assert proc.returncode == 0, proc.stderr
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
