@@ -18,7 +18,9 @@
 # there too unless GOMODCACHE/GOCACHE are set.
 #
 # Environment: FAL_CLUSTER_PORT (apiserver, default 16443; etcd uses +1 and +2, the
-# controller manager +3, the scheduler +4), FAL_SIDECAR_BIN (the fal-sidecar binary
+# controller manager +3, the scheduler +4), FAL_CLUSTER_NET (0-255: the pod network
+# 198.18.N.0/24 on bridge falkN; a second cluster on the machine needs another N and
+# port), FAL_SIDECAR_BIN (the fal-sidecar binary
 # run for the sidecar image; default $CARGO_TARGET_DIR/debug or target/debug).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +33,8 @@ K8S_RELEASE_DATE=2026-10-27T12:01:04Z  # of v$K8S_VERSION (the module proxy's .i
 NODE=fal-test-node
 PORT=${FAL_CLUSTER_PORT:-16443}
 ETCD_PORT=$((PORT + 1)) ETCD_PEER_PORT=$((PORT + 2)) KCM_PORT=$((PORT + 3)) SCHED_PORT=$((PORT + 4))
+NET=${FAL_CLUSTER_NET:-0} # pod network: bridge falkN, pods in 198.18.N.0/24 (reserved for tests)
+BRIDGE=falk$NET
 CACHE=${FAL_CLUSTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fal-serverless/cluster}
 export GOMODCACHE=${GOMODCACHE:-$CACHE/go/mod} GOCACHE=${GOCACHE:-$CACHE/go/cache}
 export GOFLAGS=-mod=readonly GOTOOLCHAIN=${GOTOOLCHAIN:-local}
@@ -195,6 +199,9 @@ up() {
   fi
   [ "$(id -u)" = 0 ] || die "the test kubelet needs root (network namespaces for pods)"
   command -v ip >/dev/null || die "iproute2 ('ip') is needed for the pod network"
+  local other
+  other=$(pgrep -f -- "--bridge $BRIDGE( |$)" | grep -vx "$(pid_of test-kubelet)" || true)
+  [ -z "$other" ] || die "the pod network $BRIDGE (198.18.$NET.0/24) belongs to another running test kubelet (pid $other): set FAL_CLUSTER_NET (and FAL_CLUSTER_PORT)"
   down quiet
   build
   local p
@@ -237,7 +244,7 @@ up() {
     --authorization-kubeconfig "$STATE/kubeconfig" \
     --bind-address 127.0.0.1 --secure-port "$SCHED_PORT" --leader-elect=false
   start test-kubelet "$bin/test-kubelet" --kubeconfig "$STATE/kubeconfig" --node-name "$NODE" \
-    --state-dir "$STATE/kubelet" --workdir "$MOD/app" --sidecar-bin "$(sidecar_bin)" \
+    --state-dir "$STATE/kubelet" --bridge "$BRIDGE" --subnet "198.18.$NET" --workdir "$MOD/app" --sidecar-bin "$(sidecar_bin)" \
     --image-command "ghcr.io/fal-serverless-k8s/seed-app=python3 app.py"
   wait_for test-kubelet 60 KUBECTL wait --for condition=Ready "node/$NODE" --timeout 2s ||
     { down quiet; die "the test kubelet did not register a Ready node"; }
@@ -266,11 +273,11 @@ down() {
   stop_pid test-kubelet 20
   # Pods of a kubelet that could not clean up (killed): their namespaces and processes.
   local ns pid
-  for ns in $(ip netns list 2>/dev/null | awk '/^falk-/ {print $1}'); do
+  for ns in $(ip netns list 2>/dev/null | awk -v p="^$BRIDGE-" '$1 ~ p {print $1}'); do
     for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
     ip netns del "$ns" 2>/dev/null || true
   done
-  ip link del falk0 2>/dev/null || true
+  ip link del "$BRIDGE" 2>/dev/null || true
   stop_pid kube-scheduler 5
   stop_pid kube-controller-manager 5
   stop_pid kube-apiserver 10

@@ -262,10 +262,13 @@ func (c *container) stop(deadline time.Time, graceful bool) {
 	}
 	if graceful && c.spec.Lifecycle != nil && c.spec.Lifecycle.PreStop != nil {
 		ctx, cancel := context.WithDeadline(context.Background(), deadline)
+		t0 := time.Now()
 		err := c.runHandler(ctx, c.spec.Lifecycle.PreStop)
 		cancel()
 		if err != nil {
 			klog.Warningf("pod %s container %s: preStop: %v", c.w.key(), c.spec.Name, err)
+		} else {
+			klog.Infof("pod %s container %s: preStop hook done in %v", c.w.key(), c.spec.Name, time.Since(t0).Round(time.Millisecond))
 		}
 	}
 	if graceful {

@@ -75,7 +75,7 @@ func main() {
 	flag.StringVar(&cfg.workDir, "workdir", ".", "working directory of containers without workingDir (the 'image' filesystem)")
 	flag.StringVar(&cfg.sidecarBin, "sidecar-bin", "fal-sidecar", "the fal-sidecar binary run for the fal-sidecar image")
 	flag.StringVar(&cfg.sidecarRepo, "sidecar-image", "fal-sidecar", "an image whose repository ends with this name is the fal-sidecar image")
-	flag.StringVar(&cfg.bridge, "bridge", "falk0", "bridge of the pod network")
+	flag.StringVar(&cfg.bridge, "bridge", "falk0", "bridge of the pod network (at most 9 characters; also prefixes the pods' netns and veth names)")
 	flag.StringVar(&cfg.subnet, "subnet", "198.18.0", "first three octets of the pod /24 (198.18.0.0/15 is reserved for tests)")
 	flag.Var(labels, "label", "extra node label KEY=VALUE (repeatable)")
 	flag.Var(capacity, "capacity", "node capacity RESOURCE=QUANTITY (repeatable)")
@@ -90,6 +90,10 @@ func main() {
 	}
 	for k, v := range images {
 		cfg.imageCommand[k] = strings.Fields(v)
+	}
+	if len(cfg.bridge) > 9 {
+		fmt.Fprintln(os.Stderr, "test-kubelet: --bridge: at most 9 characters (veth names derive from it)")
+		os.Exit(2)
 	}
 	if err := run(cfg); err != nil {
 		fmt.Fprintf(os.Stderr, "test-kubelet: %v\n", err)

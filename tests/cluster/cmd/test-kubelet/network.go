@@ -19,8 +19,6 @@ type podNetwork struct {
 	used   map[int]string // last octet → pod key
 }
 
-const netnsPrefix = "falk-"
-
 func ipCmd(args ...string) error {
 	out, err := exec.Command("ip", args...).CombinedOutput()
 	if err != nil {
@@ -51,7 +49,7 @@ func (n *podNetwork) nodeIP() string { return n.subnet + ".1" }
 func (n *podNetwork) removeStale() {
 	entries, _ := os.ReadDir("/run/netns")
 	for _, e := range entries {
-		if strings.HasPrefix(e.Name(), netnsPrefix) {
+		if strings.HasPrefix(e.Name(), n.bridge+"-") {
 			_ = ipCmd("netns", "del", e.Name())
 		}
 	}
@@ -77,10 +75,11 @@ func (n *podNetwork) add(key string) (netns, ip string, err error) {
 	if octet == 0 {
 		return "", "", fmt.Errorf("pod network %s.0/24 is full", n.subnet)
 	}
-	netns = fmt.Sprintf("%s%d", netnsPrefix, octet)
+	// Names carry the bridge's, so two clusters on one machine do not collide.
+	netns = fmt.Sprintf("%s-%d", n.bridge, octet)
 	ip = fmt.Sprintf("%s.%d", n.subnet, octet)
-	host := fmt.Sprintf("falkh%d", octet)
-	peer := fmt.Sprintf("falkp%d", octet)
+	host := fmt.Sprintf("%sh%d", n.bridge, octet)
+	peer := fmt.Sprintf("%sp%d", n.bridge, octet)
 	_ = ipCmd("netns", "del", netns)
 	_ = ipCmd("link", "del", host)
 	for _, args := range [][]string{
@@ -107,7 +106,7 @@ func (n *podNetwork) remove(netns, ip string) {
 	var octet int
 	fmt.Sscanf(strings.TrimPrefix(ip, n.subnet+"."), "%d", &octet)
 	_ = ipCmd("netns", "del", netns) // takes the veth pair with it
-	_ = ipCmd("link", "del", fmt.Sprintf("falkh%d", octet))
+	_ = ipCmd("link", "del", fmt.Sprintf("%sh%d", n.bridge, octet))
 	n.mu.Lock()
 	delete(n.used, octet)
 	n.mu.Unlock()
