@@ -118,6 +118,7 @@ BAD_VALUES = [
     ({"redis": {"enabled": False}, "store": {"url": "redis://a:6379/0", "existingSecret": "s"}},
      ["store", "choose one"]),
     ({"gateway": {"ingress": {"enabled": True}}}, ["gateway.ingress.host", "gateway.domain"]),
+    ({"catalog": {"replaceDefaults": True}}, ["catalog.machineTypes", "catalog.replaceDefaults"]),
     ({"operator": {"replicas": 2, "leaderElection": {"enabled": False}}},
      ["operator.replicas", "operator.leaderElection.enabled"]),
 ]
