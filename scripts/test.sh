@@ -77,3 +77,10 @@ echo "== end-to-end (real processes on loopback)"
 # Generous per-test bound: CI machines are shared; the tests poll, they do not time.
 export E2E_TEST_TIMEOUT=${E2E_TEST_TIMEOUT:-180}
 "$VENV/bin/python" -m pytest tests/e2e tests/local -q -p no:cacheprovider "$@"
+
+# --- a real Kubernetes control plane ------------------------------------------------------
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler built from Go modules
+# (cached; the first build takes minutes) and the test kubelet: the CRD's CEL rules, the
+# operator as its ServiceAccount, FalFunction pods serving the queue.
+echo "== Kubernetes control plane (scripts/cluster.sh + tests/cluster)"
+tests/cluster/run.sh "$VENV/bin/python"
