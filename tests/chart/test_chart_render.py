@@ -533,12 +533,6 @@ def test_default_images_are_the_ones_images_sh_and_the_operator_use():
     assert default_sidecar == f"{repo}/fal-sidecar:{version}"
 
 
-# Env vars the chart sets ahead of the operator release that reads them (see the
-# README of the chart work: leader election and the store Secret for sidecars).
-PENDING_CONTROLLER_ENV = {"FAL_LEADER_ELECT", "FAL_LEASE_NAME", "FAL_LEASE_NAMESPACE",
-                          "FAL_STORE_SECRET"}
-
-
 def help_text(*args):
     operator = binary("FAL_OPERATOR_BIN", "fal-operator")
     return subprocess.run([str(operator), *args, "--help"], capture_output=True, text=True)
@@ -550,21 +544,61 @@ def test_every_env_var_the_chart_gives_the_controller_is_read(template):
     objs = template(VARIANTS["ingress"])
     c = one(objs, "Deployment", "fal-serverless-operator")["spec"]["template"]["spec"]["containers"][0]
     names = [n for n in env_of(c) if n.startswith("FAL_")]
-    unknown = [n for n in names if f"[env: {n}=" not in helptext.stdout
-               and n not in PENDING_CONTROLLER_ENV]
+    unknown = [n for n in names if f"[env: {n}=" not in helptext.stdout]
     assert not unknown, f"fal-operator controller does not read {unknown}"
 
 
 def test_every_env_var_the_chart_gives_the_gateway_is_read(template):
     helptext = help_text("gateway")
-    if helptext.returncode != 0:
-        pytest.skip("fal-operator has no gateway subcommand yet")
+    assert helptext.returncode == 0, helptext.stderr
     values = {"gateway": {"domain": "fal.example.com", "webhookAllow": ["10.0.0.0/8"],
                           "coldStartTimeout": 300}}
     c = one(template(values), "Deployment", "fal-serverless-gateway")["spec"]["template"]["spec"]["containers"][0]
     names = [n for n in env_of(c) if n.startswith("FAL_")]
     unknown = [n for n in names if f"[env: {n}=" not in helptext.stdout]
     assert not unknown, f"fal-operator gateway does not read {unknown}"
+
+
+@pytest.mark.parametrize("variant", ["defaults", "external-store-url", "ha"])
+def test_function_pods_find_every_secret_they_reference(template, variant, tmp_path):
+    """The operator, configured by the chart's env, renders a function in each function
+    namespace; every Secret its pods reference (store URL, signing key) is one the
+    chart puts in that namespace, with that key."""
+    objs = template(VARIANTS[variant])
+    c = one(objs, "Deployment", "fal-serverless-operator")["spec"]["template"]["spec"]["containers"][0]
+    secrets = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in by_kind(objs, "Secret")}
+    env = {}
+    for name, e in env_of(c).items():
+        if "value" in e:
+            env[name] = e["value"]
+        elif "secretKeyRef" in e.get("valueFrom", {}):
+            ref = e["valueFrom"]["secretKeyRef"]
+            env[name] = base64.b64decode(secrets[(NAMESPACE, ref["name"])]["data"][ref["key"]]).decode()
+    env.pop("FAL_CATALOG")  # a path inside the pod; the catalog has its own test
+    operator = binary("FAL_OPERATOR_BIN", "fal-operator")
+    for ns in VARIANTS[variant].get("functionNamespaces", ["default"]):
+        ff = yaml.safe_load((ROOT / "examples" / "seed-app.yaml").read_text())
+        ff["metadata"]["namespace"] = ns
+        manifest = tmp_path / f"{ns}.yaml"
+        manifest.write_text(yaml.safe_dump(ff))
+        out = subprocess.run([str(operator), "render", "-f", manifest], env={**env, "PATH": "/usr/bin:/bin"},
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        dep = next(d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "Deployment")
+        pod = dep["spec"]["template"]["spec"]
+        refs = [(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+                for ctr in pod["containers"] + pod.get("initContainers", [])
+                for e in ctr.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
+        refs += [(v["secret"]["secretName"], item["key"]) for v in pod.get("volumes", [])
+                 if "secret" in v for item in v["secret"].get("items", [])]
+        assert ("fal-serverless-store", "url") in refs, "sidecars read the store URL from the Secret"
+        assert ("fal-serverless-signing-key", "signing-key") in refs
+        for name, key in refs:
+            assert (ns, name) in secrets, f"no Secret {name} in namespace {ns}"
+            assert key in secrets[(ns, name)]["data"], f"Secret {ns}/{name} has no key {key}"
+        for ctr in pod["containers"] + pod.get("initContainers", []):
+            for e in ctr.get("env", []):
+                assert "redis://" not in e.get("value", ""), "the store URL leaked into the pod spec"
 
 
 def test_catalog_configmap_is_a_catalog_the_operator_loads(template, tmp_path):
