@@ -12,11 +12,13 @@ Fixtures for later suites (the gateway, scale to zero):
   make_operator(*args, subcommand="controller", service_account=…)
                           a fal-operator process authenticated as a ServiceAccount
   namespace               a fresh namespace per test, deleted afterwards
+  node_redis              a redis-server reachable from pods (pod_url) and the test (url)
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +29,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kube import CLUSTER_SH, OPERATOR_BIN, REPO, STATE, Cluster, Operator, wait_until  # noqa: E402
+from kube import CLUSTER_SH, OPERATOR_BIN, REPO, STATE, Cluster, NodeRedis, Operator, wait_until  # noqa: E402
 
 TEST_TIMEOUT = float(os.environ.get("CLUSTER_TEST_TIMEOUT", "300"))
 
@@ -143,3 +145,13 @@ def namespace(cluster: Cluster):
                f"the default ServiceAccount of {name}")
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def node_redis(cluster: Cluster, tmp_path):
+    """The shared store as in a cluster: pods reach it at the node's address."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed (scripts/test.sh installs it)")
+    redis = NodeRedis(tmp_path, cluster.node_ip()).start()
+    yield redis
+    redis.stop()

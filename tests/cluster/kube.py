@@ -188,3 +188,49 @@ class Operator:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=5)
+
+
+class NodeRedis:
+    """A `redis-server` on this machine that pods can reach: bound to loopback (for
+    processes of the test, e.g. a gateway) and to the node's address on the pod network
+    (for sidecars in pods). No persistence; stopped by stop()."""
+
+    def __init__(self, workdir: Path, node_ip: str):
+        self.workdir = Path(workdir)
+        self.node_ip = node_ip
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        """For processes of the test (loopback)."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pod_url(self) -> str:
+        """For pods (the node's address on the pod network)."""
+        return f"redis://{self.node_ip}:{self.port}/0"
+
+    def command(self, *args: str) -> str:
+        return subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True,
+                              text=True, timeout=10, check=True).stdout
+
+    def start(self) -> "NodeRedis":
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", f"127.0.0.1 {self.node_ip}",
+             "--protected-mode", "no",  # bound to loopback and the pod network only
+             "--dir", str(self.workdir), "--save", "", "--appendonly", "no",
+             "--logfile", str(self.workdir / "redis.log")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        wait_until(lambda: self.command("PING").strip() == "PONG", 15, f"redis-server on {self.port}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
