@@ -17,6 +17,21 @@ t0=$SECONDS
 scripts/cluster.sh build
 echo "cluster tests: binaries ready in $((SECONDS - t0)) s"
 if ! scripts/cluster.sh status >/dev/null 2>&1; then
+  if [ -z "${FAL_CLUSTER_PORT:-}${FAL_CLUSTER_NET:-}" ]; then
+    # Another cluster on this machine (a developer's, another checkout's CI run) may
+    # hold the default ports or pod network: take the first free slot.
+    for n in $(seq 0 20); do
+      port=$((16443 + 10 * n)) busy=0
+      for p in $(seq "$port" $((port + 4))); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && busy=1
+      done
+      pgrep -f -- "--bridge falk$n( |\$)" >/dev/null && busy=1
+      if [ $busy = 0 ]; then
+        export FAL_CLUSTER_PORT=$port FAL_CLUSTER_NET=$n
+        break
+      fi
+    done
+  fi
   trap 'scripts/cluster.sh down' EXIT
   t1=$SECONDS
   scripts/cluster.sh up
