@@ -91,9 +91,10 @@ def crds(cluster: Cluster):
 
 
 def rbac_manifests() -> list[Path]:
-    """The project's RBAC for the operator: the chart's rendering once it is committed
-    as deploy/rbac.yaml (generated from the chart), that file until then."""
-    return [REPO / "deploy" / "rbac.yaml"]
+    """The project's RBAC: deploy/rbac*.yaml, generated from the chart's templates
+    (fal-system/fal-operator for the controller, fal-system/fal-gateway for the gateway)."""
+    first = REPO / "deploy" / "rbac.yaml"  # it holds the fal-system Namespace
+    return [first, *sorted(p for p in (REPO / "deploy").glob("rbac*.yaml") if p != first)]
 
 
 @pytest.fixture(scope="session")

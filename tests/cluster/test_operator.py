@@ -11,7 +11,7 @@ import httpx
 import pytest
 import yaml
 
-from kube import FUNCTION_LABEL, OPERATOR_BIN, REPO, Cluster, Operator, wait_until
+from kube import FUNCTION_LABEL, REPO, STATE, Cluster, Operator, wait_until
 
 SEED = REPO / "examples" / "seed-app.yaml"
 # What the apiserver answers when RBAC refuses the operator's ServiceAccount.
@@ -198,3 +198,6 @@ def test_command_pod_serves_the_queue(cluster: Cluster, crds, operator, namespac
     wait_until(lambda: (lambda v: len(v) == 2 and v)(cluster.ready_pod_ips(namespace, name)),
                120, "a replacement pod")
     assert victim not in {p["metadata"]["name"] for p in cluster.pods(namespace, name)}
+    # The app's preStop hook (GET /drain on the sidecar) ran before SIGTERM.
+    kubelet_log = (STATE / "logs" / "test-kubelet.log").read_text(errors="replace")
+    assert f"pod {namespace}/{victim} container app: preStop hook done" in kubelet_log

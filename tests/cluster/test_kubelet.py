@@ -1,0 +1,81 @@
+"""The test kubelet keeps the pod contract the operator relies on: one network identity
+and shared volumes per pod, env from the downward API, restarts, preStop hooks and the
+grace period on deletion."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from kube import Cluster, wait_until
+
+
+def pod(name: str, namespace: str, containers: list[dict], **spec) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": {"test": name}},
+            "spec": {"containers": containers, **spec}}
+
+
+def status(cluster: Cluster, name: str, namespace: str) -> dict:
+    return cluster.json("get", "pod", name, "-n", namespace)["status"]
+
+
+def is_ready(st: dict) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in st.get("conditions", []))
+
+
+def test_containers_share_the_pod_network_and_volumes(cluster: Cluster, namespace):
+    """One container writes its pod IP (downward API, $(VAR) expansion) into an emptyDir;
+    the other serves that directory on the pod's address; a readiness probe gates Ready."""
+    writer = {"name": "writer", "image": "busybox",
+              "command": ["sh", "-c", "echo -n $(POD_IP) > /pod-data/ip && sleep 3600"],
+              "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+              "volumeMounts": [{"name": "data", "mountPath": "/pod-data"}]}
+    server = {"name": "server", "image": "python",
+              "command": ["python3", "-m", "http.server", "8000", "--directory", "/pod-data"],
+              "readinessProbe": {"httpGet": {"path": "/ip", "port": 8000}, "periodSeconds": 1},
+              "volumeMounts": [{"name": "data", "mountPath": "/pod-data", "readOnly": True}]}
+    cluster.apply(pod("shared", namespace, [writer, server],
+                      volumes=[{"name": "data", "emptyDir": {}}]))
+    st = wait_until(lambda: (lambda s: is_ready(s) and s)(status(cluster, "shared", namespace)),
+                    60, "pod shared Ready")
+    ip = st["podIP"]
+    assert ip.startswith(cluster.node_ip().rsplit(".", 1)[0] + "."), ip
+    assert httpx.get(f"http://{ip}:8000/ip", timeout=5).text == ip
+    # The volume is the pod's own: nothing appeared at the mount path on the host.
+    assert not __import__("os").path.exists("/pod-data/ip")
+    assert {c["name"]: c["ready"] for c in st["containerStatuses"]} == {"writer": True, "server": True}
+
+
+def test_failed_container_restarts(cluster: Cluster, namespace):
+    cluster.apply(pod("crash", namespace, [{"name": "c", "image": "busybox",
+                                            "command": ["sh", "-c", "sleep 0.2; exit 3"]}]))
+
+    def restarted():
+        cs = status(cluster, "crash", namespace).get("containerStatuses", [{}])[0]
+        return cs.get("restartCount", 0) >= 1 and cs
+
+    cs = wait_until(restarted, 60, "a restart of the crashing container")
+    term = cs["state"].get("terminated")
+    assert term is None or term["exitCode"] == 3, cs
+
+
+def test_deletion_runs_prestop_then_kills_after_the_grace_period(cluster: Cluster, namespace, tmp_path):
+    """preStop (exec, in the pod) runs first; a process ignoring SIGTERM is killed when the
+    grace period ends; then the kubelet removes the pod."""
+    tmp_path.chmod(0o777)
+    stubborn = {"name": "stubborn", "image": "busybox",
+                "command": ["sh", "-c", "trap '' TERM; while true; do sleep 0.2; done"],
+                "lifecycle": {"preStop": {"exec": {"command": ["sh", "-c", "date +%s.%N > /marks/prestop"]}}},
+                "volumeMounts": [{"name": "marks", "mountPath": "/marks"}]}
+    cluster.apply(pod("stubborn", namespace, [stubborn], terminationGracePeriodSeconds=3,
+                      volumes=[{"name": "marks", "hostPath": {"path": str(tmp_path)}}]))
+    wait_until(lambda: is_ready(status(cluster, "stubborn", namespace)), 60, "pod stubborn Ready")
+    t0 = time.time()
+    cluster.kubectl("delete", "pod", "stubborn", "-n", namespace, "--wait=true", timeout=60)
+    elapsed = time.time() - t0
+    assert (tmp_path / "prestop").exists(), "the preStop hook did not run"
+    # SIGTERM was ignored: the pod went only when SIGKILL came at the end of the grace period.
+    assert elapsed >= 2.5, f"deleted after {elapsed:.1f}s, before the 3 s grace period"
+    assert elapsed < 30, elapsed
