@@ -132,6 +132,14 @@ class Cluster:
         return wait_until(lambda: (self.ready_pod_ips(namespace, function) or [None])[0],
                           timeout, f"a Ready pod of {namespace}/{function}")
 
+    def ready_endpoints(self, namespace: str, service: str) -> list[str]:
+        """Ready addresses in the Service's EndpointSlices (kube-controller-manager's
+        view of the pods: what the gateway routes warm calls to)."""
+        slices = self.json("get", "endpointslices", "-n", namespace,
+                           "-l", f"kubernetes.io/service-name={service}")["items"]
+        return sorted(addr for s in slices for ep in s.get("endpoints") or []
+                      if ep.get("conditions", {}).get("ready") for addr in ep["addresses"])
+
     def node_ip(self) -> str:
         """The node's address on the pod network (reachable from every pod): where a
         test runs servers pods must reach (e.g. a Redis store, a webhook receiver)."""

@@ -182,6 +182,9 @@ def test_command_pod_serves_the_queue(cluster: Cluster, crds, operator, namespac
     ips = wait_until(lambda: (lambda v: len(v) == 2 and v)(cluster.ready_pod_ips(namespace, name)),
                      120, "two Ready pods")
     assert len(set(ips)) == 2, ips
+    # The Service's EndpointSlices list both pods as ready (what the gateway routes to).
+    wait_until(lambda: cluster.ready_endpoints(namespace, name) == sorted(ips), 60,
+               f"EndpointSlices of {name} with {ips}")
     for ip in ips:
         with httpx.Client(timeout=10) as http:
             # The app itself answers on the pod's address (its own netns, port 8080).
