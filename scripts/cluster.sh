@@ -254,23 +254,26 @@ up() {
   say "up in $((SECONDS - t0)) s: export KUBECONFIG=$STATE/kubeconfig PATH=$STATE/bin:\$PATH"
 }
 
-stop_pid() { # NAME SECONDS: SIGTERM, then SIGKILL after SECONDS
-  local name=$1 limit=$2 p i
-  p=$(pid_of "$name")
-  if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then
-    kill -TERM "$p" 2>/dev/null || true
-    for ((i = 0; i < limit * 10; i++)); do
-      kill -0 "$p" 2>/dev/null || break
-      sleep 0.1
-    done
-    kill -KILL "$p" 2>/dev/null || true
-  fi
-  rm -f "$STATE/run/$name.pid"
+stop() { # SECONDS NAME…: SIGTERM to all, SIGKILL to what is left after SECONDS
+  local limit=$1 name p i pids=()
+  shift
+  for name in "$@"; do
+    p=$(pid_of "$name")
+    [ -n "$p" ] && kill -TERM "$p" 2>/dev/null && pids+=("$p")
+    rm -f "$STATE/run/$name.pid"
+  done
+  local left=${#pids[@]}
+  for ((i = 0; i < limit * 10 && left > 0; i++)); do
+    sleep 0.1
+    left=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && left=$((left + 1)); done
+  done
+  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
 }
 
 down() {
   local quiet=${1:-}
-  stop_pid test-kubelet 20
+  stop 20 test-kubelet
   # Pods of a kubelet that could not clean up (killed): their namespaces and processes.
   local ns pid
   for ns in $(ip netns list 2>/dev/null | awk -v p="^$BRIDGE-" '$1 ~ p {print $1}'); do
@@ -278,10 +281,7 @@ down() {
     ip netns del "$ns" 2>/dev/null || true
   done
   ip link del "$BRIDGE" 2>/dev/null || true
-  stop_pid kube-scheduler 5
-  stop_pid kube-controller-manager 5
-  stop_pid kube-apiserver 10
-  stop_pid etcd 10
+  stop 10 kube-scheduler kube-controller-manager kube-apiserver etcd
   rm -rf "$STATE/etcd"
   [ -n "$quiet" ] || say "down"
 }
