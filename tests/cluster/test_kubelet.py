@@ -61,6 +61,20 @@ def test_failed_container_restarts(cluster: Cluster, namespace):
     assert term is None or term["exitCode"] == 3, cs
 
 
+def test_failing_liveness_probe_restarts_the_container(cluster: Cluster, namespace):
+    cluster.apply(pod("unwell", namespace, [{
+        "name": "c", "image": "busybox", "command": ["sleep", "3600"],
+        "livenessProbe": {"exec": {"command": ["false"]}, "periodSeconds": 1, "failureThreshold": 2},
+    }], terminationGracePeriodSeconds=2))
+
+    def restarted():
+        cs = status(cluster, "unwell", namespace).get("containerStatuses", [{}])[0]
+        return cs.get("restartCount", 0) >= 1 and cs.get("lastState", {}).get("terminated") and cs
+
+    cs = wait_until(restarted, 60, "a restart after the liveness probe failed")
+    assert cs["lastState"]["terminated"]["exitCode"] == 143, cs  # SIGTERM
+
+
 def test_deletion_runs_prestop_then_kills_after_the_grace_period(cluster: Cluster, namespace, tmp_path):
     """preStop (exec, in the pod) runs first; a process ignoring SIGTERM is killed when the
     grace period ends; then the kubelet removes the pod."""

@@ -47,7 +47,8 @@ type container struct {
 	exitCode    int32
 	exitReason  string
 	restarts    int32
-	started     bool // startup probe passed (or none)
+	lastTerm    *corev1.ContainerStateTerminated // the previous run, after a restart
+	started     bool                             // startup probe passed (or none)
 	ready       bool
 	waitReason  string
 	waitMessage string
@@ -172,6 +173,10 @@ func (c *container) start() {
 	done := make(chan struct{})
 	stopProbes := make(chan struct{})
 	c.mu.Lock()
+	if c.st == stateExited {
+		c.lastTerm = &corev1.ContainerStateTerminated{ExitCode: c.exitCode, Reason: c.exitReason,
+			StartedAt: c.startedAt, FinishedAt: c.finishedAt}
+	}
 	c.cmd, c.done, c.stopProbes = cmd, done, stopProbes
 	c.st, c.startedAt = stateRunning, metav1.Now()
 	c.started = c.spec.StartupProbe == nil
@@ -251,10 +256,18 @@ func (c *container) kill() {
 	}
 }
 
-// stop: the preStop hook (if asked), SIGTERM, SIGKILL at the deadline.
+// stop ends the container for good (the pod is going away): no more restarts.
 func (c *container) stop(deadline time.Time, graceful bool) {
 	c.mu.Lock()
 	c.stopping = true
+	c.mu.Unlock()
+	c.terminate(deadline, graceful)
+}
+
+// terminate: the preStop hook (if graceful), SIGTERM, SIGKILL at the deadline. After a
+// failed liveness or startup probe the restart policy then starts it again.
+func (c *container) terminate(deadline time.Time, graceful bool) {
+	c.mu.Lock()
 	running, done := c.st == stateRunning, c.done
 	c.mu.Unlock()
 	if !running {
@@ -439,7 +452,7 @@ func (c *container) probe(stop chan struct{}) {
 	liveness := newProber(c.spec.LivenessProbe, now)
 	restart := func(why string) {
 		klog.Infof("pod %s container %s: %s probe failed, restarting", c.w.key(), c.spec.Name, why)
-		go c.stop(time.Now().Add(graceOf(c.w.latest())), true)
+		go c.terminate(time.Now().Add(graceOf(c.w.latest())), true)
 	}
 	for {
 		select {
@@ -450,10 +463,10 @@ func (c *container) probe(stop chan struct{}) {
 		c.mu.Lock()
 		started, stopping := c.started, c.stopping
 		c.mu.Unlock()
-		if stopping {
-			continue // probes keep running on a stopping pod, but nothing restarts it
-		}
 		if !started {
+			if stopping {
+				continue
+			}
 			if ran, ok, failed := startup.run(c); ran {
 				if ok {
 					c.mu.Lock()
@@ -478,6 +491,11 @@ func (c *container) probe(stop chan struct{}) {
 			} else if failed {
 				c.setReady(false)
 			}
+		}
+		// Readiness is probed on a stopping pod too (a draining sidecar turns unready);
+		// liveness no longer restarts anything.
+		if stopping {
+			continue
 		}
 		if ran, _, failed := liveness.run(c); ran && failed {
 			restart("liveness")
@@ -517,6 +535,9 @@ func (c *container) containerStatus() corev1.ContainerStatus {
 		Started:      new(bool),
 	}
 	*cs.Started = c.st == stateRunning && c.started
+	if c.lastTerm != nil {
+		cs.LastTerminationState.Terminated = c.lastTerm.DeepCopy()
+	}
 	if c.cmd != nil && c.cmd.Process != nil {
 		cs.ContainerID = fmt.Sprintf("local://%d", c.cmd.Process.Pid)
 	}
