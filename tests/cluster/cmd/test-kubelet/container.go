@@ -153,19 +153,37 @@ func (c *container) start() {
 		fail("ErrImageNeverPull", err)
 		return
 	}
-	cmd, err := helperCmd(c.helperSpec(argv, env))
+	spec := c.helperSpec(argv, env)
+	cmd, err := helperCmd(spec)
 	if err != nil {
 		fail("CreateContainerError", err)
 		return
 	}
+	mounts := w.k.mounts
+	var targets []string
+	releaseMounts := func() {
+		for _, t := range targets {
+			mounts.release(t)
+		}
+	}
+	for _, b := range spec.Binds {
+		if err := mounts.acquire(b.Dst); err != nil {
+			releaseMounts()
+			fail("CreateContainerError", err)
+			return
+		}
+		targets = append(targets, b.Dst)
+	}
 	logf, err := os.OpenFile(filepath.Join(w.dir, "logs", c.spec.Name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
+		releaseMounts()
 		fail("CreateContainerError", err)
 		return
 	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		logf.Close()
+		releaseMounts()
 		fail("StartError", err)
 		return
 	}
@@ -186,6 +204,7 @@ func (c *container) start() {
 	klog.Infof("pod %s container %s: started pid %d: %s", w.key(), c.spec.Name, cmd.Process.Pid, strings.Join(argv, " "))
 	go func() {
 		err := cmd.Wait()
+		releaseMounts()
 		code := int32(0)
 		reason := "Completed"
 		if err != nil {

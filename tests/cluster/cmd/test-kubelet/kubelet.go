@@ -24,10 +24,11 @@ type kubelet struct {
 	mu      sync.Mutex
 	workers map[types.UID]*podWorker
 	wg      sync.WaitGroup
+	mounts  *mountPoints
 }
 
 func newKubelet(client kubernetes.Interface, cfg config, net *podNetwork) *kubelet {
-	return &kubelet{client: client, cfg: cfg, net: net, workers: map[types.UID]*podWorker{}}
+	return &kubelet{client: client, cfg: cfg, net: net, workers: map[types.UID]*podWorker{}, mounts: newMountPoints()}
 }
 
 func (k *kubelet) run(ctx context.Context) error {
