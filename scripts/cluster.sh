@@ -56,7 +56,8 @@ hash_of() { cat "$@" | sha256sum | cut -c1-12; }
 # The version ldflags make /version and `kubectl version` report the real release.
 build_control_plane() {
   local key dir tmp ld=() p
-  key=$(hash_of "$MOD/go.mod" "$MOD/go.sum" "$MOD/cmd/etcd/main.go")
+  # go.sum pins every module of the build (go.mod's `tool` lines and comments do not matter).
+  key=$(hash_of "$MOD/go.sum" "$MOD/cmd/etcd/main.go")
   dir=$CACHE/k8s-v$K8S_VERSION-etcd-v$ETCD_VERSION-$key
   CP_BIN=$dir/bin
   [ -x "$CP_BIN/kube-apiserver" ] && [ -x "$CP_BIN/etcd" ] && [ -x "$CP_BIN/kubectl" ] && return
@@ -89,7 +90,7 @@ build_control_plane() {
 # The test kubelet is small and changes with the test harness: its own cache key.
 build_kubelet() {
   local key
-  key=$(hash_of "$MOD/go.mod" "$MOD/go.sum" "$MOD"/cmd/test-kubelet/*.go)
+  key=$(hash_of "$MOD/go.sum" "$MOD"/cmd/test-kubelet/*.go)
   KUBELET_BIN=$CACHE/test-kubelet-$key/test-kubelet
   [ -x "$KUBELET_BIN" ] && return
   find_go
@@ -97,6 +98,8 @@ build_kubelet() {
   mkdir -p "${KUBELET_BIN%/*}"
   (cd "$MOD" && nice -n 19 go build -trimpath -ldflags "-s -w" -o "$KUBELET_BIN.tmp.$$" ./cmd/test-kubelet)
   mv "$KUBELET_BIN.tmp.$$" "$KUBELET_BIN"
+  # Earlier builds of it are not needed any more.
+  find "$CACHE" -maxdepth 1 -name 'test-kubelet-*' ! -path "${KUBELET_BIN%/*}" -exec rm -rf {} +
 }
 
 build() {
