@@ -18,7 +18,7 @@
 # there too unless GOMODCACHE/GOCACHE are set.
 #
 # Environment: FAL_CLUSTER_PORT (apiserver, default 16443; etcd uses +1 and +2, the
-# controller manager +3, the scheduler +4), FAL_CLUSTER_NET (0-255: the pod network
+# controller manager +3, the scheduler +4, the test kubelet's API +5), FAL_CLUSTER_NET (0-255: the pod network
 # 198.18.N.0/24 on bridge falkN; a second cluster on the machine needs another N and
 # port), FAL_SIDECAR_BIN (the fal-sidecar binary
 # run for the sidecar image; default $CARGO_TARGET_DIR/debug or target/debug).
@@ -33,6 +33,7 @@ K8S_RELEASE_DATE=2026-10-27T12:01:04Z  # of v$K8S_VERSION (the module proxy's .i
 NODE=fal-test-node
 PORT=${FAL_CLUSTER_PORT:-16443}
 ETCD_PORT=$((PORT + 1)) ETCD_PEER_PORT=$((PORT + 2)) KCM_PORT=$((PORT + 3)) SCHED_PORT=$((PORT + 4))
+KUBELET_PORT=$((PORT + 5)) # on the node's pod-network address, not loopback
 NET=${FAL_CLUSTER_NET:-0} # pod network: bridge falkN, pods in 198.18.N.0/24 (reserved for tests)
 BRIDGE=falk$NET
 CACHE=${FAL_CLUSTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fal-serverless/cluster}
@@ -233,7 +234,7 @@ up() {
     --api-audiences https://kubernetes.default.svc.cluster.local \
     --service-cluster-ip-range 10.0.0.0/24 \
     --allow-privileged=true --cert-dir "$STATE/pki/generated" \
-    --endpoint-reconciler-type none
+    --endpoint-reconciler-type none --kubelet-preferred-address-types InternalIP
   wait_for kube-apiserver 90 KUBECTL get --raw /readyz || { down quiet; die "kube-apiserver did not start"; }
   start kube-controller-manager "$bin/kube-controller-manager" \
     --kubeconfig "$STATE/kubeconfig" --authentication-kubeconfig "$STATE/kubeconfig" \
@@ -247,7 +248,7 @@ up() {
     --authorization-kubeconfig "$STATE/kubeconfig" \
     --bind-address 127.0.0.1 --secure-port "$SCHED_PORT" --leader-elect=false
   start test-kubelet "$bin/test-kubelet" --kubeconfig "$STATE/kubeconfig" --node-name "$NODE" \
-    --state-dir "$STATE/kubelet" --bridge "$BRIDGE" --subnet "198.18.$NET" --workdir "$MOD/app" --sidecar-bin "$(sidecar_bin)" \
+    --state-dir "$STATE/kubelet" --bridge "$BRIDGE" --subnet "198.18.$NET" --port "$KUBELET_PORT" --workdir "$MOD/app" --sidecar-bin "$(sidecar_bin)" \
     --image-command "ghcr.io/fal-serverless-k8s/seed-app=python3 app.py"
   wait_for test-kubelet 60 KUBECTL wait --for condition=Ready "node/$NODE" --timeout 2s ||
     { down quiet; die "the test kubelet did not register a Ready node"; }

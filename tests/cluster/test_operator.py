@@ -193,6 +193,9 @@ def test_command_pod_serves_the_queue(cluster: Cluster, crds, operator, namespac
         assert submit_and_wait(ip, "test", {"ip": ip})["input"] == {"ip": ip}
     pod = cluster.pods(namespace, name)[0]
     assert "listening" in cluster.pod_log(pod, "app")
+    # `kubectl logs` reaches the test kubelet's API through the apiserver.
+    logs = cluster.kubectl("logs", pod["metadata"]["name"], "-n", namespace, "-c", "app").stdout
+    assert "listening on http://0.0.0.0:8080" in logs, logs
 
     # Deleting a pod: preStop (/drain on the sidecar), SIGTERM, and the ReplicaSet
     # replaces it.

@@ -7,8 +7,9 @@
 // runs its command + args. Probes set Ready; deletion runs preStop hooks, then SIGTERM,
 // then SIGKILL at the end of the grace period.
 //
-// It is a test harness, not a kubelet: no images, no cgroups, no kubelet API
-// (`kubectl logs` reads nothing; container output is in --state-dir/pods/…/NAME.log).
+// It is a test harness, not a kubelet: no images, no cgroups, no exec/attach/port-forward;
+// of the kubelet API only the logs endpoint (`kubectl logs`), reading
+// --state-dir/pods/…/logs/NAME.log.
 package main
 
 import (
@@ -34,6 +35,7 @@ type config struct {
 	sidecarRepo  string
 	bridge       string
 	subnet       string // a /24: .1 is the node, pods get .2 … .254
+	port         int    // kubelet API (logs) on the node address
 	labels       map[string]string
 	capacity     map[string]string
 	imageCommand map[string][]string
@@ -77,6 +79,7 @@ func main() {
 	flag.StringVar(&cfg.sidecarRepo, "sidecar-image", "fal-sidecar", "an image whose repository ends with this name is the fal-sidecar image")
 	flag.StringVar(&cfg.bridge, "bridge", "falk0", "bridge of the pod network (at most 9 characters; also prefixes the pods' netns and veth names)")
 	flag.StringVar(&cfg.subnet, "subnet", "198.18.0", "first three octets of the pod /24 (198.18.0.0/15 is reserved for tests)")
+	flag.IntVar(&cfg.port, "port", 10250, "port of the kubelet API (kubectl logs) on the node's pod-network address")
 	flag.Var(labels, "label", "extra node label KEY=VALUE (repeatable)")
 	flag.Var(capacity, "capacity", "node capacity RESOURCE=QUANTITY (repeatable)")
 	flag.Var(images, "image-command", "IMAGE_REPO=CMD ARG…: what a container of this image without a command runs (repeatable)")
@@ -122,6 +125,9 @@ func run(cfg config) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	if err := serveAPI(ctx, fmt.Sprintf("%s:%d", net.nodeIP(), cfg.port), cfg.stateDir); err != nil {
+		return fmt.Errorf("kubelet API: %w", err)
+	}
 	node := &nodeAgent{client: client, cfg: cfg, ip: net.nodeIP()}
 	if err := node.register(ctx); err != nil {
 		return fmt.Errorf("registering node %s: %w", cfg.nodeName, err)

@@ -51,6 +51,9 @@ func (n *nodeAgent) status() corev1.NodeStatus {
 			{Type: corev1.NodeInternalIP, Address: n.ip},
 			{Type: corev1.NodeHostName, Address: hostname},
 		},
+		DaemonEndpoints: corev1.NodeDaemonEndpoints{
+			KubeletEndpoint: corev1.DaemonEndpoint{Port: int32(n.cfg.port)},
+		},
 		NodeInfo: corev1.NodeSystemInfo{
 			KubeletVersion:          "test-kubelet",
 			ContainerRuntimeVersion: "local-process://0",
