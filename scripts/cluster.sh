@@ -75,7 +75,7 @@ build_control_plane() {
         "-X '$p.gitTreeState=clean'" "-X '$p.buildDate=$K8S_RELEASE_DATE'")
     done
     tmp=$dir.tmp.$$
-    rm -rf "$tmp"
+    rm -rf "$dir".tmp.* # what an interrupted build left (we hold the lock)
     mkdir -p "$tmp/bin"
     local t0=$SECONDS
     (cd "$MOD" && nice -n 19 go build -trimpath -ldflags "-s -w ${ld[*]}" -o "$tmp/bin/" \
