@@ -196,11 +196,17 @@ sidecar_bin() {
   echo "$b"
 }
 
+all_alive() {
+  local c
+  for c in "${COMPONENTS[@]}"; do alive "$c" || return 1; done
+}
+
 up() {
-  if alive kube-apiserver && KUBECTL get --raw /readyz >/dev/null 2>&1; then
+  if all_alive && KUBECTL get --raw /readyz >/dev/null 2>&1; then
     say "already up (KUBECONFIG=$STATE/kubeconfig)"
     return
   fi
+  # Anything half-up (a component died) is stopped below and started afresh.
   [ "$(id -u)" = 0 ] || die "the test kubelet needs root (network namespaces for pods)"
   command -v ip >/dev/null || die "iproute2 ('ip') is needed for the pod network"
   local other
