@@ -13,6 +13,12 @@ Fixtures for later suites (the gateway, scale to zero):
                           a fal-operator process authenticated as a ServiceAccount
   namespace               a fresh namespace per test, deleted afterwards
   node_redis              a redis-server reachable from pods (pod_url) and the test (url)
+
+The gateway, for example, as its own ServiceAccount in front of pods sharing Redis:
+  make_operator("--store-url", node_redis.pod_url)                       # the controller
+  make_operator("--store", node_redis.url, "--listen", "127.0.0.1:0", …,
+                subcommand="gateway", service_account="fal-gateway")
+and it reaches pods at cluster.ready_endpoints(ns, name) (their own addresses).
 """
 
 from __future__ import annotations

@@ -207,3 +207,21 @@ def test_command_pod_serves_the_queue(cluster: Cluster, crds, operator, namespac
     # The app's preStop hook (GET /drain on the sidecar) ran before SIGTERM.
     kubelet_log = (STATE / "logs" / "test-kubelet.log").read_text(errors="replace")
     assert f"pod {namespace}/{victim} container app: preStop hook done" in kubelet_log
+
+
+def test_operator_runs_as_its_service_account_not_admin(cluster: Cluster, operator):
+    """The operator's credentials are the ServiceAccount's bound token: RBAC, not
+    system:masters, decides what it may do."""
+    as_operator = ["--kubeconfig", str(operator.kubeconfig)]
+    who = cluster.kubectl(*as_operator, "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}").stdout
+    assert who == "system:serviceaccount:fal-system:fal-operator", who
+
+    def can(*args: str) -> str:
+        proc = cluster.kubectl(*as_operator, "auth", "can-i", *args, check=False)
+        return proc.stdout.strip()
+
+    assert can("patch", "deployments.apps", "-n", "default") == "yes"
+    assert can("patch", "falfunctions.fal.serverless.dev", "--subresource", "status", "-n", "default") == "yes"
+    for denied in (("get", "secrets", "-n", "default"), ("delete", "nodes"),
+                   ("create", "clusterrolebindings"), ("delete", "falfunctions.fal.serverless.dev")):
+        assert can(*denied) == "no", denied
