@@ -219,8 +219,8 @@ up() {
     port_taken "$p" && die "port 127.0.0.1:$p is taken (another cluster? set FAL_CLUSTER_PORT to move the ports: apiserver P, etcd P+1/P+2, controller manager P+3, scheduler P+4)"
   done
   local t0=$SECONDS
+  rm -rf "$STATE/etcd" "$STATE/kubelet" "$STATE/logs" # a fresh cluster, fresh logs
   mkdir -p "$STATE/run" "$STATE/logs"
-  rm -rf "$STATE/etcd" "$STATE/kubelet"
   certs
   kubeconfig
   local pki=$STATE/pki bin=$STATE/bin

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import httpx
 
-from kube import Cluster, free_port, wait_until
+from kube import Cluster, free_ports, wait_until
 from test_operator import RBAC_DENIAL
 
 
 def test_warm_calls_through_the_gateway(cluster: Cluster, crds, make_operator, node_redis,
                                         namespace, tmp_path):
     controller = make_operator("--store-url", node_redis.pod_url)
-    run, queue, admin = free_port(), free_port(), free_port()
+    run, queue, admin = free_ports(3)
     gateway = make_operator(
         "--store", node_redis.url, "--listen", f"127.0.0.1:{run}",
         "--queue-listen", f"127.0.0.1:{queue}", "--admin-listen", f"127.0.0.1:{admin}",
@@ -32,8 +32,11 @@ def test_warm_calls_through_the_gateway(cluster: Cluster, crds, make_operator, n
     ip = cluster.pod_address(namespace, name, timeout=120)
     wait_until(lambda: ip in cluster.ready_endpoints(namespace, name), 60, "the pod in the EndpointSlices")
     with httpx.Client(timeout=30) as http:
-        wait_until(lambda: http.get(f"http://127.0.0.1:{admin}/healthz").status_code == 200, 30,
-                   f"the gateway's /healthz; log:\n{gateway.log()[-2000:]}")
+        def healthy():
+            assert gateway.running(), f"the gateway exited ({gateway.proc.returncode}), see its log"
+            return http.get(f"http://127.0.0.1:{admin}/healthz").status_code == 200
+
+        wait_until(healthy, 30, "the gateway's /healthz")
         r = wait_until(lambda: (lambda r: r.status_code == 200 and r)(
             http.post(f"http://127.0.0.1:{run}/{namespace}/{name}/test", json={"via": "gateway"})),
             60, "a sync call through the gateway")

@@ -294,6 +294,13 @@ func (c *container) terminate(deadline time.Time, graceful bool) {
 	}
 	if graceful && c.spec.Lifecycle != nil && c.spec.Lifecycle.PreStop != nil {
 		ctx, cancel := context.WithDeadline(context.Background(), deadline)
+		go func() { // a force deletion or a kubelet shutdown cuts the hook short
+			select {
+			case <-c.w.gone:
+				cancel()
+			case <-ctx.Done():
+			}
+		}()
 		t0 := time.Now()
 		err := c.runHandler(ctx, c.spec.Lifecycle.PreStop)
 		cancel()
@@ -309,6 +316,7 @@ func (c *container) terminate(deadline time.Time, graceful bool) {
 		case <-done:
 			return
 		case <-time.After(time.Until(deadline)):
+		case <-c.w.gone:
 		}
 	}
 	c.kill()
