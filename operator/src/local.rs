@@ -93,9 +93,12 @@ struct LocalReplica {
     id: String,
     pid: u32,
     run_addr: String,
+    queue_addr: String,
     admin_addr: String,
     phase: Phase,
     started: Instant,
+    /// Unix ms of the spawn (for benchmarks: submit → spawn).
+    started_ms: u64,
     stop: watch::Sender<bool>,
 }
 
@@ -138,8 +141,9 @@ impl LocalScaler {
                     .map(|r| {
                         serde_json::json!({
                             "id": r.id, "pid": r.pid, "phase": r.phase,
-                            "run": r.run_addr, "admin": r.admin_addr,
+                            "run": r.run_addr, "queue": r.queue_addr, "admin": r.admin_addr,
                             "age_s": r.started.elapsed().as_secs_f64(),
+                            "started_unix_ms": r.started_ms,
                         })
                     })
                     .collect()
@@ -234,9 +238,11 @@ impl LocalScaler {
                 id: id.clone(),
                 pid,
                 run_addr,
+                queue_addr: format!("127.0.0.1:{queue_port}"),
                 admin_addr: admin_addr.clone(),
                 phase: Phase::Starting,
                 started: Instant::now(),
+                started_ms: fal_sidecar::job::now_ms(),
                 stop: stop_tx,
             });
         self.alive.send_modify(|n| *n += 1);

@@ -112,6 +112,7 @@ pub async fn serve_listeners(
         quit.clone(),
         drain,
     ));
+    tasks.spawn(gw.clone().run_maintenance(quit.clone()));
     tasks.spawn(gw.run_reporter(quit));
     Ok(Served { threads, tasks })
 }

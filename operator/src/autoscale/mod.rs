@@ -25,6 +25,8 @@ use decide::{decide, Demand, Window};
 
 /// How often every function with replicas or load is re-evaluated.
 pub const TICK: Duration = Duration::from_secs(1);
+/// Shortest time between two event-driven decisions for a function with replicas.
+pub const COALESCE: Duration = Duration::from_millis(100);
 /// How often an idle function at zero is looked at anyway (its wakes come by pub/sub).
 pub const IDLE_RECHECK: Duration = Duration::from_secs(10);
 
@@ -188,7 +190,9 @@ impl Autoscaler {
             tokio::select! {
                 msg = activity.recv() => match msg {
                     Ok(a) if matches!(a.kind.as_str(), "submit" | "wake" | "release" | "sweep") => {
-                        self.evaluate(&a.function).await;
+                        if !self.recently_warm(&a.function) {
+                            self.evaluate(&a.function).await;
+                        }
                     }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => self.evaluate_all(true).await,
@@ -198,6 +202,17 @@ impl Autoscaler {
                 _ = fal_sidecar::server::wait_true(&mut stop) => return,
             }
         }
+    }
+
+    /// True when `key` had replicas at a decision less than [`COALESCE`] ago: a burst
+    /// of submits to a warm function costs one decision per window, not one each
+    /// (the next tick sees what the window skipped). A function at zero is never
+    /// coalesced: its wake-up stays immediate.
+    fn recently_warm(&self, key: &str) -> bool {
+        self.map().get(key).is_some_and(|t| {
+            t.last.is_some_and(|s| s.replicas > 0)
+                && t.checked.is_some_and(|c| c.elapsed() < COALESCE)
+        })
     }
 
     async fn evaluate_all(&self, force: bool) {

@@ -155,13 +155,7 @@ pub struct Entry {
     capacity: Notify,
     /// When a request found the function at zero (for `fal_cold_start_seconds`).
     cold_since: Mutex<Option<Instant>>,
-    tasks: Vec<tokio::task::AbortHandle>,
-}
-
-impl Drop for Entry {
-    fn drop(&mut self) {
-        self.tasks.iter().for_each(|t| t.abort());
-    }
+    deliverer: Arc<Deliverer>,
 }
 
 impl Entry {
@@ -356,38 +350,16 @@ impl Gateway {
             },
             self.sidecar_metrics.clone(),
         ));
-        // Webhooks and housekeeping go on here whatever the replica count.
+        // Webhooks and housekeeping go on here whatever the replica count (one loop
+        // for every function: see `run_maintenance`).
         let deliverer = Arc::new(Deliverer::with_client(
-            dyn_store.clone(),
+            dyn_store,
             self.signer.clone(),
             self.policy.clone(),
             self.cfg.delivery.clone(),
             self.sidecar_metrics.clone(),
             self.webhook_client.clone(),
         ));
-        let (_never, quiet) = watch::channel(false);
-        let deliver = tokio::spawn(async move {
-            let _keep = _never;
-            deliverer.run(quiet).await
-        });
-        let retention = self.cfg.retention;
-        let sweeper = {
-            let store = dyn_store.clone();
-            let key = key.clone();
-            tokio::spawn(async move {
-                let mut changes = store.changes();
-                loop {
-                    if let Err(e) = store.sweep(now_ms(), retention).await {
-                        tracing::debug!(function = %key, error = %e, "gateway housekeeping failed");
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(MAINTENANCE_INTERVAL) => {}
-                        // A submit with a start deadline: look again at its deadline soon.
-                        _ = changes.changed() => tokio::time::sleep(Duration::from_millis(100)).await,
-                    }
-                }
-            })
-        };
         let entry = Arc::new(Entry {
             info: RwLock::new(info),
             key: key.clone(),
@@ -400,7 +372,7 @@ impl Gateway {
             reported: AtomicU64::new(0),
             capacity: Notify::new(),
             cold_since: Mutex::new(None),
-            tasks: vec![deliver.abort_handle(), sweeper.abort_handle()],
+            deliverer,
         });
         self.functions
             .write()
@@ -462,6 +434,37 @@ impl Gateway {
         }
         *e.replicas.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
         e.capacity.notify_waiters();
+    }
+
+    /// Housekeeping of every function, every [`MAINTENANCE_INTERVAL`]: the store's sweep
+    /// (start deadlines, expired leases of dead replicas, retention) and the webhook
+    /// outbox, so both go on at zero replicas. One loop, not a task per function: a
+    /// gateway knowing a thousand idle functions stays small.
+    pub async fn run_maintenance(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let retention = self.cfg.retention;
+        loop {
+            for e in self.entries() {
+                if let Err(err) = e.store.sweep(now_ms(), retention).await {
+                    tracing::debug!(function = %e.key, error = %err, "gateway housekeeping failed");
+                    continue;
+                }
+                // Drain what is due now (bounded passes; the rest waits a round).
+                for _ in 0..8 {
+                    match e.deliverer.deliver_due().await {
+                        Ok(true) => {}
+                        Ok(false) => break,
+                        Err(err) => {
+                            tracing::debug!(function = %e.key, error = %err, "reading the webhook outbox failed");
+                            break;
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(MAINTENANCE_INTERVAL) => {}
+                _ = fal_sidecar::server::wait_true(&mut stop) => return,
+            }
+        }
     }
 
     /// Reports sync-call counts to the store every [`REPORT_INTERVAL`] (the autoscaler

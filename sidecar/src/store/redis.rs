@@ -447,6 +447,8 @@ pub struct RedisHub {
     channels: std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<Channels>>>,
     activity: broadcast::Sender<Activity>,
     subscriber: std::sync::OnceLock<tokio::task::AbortHandle>,
+    /// Subscribed to every function ([`Subscribe::All`]).
+    follows_all: bool,
 }
 
 impl Drop for RedisHub {
@@ -483,7 +485,9 @@ impl RedisHub {
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| StoreError::Unavailable(format!("redis at {server}: {e}")))?;
         let (activity, _) = broadcast::channel(4096);
+        let follows_all = subscribe == Subscribe::All;
         let hub = Arc::new(RedisHub {
+            follows_all,
             conn,
             server,
             scripts: Scripts::new(),
@@ -521,9 +525,12 @@ impl RedisHub {
         let chans = match map.get(&prefix).and_then(std::sync::Weak::upgrade) {
             Some(c) => c,
             None => {
+                // Only a replica's workers listen to cancels; a gateway or autoscaler
+                // following many functions keeps each channel tiny.
+                let capacity = if self.follows_all { 4 } else { 1024 };
                 let c = Arc::new(Channels {
                     changed: watch::channel(0u64).0,
-                    cancels: broadcast::channel(256).0,
+                    cancels: broadcast::channel(capacity).0,
                 });
                 map.retain(|_, w| w.strong_count() > 0);
                 map.insert(prefix.clone(), Arc::downgrade(&c));

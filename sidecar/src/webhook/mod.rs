@@ -132,18 +132,9 @@ impl Deliverer {
                 return;
             }
             changes.borrow_and_update();
-            let lease = self.cfg.attempt_timeout * 2 + Duration::from_secs(5);
-            match self.store.due_deliveries(now_ms(), 64, lease).await {
-                Ok(due) if !due.is_empty() => {
-                    let mut set = tokio::task::JoinSet::new();
-                    for d in due {
-                        let me = self.clone();
-                        set.spawn(async move { me.deliver(d).await });
-                    }
-                    while set.join_next().await.is_some() {}
-                    continue;
-                }
-                Ok(_) => {}
+            match self.deliver_due().await {
+                Ok(true) => continue,
+                Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "reading the webhook outbox failed; retrying"),
             }
             tokio::select! {
@@ -152,6 +143,23 @@ impl Deliverer {
                 _ = stop.changed() => {}
             }
         }
+    }
+
+    /// One pass over the outbox: sends what is due (in parallel) and records each
+    /// attempt. `Ok(true)` when something was due (there may be more).
+    pub async fn deliver_due(self: &Arc<Self>) -> Result<bool, crate::store::StoreError> {
+        let lease = self.cfg.attempt_timeout * 2 + Duration::from_secs(5);
+        let due = self.store.due_deliveries(now_ms(), 64, lease).await?;
+        if due.is_empty() {
+            return Ok(false);
+        }
+        let mut set = tokio::task::JoinSet::new();
+        for d in due {
+            let me = self.clone();
+            set.spawn(async move { me.deliver(d).await });
+        }
+        while set.join_next().await.is_some() {}
+        Ok(true)
     }
 
     async fn deliver(&self, d: Delivery) {
