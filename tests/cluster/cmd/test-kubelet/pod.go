@@ -20,7 +20,8 @@ import (
 type podWorker struct {
 	k        *kubelet
 	mu       sync.Mutex
-	pod      *corev1.Pod // latest object seen
+	pod      *corev1.Pod // the object the pod started from (spec is immutable); not written again
+	current  *corev1.Pod // the latest object seen (deletion fields), under mu
 	dir      string
 	netns    string
 	ip       string
@@ -69,7 +70,7 @@ func (w *podWorker) notify() {
 
 func (w *podWorker) update(pod *corev1.Pod) {
 	w.mu.Lock()
-	w.pod = pod.DeepCopy()
+	w.current = pod.DeepCopy()
 	w.mu.Unlock()
 	if pod.DeletionTimestamp != nil {
 		w.delOnce.Do(func() { close(w.deleting) })
@@ -83,6 +84,9 @@ func (w *podWorker) removed() {
 func (w *podWorker) latest() *corev1.Pod {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	if w.current != nil {
+		return w.current.DeepCopy()
+	}
 	return w.pod.DeepCopy()
 }
 
