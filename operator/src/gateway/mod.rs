@@ -156,6 +156,17 @@ pub struct Entry {
     /// When a request found the function at zero (for `fal_cold_start_seconds`).
     cold_since: Mutex<Option<Instant>>,
     deliverer: Arc<Deliverer>,
+    /// `fal_gateway_requests_total` of this function by kind (looked up once, not per
+    /// request).
+    counters: [prometheus::IntCounter; 3],
+}
+
+/// Request kinds counted per function.
+#[derive(Clone, Copy)]
+enum Kind {
+    Sync = 0,
+    Queue = 1,
+    PerApp = 2,
 }
 
 impl Entry {
@@ -373,6 +384,11 @@ impl Gateway {
             capacity: Notify::new(),
             cold_since: Mutex::new(None),
             deliverer,
+            counters: ["sync", "queue", "per_app"].map(|kind| {
+                self.metrics
+                    .requests
+                    .with_label_values(&[key.as_str(), kind])
+            }),
         });
         self.functions
             .write()
@@ -391,6 +407,9 @@ impl Gateway {
         if let Some(e) = gone {
             e.capacity.notify_waiters();
             let _ = self.metrics.held.remove_label_values(&[key]);
+            for kind in ["sync", "queue", "per_app"] {
+                let _ = self.metrics.requests.remove_label_values(&[key, kind]);
+            }
             self.changed.send_modify(|v| *v += 1);
         }
     }
@@ -538,8 +557,8 @@ impl Gateway {
         })
     }
 
-    fn count(&self, key: &str, kind: &str) {
-        self.metrics.requests.with_label_values(&[key, kind]).inc();
+    fn count(&self, entry: &Entry, kind: Kind) {
+        entry.counters[kind as usize].inc();
     }
 }
 
@@ -583,7 +602,7 @@ pub async fn handle_run(
             Err(r) => return r,
         };
         if is_queue_path(req.uri().path().trim_start_matches('/')) {
-            gw.count(&entry.key, "per_app");
+            gw.count(&entry, Kind::PerApp);
             return api::queue::handle_per_app(&entry.app, req, "").await;
         }
         return sync_call(&gw, entry, &conn, req).await;
@@ -601,7 +620,7 @@ pub async fn handle_run(
         Err(r) => return r,
     };
     if is_queue_path(rest) {
-        gw.count(&entry.key, "per_app");
+        gw.count(&entry, Kind::PerApp);
         let mount = format!("/{ns}/{name}");
         return api::queue::handle_per_app(&entry.app, req, &mount).await;
     }
@@ -633,7 +652,7 @@ pub async fn handle_queue(
         Ok(e) => e,
         Err(r) => return r,
     };
-    gw.count(&entry.key, "queue");
+    gw.count(&entry, Kind::Queue);
     if entry.replicas().is_empty() && req.method() == http::Method::POST {
         entry.mark_cold();
     }
@@ -654,7 +673,7 @@ async fn sync_call(
     conn: &ConnState,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    gw.count(&entry.key, "sync");
+    gw.count(&entry, Kind::Sync);
     entry.last_sync_ms.store(now_ms(), Ordering::Relaxed);
     entry.sync.fetch_add(1, Ordering::AcqRel);
     let mut slot = SlotGuard {
