@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import wallclock  # noqa: E402  (tests/wallclock.py)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -42,16 +44,8 @@ TEST_TIMEOUT = float(os.environ.get("CLUSTER_TEST_TIMEOUT", "300"))
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"test exceeded {TEST_TIMEOUT:g}s (CLUSTER_TEST_TIMEOUT)")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, TEST_TIMEOUT)
-    try:
+    with wallclock.limit(TEST_TIMEOUT, "CLUSTER_TEST_TIMEOUT"):
         yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.hookimpl(hookwrapper=True)

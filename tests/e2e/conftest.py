@@ -10,12 +10,14 @@ Run:  python -m pytest tests/e2e
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import wallclock  # noqa: E402  (tests/wallclock.py)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -73,16 +75,8 @@ def sidecar_help(_sidecar_binary) -> str:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"test exceeded {TEST_TIMEOUT:g}s (E2E_TEST_TIMEOUT)")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, TEST_TIMEOUT)
-    try:
+    with wallclock.limit(TEST_TIMEOUT, "E2E_TEST_TIMEOUT"):
         yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # -- sidecar logs in failure reports ----------------------------------------

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import wallclock  # noqa: E402  (tests/wallclock.py)
 import yaml
 
 HERE = Path(__file__).resolve().parent
@@ -34,16 +37,8 @@ APP_CMD = [sys.executable, "-u", "tests/e2e/redis_fixture.py", "app"]
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"test exceeded {TEST_TIMEOUT:g}s (E2E_TEST_TIMEOUT)")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, TEST_TIMEOUT)
-    try:
+    with wallclock.limit(TEST_TIMEOUT, "E2E_TEST_TIMEOUT"):
         yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def function(name: str, namespace: str = "default", *, command=None, **spec) -> dict:
