@@ -66,6 +66,41 @@ pub struct JobSpec {
     #[serde(default)]
     pub no_retry: bool,
     pub submitted_at_ms: u64,
+    /// The client's `Idempotency-Key`, when it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency: Option<Idempotency>,
+}
+
+/// An `Idempotency-Key` as the store keeps it: one key per function and owner maps to
+/// one request for as long as that request is retained.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Idempotency {
+    /// SHA-256 (hex) of the owner and the client's key: bounded length, any bytes safe.
+    pub key: String,
+    /// SHA-256 (hex) of what makes two submits "the same request": the endpoint path,
+    /// the query string and the body.
+    pub fingerprint: String,
+}
+
+impl Idempotency {
+    pub fn new(owner: &str, key: &str, endpoint: &str, query: &str, body: &[u8]) -> Idempotency {
+        use sha2::{Digest, Sha256};
+        let k = Sha256::new()
+            .chain_update(owner.as_bytes())
+            .chain_update([0u8])
+            .chain_update(key.as_bytes())
+            .finalize();
+        // Length-prefixed parts: no two different requests hash the same input.
+        let mut f = Sha256::new();
+        for part in [endpoint.as_bytes(), query.as_bytes(), body] {
+            f.update((part.len() as u64).to_be_bytes());
+            f.update(part);
+        }
+        Idempotency {
+            key: hex::encode(k),
+            fingerprint: hex::encode(f.finalize()),
+        }
+    }
 }
 
 /// Where a job is in its life.

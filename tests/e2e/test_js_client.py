@@ -37,6 +37,8 @@ def test_npm_fal_client(make_sidecar):
     assert out["streaming"] == {"message": "Hello from fal-serverless!", "input": {"x": 1}}
     assert out["status"] == "COMPLETED"
     assert out["result"]["json"] == {"y": 2} and out["result"]["path"] == "/echo"
+    first, retried = out["idempotency"]
+    assert first and first == retried, out["idempotency"]
     assert out["cancelled"]["status"] == "COMPLETED"
     assert out["cancelled"].get("error_type") == "request_cancelled", out["cancelled"]
     assert out["run"] == {"message": "Hello from fal-serverless!", "input": {"z": 3}}

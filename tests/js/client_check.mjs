@@ -42,6 +42,12 @@ for (let i = 0; i < 200; i++) {
 out.status = status.status;
 out.result = (await fal.queue.result("me/js-app", { requestId: request_id })).data;
 
+// Idempotency-Key as a custom submit header: retries name the first request
+const idem = { "Idempotency-Key": `js-${Date.now()}-${Math.random()}` };
+const firstSubmit = await fal.queue.submit("me/js-app/echo", { input: { k: 1 }, headers: idem });
+const retried = await fal.queue.submit("me/js-app/echo", { input: { k: 1 }, headers: idem });
+out.idempotency = [firstSubmit.request_id, retried.request_id];
+
 // cancel a running request
 const slow = await fal.queue.submit("me/js-app/slow", { input: { seconds: 10 } });
 for (let i = 0; i < 200; i++) {

@@ -309,3 +309,41 @@ def test_concurrent_sync_calls_wait_for_slots(make_local):
         t.join()
     assert results == [200] * 4
     assert len(loc.processes(key)) == 1
+
+
+def test_idempotency_key_through_the_gateway_at_zero(make_local, fal):
+    """Retried submits with one Idempotency-Key, concurrent, while the function is at
+    zero: one request id, the app runs it once (its own counter, read with a sync call
+    through the gateway while the replica is still warm)."""
+    loc = make_local([function("idem", keepAlive=30)])
+    key = "default/idem"
+    counter = f"idem-{os.getpid()}-{time.monotonic_ns()}"
+    idem = f"key-{counter}"
+    out: list = []
+
+    def submit():
+        with httpx.Client(timeout=30) as c:
+            out.append(c.post(f"{loc.queue_url}/{key}/flaky", params={"key": counter, "fail": "0"},
+                              json={"n": 1}, headers={"Idempotency-Key": idem}))
+
+    threads = [threading.Thread(target=submit) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.status_code == 200 for r in out), [r.text for r in out]
+    ids = {r.json()["request_id"] for r in out}
+    assert len(ids) == 1, ids
+    assert sum(1 for r in out if "idempotent-replayed" not in r.headers) == 1
+    [rid] = ids
+    # The official client's headers= carries the key too.
+    handle = fal(loc).submit(f"{key}/flaky?key={counter}&fail=0", arguments={"n": 1},
+                             headers={"Idempotency-Key": idem})
+    assert handle.request_id == rid
+    loc.wait_completed(key, rid)
+    other = loc.submit(key, "flaky", {"n": 2}, headers={"Idempotency-Key": idem},
+                       params={"key": counter, "fail": "0"})
+    assert other.status_code == 422, other.text
+    calls = httpx.get(f"{loc.run_url}/{key}/calls", params={"key": counter}, timeout=30)
+    assert calls.status_code == 200, calls.text
+    assert calls.json()["calls"] == 1

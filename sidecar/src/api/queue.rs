@@ -12,8 +12,10 @@ use hyper::body::{Frame, Incoming};
 use serde_json::{json, Value};
 
 use super::{error, json, App};
-use crate::job::{id_timestamp_ms, new_id, now_ms, JobSpec, Phase, Priority, StoredResult};
-use crate::store::{CancelOutcome, JobStatus, StoreError};
+use crate::job::{
+    id_timestamp_ms, new_id, now_ms, Idempotency, JobSpec, Phase, Priority, StoredResult,
+};
+use crate::store::{CancelOutcome, JobStatus, StoreError, Submitted};
 use crate::upstream::{is_hop_by_hop, is_length_limit, Body, BoxError};
 
 /// Headers the sidecar consumes at submit (not forwarded to the app).
@@ -23,7 +25,45 @@ const CONSUMED: &[&str] = &[
     "x-fal-queue-priority",
     "x-fal-request-timeout",
     "x-fal-no-retry",
+    "idempotency-key",
 ];
+
+/// Longest Idempotency-Key accepted (Stripe's limit).
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// The `Idempotency-Key` header (IETF httpapi draft: a structured-field string, so
+/// `"abc"`; the bare `abc` that Stripe-style clients send is accepted too).
+pub fn idempotency_key(raw: &[u8]) -> Result<&str, String> {
+    let v = std::str::from_utf8(raw)
+        .map_err(|_| "Idempotency-Key must be ASCII text".to_string())?
+        .trim();
+    let v = match v.strip_prefix('"') {
+        Some(rest) => rest
+            .strip_suffix('"')
+            .ok_or_else(|| "Idempotency-Key opens a quote it does not close".to_string())?,
+        None => v,
+    };
+    if v.is_empty() {
+        return Err(
+            "Idempotency-Key is empty; send a unique value per logical request, e.g. a UUID".into(),
+        );
+    }
+    if v.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(format!(
+            "Idempotency-Key is {} characters long; the limit is {MAX_IDEMPOTENCY_KEY}",
+            v.len()
+        ));
+    }
+    if !v
+        .bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        return Err(
+            "Idempotency-Key may hold printable ASCII only (no quotes or backslashes)".into(),
+        );
+    }
+    Ok(v)
+}
 
 /// Absolute URLs of one request, as clients follow them verbatim.
 struct Urls {
@@ -232,6 +272,24 @@ where
 
 fn store_error(e: StoreError) -> Response<Body> {
     match e {
+        StoreError::IdempotencyMismatch(first) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &format!(
+                "this Idempotency-Key was already used for a different request ({first}: another endpoint, query or body); \
+                 use a new key for a new request"
+            ),
+            Some("idempotency_key_reused"),
+        ),
+        StoreError::IdempotencyPending => {
+            let mut r = error(
+                StatusCode::CONFLICT,
+                "a submit with this Idempotency-Key is still being stored; retry shortly to get its request id",
+                Some("idempotency_key_in_use"),
+            );
+            r.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
+            r
+        }
         StoreError::QueueFull(n) => {
             let mut r = error(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -325,6 +383,19 @@ async fn submit(
     };
     let no_retry = header("x-fal-no-retry")
         .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
+    let idempotency = match parts.headers.get("idempotency-key") {
+        None => None,
+        Some(v) => match idempotency_key(v.as_bytes()) {
+            Ok(key) => Some(Idempotency::new(
+                &owner,
+                key,
+                &endpoint,
+                parts.uri.query().unwrap_or(""),
+                &body,
+            )),
+            Err(why) => return error(StatusCode::BAD_REQUEST, &why, None),
+        },
+    };
 
     // `fal_webhook` is ours; every other query parameter goes to the app untouched.
     let mut webhook = None;
@@ -366,9 +437,8 @@ async fn submit(
                 .map(|v| (k.as_str().to_string(), v.to_string()))
         })
         .collect();
-    let id = new_id();
     let spec = JobSpec {
-        id: id.clone(),
+        id: new_id(),
         owner,
         endpoint,
         query: (!forwarded.is_empty()).then(|| forwarded.join("&")),
@@ -379,13 +449,20 @@ async fn submit(
         webhook_url,
         no_retry,
         submitted_at_ms: now_ms(),
+        idempotency,
     };
     match app.store.submit(spec, body, app.cfg.max_queue).await {
-        Ok(position) => {
-            app.metrics
-                .submits
-                .with_label_values(&[priority.as_str()])
-                .inc();
+        Ok(Submitted {
+            id,
+            position,
+            replayed,
+        }) => {
+            if !replayed {
+                app.metrics
+                    .submits
+                    .with_label_values(&[priority.as_str()])
+                    .inc();
+            }
             let u = Urls {
                 response: format!("{base}/{id}"),
             };
@@ -400,17 +477,23 @@ async fn submit(
                     "queue_position": position,
                 }),
             );
-            r.headers_mut().insert(
-                "x-fal-request-id",
-                HeaderValue::from_str(&id).expect("uuid header"),
-            );
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                r.headers_mut().insert("x-fal-request-id", v);
+            }
+            if replayed {
+                // Stripe's name for it: the answer is the first submit's, nothing new ran.
+                r.headers_mut()
+                    .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            }
             r
         }
         Err(e) => {
-            let reason = if matches!(e, StoreError::QueueFull(_)) {
-                "queue_full"
-            } else {
-                "store"
+            let reason = match e {
+                StoreError::QueueFull(_) => "queue_full",
+                StoreError::IdempotencyMismatch(_) | StoreError::IdempotencyPending => {
+                    "idempotency"
+                }
+                _ => "store",
             };
             app.metrics.rejected.with_label_values(&[reason]).inc();
             store_error(e)
@@ -637,6 +720,27 @@ mod tests {
         assert_eq!(base_url(&h), "https://queue.example.com");
         h.insert("x-forwarded-host", "evil.com/path?".parse().unwrap());
         assert_eq!(base_url(&h), "https://127.0.0.1:8081");
+    }
+
+    #[test]
+    fn idempotency_key_forms() {
+        assert_eq!(idempotency_key(b"abc-123").unwrap(), "abc-123");
+        assert_eq!(idempotency_key(b" \"abc-123\" ").unwrap(), "abc-123");
+        assert_eq!(idempotency_key(b"with space").unwrap(), "with space");
+        for (raw, why) in [
+            (&b""[..], "empty"),
+            (b"\"\"", "empty"),
+            (b"\"open", "quote"),
+            (b"a\"b", "printable"),
+            (b"tab\there", "printable"),
+            (b"caf\xc3\xa9", "printable"),
+            (b"\xff", "ASCII"),
+        ] {
+            let e = idempotency_key(raw).unwrap_err();
+            assert!(e.contains(why), "{raw:?}: {e}");
+        }
+        assert!(idempotency_key(&[b'k'; 255]).is_ok());
+        assert!(idempotency_key(&[b'k'; 256]).unwrap_err().contains("255"));
     }
 
     #[test]

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{CancelOutcome, Lease, Store, StoreError};
-use crate::job::{app_end, new_id, now_ms, JobSpec, LogLine, Phase, Priority, StoredResult};
+use super::{CancelOutcome, Lease, Store, StoreError, Submitted};
+use crate::job::{
+    app_end, new_id, now_ms, Idempotency, JobSpec, LogLine, Phase, Priority, StoredResult,
+};
 
 pub fn spec(priority: Priority) -> JobSpec {
     JobSpec {
@@ -23,6 +25,7 @@ pub fn spec(priority: Priority) -> JobSpec {
         webhook_url: None,
         no_retry: false,
         submitted_at_ms: now_ms(),
+        idempotency: None,
     }
 }
 
@@ -40,14 +43,27 @@ pub async fn positions_and_priority(s: Arc<dyn Store>) {
     let low = spec(Priority::Low);
     let a = spec(Priority::Normal);
     let b = spec(Priority::Normal);
-    assert_eq!(s.submit(low.clone(), Bytes::new(), 100).await.unwrap(), 0);
+    assert_eq!(
+        s.submit(low.clone(), Bytes::new(), 100)
+            .await
+            .unwrap()
+            .position,
+        0
+    );
     assert_eq!(
         s.submit(a.clone(), Bytes::from_static(b"{\"a\":1}"), 100)
             .await
-            .unwrap(),
+            .unwrap()
+            .position,
         0
     );
-    assert_eq!(s.submit(b.clone(), Bytes::new(), 100).await.unwrap(), 1);
+    assert_eq!(
+        s.submit(b.clone(), Bytes::new(), 100)
+            .await
+            .unwrap()
+            .position,
+        1
+    );
     let pos = |st: Option<super::JobStatus>| st.unwrap().queue_position;
     assert_eq!(pos(s.status(&a.id).await.unwrap()), Some(0));
     assert_eq!(pos(s.status(&b.id).await.unwrap()), Some(1));
@@ -388,6 +404,136 @@ pub async fn changes_wake_waiters(s: Arc<dyn Store>) {
         .unwrap();
 }
 
+fn keyed(key: &str, body: &[u8]) -> JobSpec {
+    let mut j = spec(Priority::Normal);
+    j.idempotency = Some(Idempotency::new(&j.owner, key, &j.endpoint, "", body));
+    j
+}
+
+pub async fn idempotency_keys(s: Arc<dyn Store>) {
+    let body = Bytes::from_static(b"{\"x\":1}");
+    let first = keyed("k1", &body);
+    s.submit(spec(Priority::Normal), Bytes::new(), 10)
+        .await
+        .unwrap();
+    let a = s.submit(first.clone(), body.clone(), 10).await.unwrap();
+    assert_eq!(
+        (a.id.as_str(), a.position, a.replayed),
+        (first.id.as_str(), 1, false)
+    );
+
+    // The same request again (a new id, as every submit makes one): the first answer.
+    let again = s
+        .submit(keyed("k1", &body), body.clone(), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        Submitted {
+            replayed: true,
+            ..a.clone()
+        }
+    );
+    // Even when the queue is full now: nothing new is stored.
+    let full = s.submit(keyed("k1", &body), body.clone(), 2).await.unwrap();
+    assert!(full.replayed);
+    // The same key for another body, endpoint or owner's key space.
+    match s.submit(keyed("k1", b"{\"x\":2}"), Bytes::new(), 10).await {
+        Err(StoreError::IdempotencyMismatch(id)) => assert_eq!(id, first.id),
+        other => panic!("expected IdempotencyMismatch, got {other:?}"),
+    }
+    let mut other_endpoint = keyed("k1", &body);
+    other_endpoint.idempotency = Some(Idempotency::new("owner", "k1", "/other", "", &body));
+    assert!(matches!(
+        s.submit(other_endpoint, body.clone(), 10).await,
+        Err(StoreError::IdempotencyMismatch(_))
+    ));
+    let mut other_owner = keyed("k1", &body);
+    other_owner.idempotency = Some(Idempotency::new("someone", "k1", "/test", "", &body));
+    assert!(
+        !s.submit(other_owner, body.clone(), 10)
+            .await
+            .unwrap()
+            .replayed
+    );
+    // Another key, or none: new requests.
+    assert!(
+        !s.submit(keyed("k2", &body), body.clone(), 10)
+            .await
+            .unwrap()
+            .replayed
+    );
+    assert!(
+        !s.submit(spec(Priority::Normal), body.clone(), 10)
+            .await
+            .unwrap()
+            .replayed
+    );
+    let load = s.load().await.unwrap();
+    assert_eq!(load.queued, 5, "replays stored nothing");
+
+    // Completed: still replayed while the result is retained, forgotten with it.
+    let mut claimed = Vec::new();
+    while let Some(c) = s.claim("w", LEASE).await.unwrap() {
+        claimed.push(c);
+    }
+    for c in claimed {
+        let done = app_end(200, now_ms(), 0.1);
+        assert!(s
+            .complete(&c.record.spec.id, c.token, done, ok_result("{}"))
+            .await
+            .unwrap());
+    }
+    let later = s
+        .submit(keyed("k1", &body), body.clone(), 10)
+        .await
+        .unwrap();
+    assert_eq!(later.id, first.id);
+    assert!(later.replayed);
+    let swept = s
+        .sweep(now_ms() + 10_000, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(swept.purged, 5);
+    let fresh = keyed("k1", b"{\"x\":2}");
+    let b = s.submit(fresh.clone(), Bytes::new(), 10).await.unwrap();
+    assert_eq!(
+        (b.id, b.replayed),
+        (fresh.id, false),
+        "a purged key is free again"
+    );
+}
+
+pub async fn idempotency_concurrent(s: Arc<dyn Store>) {
+    let body = Bytes::from_static(b"{}");
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let s = s.clone();
+            let body = body.clone();
+            tokio::spawn(async move { s.submit(keyed("same", &body), body, 100).await })
+        })
+        .collect();
+    let mut ids = std::collections::HashSet::new();
+    let (mut fresh, mut pending) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(sub) => {
+                fresh += usize::from(!sub.replayed);
+                ids.insert(sub.id);
+            }
+            Err(StoreError::IdempotencyPending) => pending += 1,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!(fresh, 1, "exactly one submit stored a job");
+    assert_eq!(
+        ids.len(),
+        1,
+        "one request id for everyone ({pending} got 409)"
+    );
+    assert_eq!(s.load().await.unwrap().queued, 1);
+}
+
 /// Generates one `#[tokio::test]` per conformance case for a backend.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -396,7 +542,7 @@ macro_rules! conformance_tests {
             positions_and_priority, complete_once_and_result,
             stale_token_rejected_and_attempts_exhausted, cancel_everywhere, start_timeout,
             queue_bound, webhook_outbox, release_keeps_place, retention_purges,
-            changes_wake_waiters);
+            changes_wake_waiters, idempotency_keys, idempotency_concurrent);
     };
     (@cases $factory:expr; $($case:ident),*) => {
         mod conformance {

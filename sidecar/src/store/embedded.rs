@@ -18,7 +18,8 @@ use tokio::sync::{broadcast, oneshot, watch};
 
 use super::position::PositionIndex;
 use super::{
-    CancelOutcome, Claimed, Delivery, JobStatus, Lease, Load, Store, StoreError, StoreResult, Sweep,
+    CancelOutcome, Claimed, Delivery, JobStatus, Lease, Load, Store, StoreError, StoreResult,
+    Submitted, Sweep,
 };
 use crate::job::{
     claim_decision, now_ms, system_end, ClaimDecision, Completion, JobRecord, JobSpec, LogLine,
@@ -227,9 +228,19 @@ struct Inner {
     outbox: HashMap<String, Delivery>,
     /// Submits accepted but not yet committed (they count against `max_queue`).
     pending_submits: usize,
+    /// Idempotency keys of retained jobs (the durable copy is in each job's record).
+    idem: HashMap<String, IdemEntry>,
     next_seq: u64,
     next_token: u64,
     last_activity_ms: u64,
+}
+
+/// The job an Idempotency-Key names.
+struct IdemEntry {
+    fingerprint: String,
+    id: String,
+    /// Queue position of the first submit; `None` while its commit is pending.
+    position: Option<u64>,
 }
 
 impl Inner {
@@ -361,6 +372,29 @@ impl EmbeddedStore {
                     }
                     inner.jobs.insert(rec.spec.id.clone(), rec);
                 }
+                // Idempotency keys come back from the records that carry them; a replay
+                // after a restart reports the position the job has now.
+                let keyed: Vec<(String, IdemEntry)> = inner
+                    .jobs
+                    .values()
+                    .filter_map(|rec| {
+                        let i = rec.spec.idempotency.as_ref()?;
+                        let position = if rec.phase == Phase::Queued {
+                            inner.positions.position(rec.spec.priority, rec.seq)
+                        } else {
+                            0
+                        };
+                        Some((
+                            i.key.clone(),
+                            IdemEntry {
+                                fingerprint: i.fingerprint.clone(),
+                                id: rec.spec.id.clone(),
+                                position: Some(position),
+                            },
+                        ))
+                    })
+                    .collect();
+                inner.idem.extend(keyed);
                 for row in outbox.iter().map_err(|e| map(e.into()))? {
                     let (k, v) = row.map_err(|e| map(e.into()))?;
                     let d: Delivery = serde_json::from_slice(v.value())
@@ -471,10 +505,40 @@ impl EmbeddedStore {
 
 #[async_trait]
 impl Store for EmbeddedStore {
-    async fn submit(&self, spec: JobSpec, body: Bytes, max_queue: usize) -> StoreResult<u64> {
+    async fn submit(&self, spec: JobSpec, body: Bytes, max_queue: usize) -> StoreResult<Submitted> {
+        // A duplicate that races the first submit with its key waits for that commit
+        // (a few ms) and then gets its answer; 409 only if the commit takes seconds.
+        if let Some(i) = &spec.idempotency {
+            let mut changes = self.changes();
+            let give_up = std::time::Instant::now() + Duration::from_secs(2);
+            while self
+                .lock()
+                .idem
+                .get(&i.key)
+                .is_some_and(|e| e.position.is_none() && e.fingerprint == i.fingerprint)
+                && std::time::Instant::now() < give_up
+            {
+                let _ = tokio::time::timeout(Duration::from_millis(50), changes.changed()).await;
+            }
+        }
         let id = spec.id.clone();
         let (rec, rx) = {
             let mut inner = self.lock();
+            if let Some(i) = &spec.idempotency {
+                if let Some(e) = inner.idem.get(&i.key) {
+                    if e.fingerprint != i.fingerprint {
+                        return Err(StoreError::IdempotencyMismatch(e.id.clone()));
+                    }
+                    return match e.position {
+                        Some(position) => Ok(Submitted {
+                            id: e.id.clone(),
+                            position,
+                            replayed: true,
+                        }),
+                        None => Err(StoreError::IdempotencyPending),
+                    };
+                }
+            }
             let waiting = inner.queue.len() + inner.pending_submits;
             if waiting >= max_queue {
                 return Err(StoreError::QueueFull(waiting));
@@ -483,6 +547,17 @@ impl Store for EmbeddedStore {
                 return Err(StoreError::Duplicate(id));
             }
             inner.pending_submits += 1;
+            if let Some(i) = &spec.idempotency {
+                // The key goes to disk inside the job's record, in the same commit.
+                inner.idem.insert(
+                    i.key.clone(),
+                    IdemEntry {
+                        fingerprint: i.fingerprint.clone(),
+                        id: id.clone(),
+                        position: None,
+                    },
+                );
+            }
             let seq = inner.next_seq;
             inner.next_seq += 1;
             let rec = JobRecord {
@@ -507,15 +582,32 @@ impl Store for EmbeddedStore {
         let position = {
             let mut inner = self.lock();
             inner.pending_submits -= 1;
-            durable?;
+            if let Err(e) = durable {
+                if let Some(i) = &rec.spec.idempotency {
+                    inner.idem.remove(&i.key);
+                }
+                return Err(e);
+            }
             inner.enqueue(&rec);
             inner.last_activity_ms = rec.spec.submitted_at_ms;
             let p = inner.positions.position(rec.spec.priority, rec.seq);
-            inner.jobs.insert(id, rec);
+            if let Some(e) = rec
+                .spec
+                .idempotency
+                .as_ref()
+                .and_then(|i| inner.idem.get_mut(&i.key))
+            {
+                e.position = Some(p);
+            }
+            inner.jobs.insert(id.clone(), rec);
             p
         };
         self.bump();
-        Ok(position)
+        Ok(Submitted {
+            id,
+            position,
+            replayed: false,
+        })
     }
 
     async fn status(&self, id: &str) -> StoreResult<Option<JobStatus>> {
@@ -771,7 +863,11 @@ impl Store for EmbeddedStore {
                     continue;
                 }
                 inner.completed.remove(&(at, id.clone()));
-                inner.jobs.remove(&id);
+                if let Some(i) = inner.jobs.remove(&id).and_then(|r| r.spec.idempotency) {
+                    if inner.idem.get(&i.key).is_some_and(|e| e.id == id) {
+                        inner.idem.remove(&i.key);
+                    }
+                }
                 ops.push(Op::Purge(id));
                 sweep.purged += 1;
             }
@@ -885,11 +981,13 @@ mod tests {
         use crate::store::conformance::spec;
         let dir = std::env::temp_dir().join(format!("fal-reopen-{}", uuid::Uuid::new_v4()));
         let lease = Duration::from_secs(30);
-        let (done, running, queued) = (
+        let (done, running, mut queued) = (
             spec(Priority::Normal),
             spec(Priority::Normal),
             spec(Priority::Low),
         );
+        let idem = crate::job::Idempotency::new("owner", "retry-me", "/test", "", b"");
+        queued.idempotency = Some(idem.clone());
         let mut done_hook = done.clone();
         done_hook.webhook_url = Some("http://127.0.0.1:9/hook".into());
         {
@@ -944,6 +1042,14 @@ mod tests {
         assert_eq!(
             s.status(&queued.id).await.unwrap().unwrap().queue_position,
             Some(0)
+        );
+        let mut retry = spec(Priority::Low);
+        retry.idempotency = Some(idem);
+        let replay = s.submit(retry, Bytes::new(), 10).await.unwrap();
+        assert_eq!(
+            (replay.id.as_str(), replay.replayed),
+            (queued.id.as_str(), true),
+            "idempotency keys survive a restart"
         );
         drop(s);
         let _ = std::fs::remove_dir_all(&dir);

@@ -29,9 +29,27 @@ pub enum StoreError {
     Unavailable(String),
     #[error("store data is corrupt: {0}")]
     Corrupt(String),
+    /// The Idempotency-Key was used before for a different request (request id).
+    #[error("the Idempotency-Key was already used for a different request ({0})")]
+    IdempotencyMismatch(String),
+    /// The first submit with this Idempotency-Key is still being stored.
+    #[error("a submit with this Idempotency-Key is still being stored")]
+    IdempotencyPending,
 }
 
 pub type StoreResult<T> = std::result::Result<T, StoreError>;
+
+/// What a submit stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submitted {
+    /// The request id: the new job's, or for a replayed Idempotency-Key the first one's.
+    pub id: String,
+    /// 0-indexed queue position at submit time (of the first submit when replayed).
+    pub position: u64,
+    /// The Idempotency-Key matched an earlier submit of the same request: nothing new was
+    /// stored.
+    pub replayed: bool,
+}
 
 /// A job as a worker receives it from a claim.
 #[derive(Debug, Clone)]
@@ -104,8 +122,14 @@ pub struct Sweep {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Accepts a job. Durable when this returns. Returns the 0-indexed queue position.
-    async fn submit(&self, spec: JobSpec, body: Bytes, max_queue: usize) -> StoreResult<u64>;
+    /// Accepts a job. Durable when this returns.
+    ///
+    /// With `spec.idempotency` set, the key is stored atomically with the job and lives
+    /// as long as the job is retained: a later submit with the same key and fingerprint
+    /// returns the first job (`replayed`), one with a different fingerprint fails with
+    /// `IdempotencyMismatch`, and one that races the first one's commit either gets the
+    /// first job or `IdempotencyPending`.
+    async fn submit(&self, spec: JobSpec, body: Bytes, max_queue: usize) -> StoreResult<Submitted>;
 
     /// The job's record and queue position, `None` for unknown (or purged) ids.
     async fn status(&self, id: &str) -> StoreResult<Option<JobStatus>>;

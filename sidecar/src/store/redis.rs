@@ -7,7 +7,7 @@
 //! |--------------------------|--------|---------------------------------------------------------|
 //! | `P seq`                  | string | INCR counter: submit order                              |
 //! | `P token`                | string | INCR counter: fencing tokens                            |
-//! | `P job:<id>`             | hash   | `spec` (JSON), `body`, `seq`, `prio`, `phase` (q/r/c), `attempts`, `token`, `lease`, `started`, `cancel`, `submitted`, `deadline`, `owner`, `webhook`, `completion` (JSON), `result` (encoded) |
+//! | `P job:<id>`             | hash   | `spec` (JSON), `body`, `seq`, `prio`, `phase` (q/r/c), `attempts`, `token`, `lease`, `started`, `cancel`, `submitted`, `deadline`, `owner`, `webhook`, `idem`, `completion` (JSON), `result` (encoded) |
 //! | `P logs:<id>`            | list   | log lines (JSON), the last 2000                         |
 //! | `P queue`                | zset   | queued ids, score `prio * 2^50 + seq` (ZRANK = position) |
 //! | `P deadlines`            | zset   | queued ids with a start deadline, score = deadline ms   |
@@ -16,6 +16,7 @@
 //! | `P outbox`               | zset   | pending webhooks, score = next attempt ms               |
 //! | `P outbox_attempts`      | hash   | id → webhook attempts made                              |
 //! | `P activity`             | string | last submit/claim/completion (ms)                       |
+//! | `P idem:<key>`           | hash   | Idempotency-Key (hashed) → `fp`, `id`, `pos`; written by the submit script with the job, deleted with it |
 //! | channel `P events`       | pubsub | "something changed": wakes workers and status streams   |
 //! | channel `P cancel`       | pubsub | ids of running jobs whose cancel was requested          |
 //!
@@ -37,7 +38,8 @@ use tokio::sync::{broadcast, watch};
 
 use super::embedded::{decode_result, encode_result};
 use super::{
-    CancelOutcome, Claimed, Delivery, JobStatus, Lease, Load, Store, StoreError, StoreResult, Sweep,
+    CancelOutcome, Claimed, Delivery, JobStatus, Lease, Load, Store, StoreError, StoreResult,
+    Submitted, Sweep,
 };
 use crate::job::{
     now_ms, system_end, Completion, JobRecord, JobSpec, LogLine, Phase, StoredResult, SystemEnd,
@@ -90,10 +92,22 @@ local function finish(id, completion, result, at)
 end
 "#;
 
-/// ARGV: P, id, spec, body, prio, deadline, max_queue, submitted, webhook, owner, at
+/// ARGV: P, id, spec, body, prio, deadline, max_queue, submitted, webhook, owner, at,
+/// idempotency key ('' = none), fingerprint
+/// → {0, position} stored | {1, position, first id} replayed | {-3, 0, first id} key
+///   used for another request | {-1, queue length} full | {-2} id taken
 const SUBMIT: &str = r#"
 local id = ARGV[2]
 local jk = jkey(id)
+local ik = ''
+if ARGV[12] ~= '' then
+  ik = P .. 'idem:' .. ARGV[12]
+  local v = redis.call('HMGET', ik, 'fp', 'id', 'pos')
+  if v[2] and redis.call('EXISTS', jkey(v[2])) == 1 then
+    if v[1] == ARGV[13] then return {1, tonumber(v[3]), v[2]} end
+    return {-3, 0, v[2]}
+  end
+end
 if redis.call('EXISTS', jk) == 1 then return {-2} end
 local n = redis.call('ZCARD', P .. 'queue')
 if n >= tonumber(ARGV[7]) then return {-1, n} end
@@ -103,9 +117,16 @@ redis.call('HSET', jk, 'spec', ARGV[3], 'body', ARGV[4], 'seq', seq, 'prio', ARG
   'submitted', ARGV[8], 'deadline', ARGV[6], 'owner', ARGV[10])
 if ARGV[9] ~= '' then redis.call('HSET', jk, 'webhook', ARGV[9]) end
 enqueue(id, jk)
+local pos = redis.call('ZRANK', P .. 'queue', id)
+if ik ~= '' then
+  -- Stored with the job, and deleted with it when retention purges it.
+  redis.call('DEL', ik)
+  redis.call('HSET', ik, 'fp', ARGV[13], 'id', id, 'pos', pos)
+  redis.call('HSET', jk, 'idem', ARGV[12])
+end
 redis.call('SET', P .. 'activity', ARGV[11])
 redis.call('PUBLISH', P .. 'events', 'submit')
-return {0, redis.call('ZRANK', P .. 'queue', id)}
+return {0, pos}
 "#;
 
 /// ARGV: P, max_attempts, lease_ms, timeout completion, timeout result, lost completion,
@@ -261,6 +282,10 @@ while scanned < batch * 4 do
     if redis.call('ZSCORE', P .. 'outbox', id) then
       skipped = skipped + 1
     else
+      local h = redis.call('HGET', jkey(id), 'idem')
+      if h and redis.call('HGET', P .. 'idem:' .. h, 'id') == id then
+        redis.call('DEL', P .. 'idem:' .. h)
+      end
       redis.call('DEL', jkey(id), P .. 'logs:' .. id)
       redis.call('ZREM', P .. 'completed', id)
       redis.call('HDEL', P .. 'outbox_attempts', id)
@@ -894,7 +919,7 @@ async fn subscribe_loop(
 
 #[async_trait]
 impl Store for RedisStore {
-    async fn submit(&self, spec: JobSpec, body: Bytes, max_queue: usize) -> StoreResult<u64> {
+    async fn submit(&self, spec: JobSpec, body: Bytes, max_queue: usize) -> StoreResult<Submitted> {
         let spec_json = serde_json::to_vec(&spec).expect("serialize job spec");
         let prio = spec.priority.index().to_string();
         let deadline = spec
@@ -905,6 +930,10 @@ impl Store for RedisStore {
         let submitted = spec.submitted_at_ms.to_string();
         let webhook = spec.webhook_url.clone().unwrap_or_default();
         let at = now_ms().to_string();
+        let (idem_key, fingerprint) = spec
+            .idempotency
+            .as_ref()
+            .map_or(("", ""), |i| (i.key.as_str(), i.fingerprint.as_str()));
         let reply = self
             .run(
                 &self.hub.scripts.submit,
@@ -919,16 +948,31 @@ impl Store for RedisStore {
                     webhook.as_bytes(),
                     spec.owner.as_bytes(),
                     at.as_bytes(),
+                    idem_key.as_bytes(),
+                    fingerprint.as_bytes(),
                 ],
             )
             .await?;
         let r = array(reply)?;
         match num::<i64>(r.first(), "submit status")? {
+            -3 => Err(StoreError::IdempotencyMismatch(text(
+                r.get(2),
+                "first request id",
+            )?)),
             -2 => Err(StoreError::Duplicate(spec.id)),
             -1 => Err(StoreError::QueueFull(num(r.get(1), "queue length")?)),
+            1 => Ok(Submitted {
+                id: text(r.get(2), "first request id")?,
+                position: num(r.get(1), "queue position")?,
+                replayed: true,
+            }),
             _ => {
                 self.bump();
-                num(r.get(1), "queue position")
+                Ok(Submitted {
+                    id: spec.id,
+                    position: num(r.get(1), "queue position")?,
+                    replayed: false,
+                })
             }
         }
     }
@@ -1394,7 +1438,7 @@ mod tests {
                 .submit(s, Bytes::new(), 100)
                 .await
                 .unwrap();
-            assert_eq!(pos, i);
+            assert_eq!(pos.position, i);
         }
         tokio::time::timeout(Duration::from_secs(5), woken.changed())
             .await
