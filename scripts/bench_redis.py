@@ -147,7 +147,7 @@ def main() -> None:
         out = subprocess.run(
             ["redis-benchmark", "-p", str(rport), "-c", "64", "-n", str(n_raw), "-r", "2000000000", "-q",
              "EVALSHA", sha, "0", PREFIX, "raw-__rand_int__", spec, '{"prompt": "a cat"}', "0", "",
-             "1000000000", str(int(time.time() * 1000)), "", "bench", str(int(time.time() * 1000))],
+             "1000000000", str(int(time.time() * 1000)), "", "bench", str(int(time.time() * 1000)), "", ""],
             check=True, capture_output=True, text=True).stdout
         raw_rps = float(re.findall(r"([\d.]+) requests per second", out)[-1])
         cli(rport, "DEL", PREFIX + "queue")  # the raw jobs must not sit in front of the HTTP ones
@@ -218,7 +218,7 @@ def main() -> None:
             subprocess.run(
                 ["redis-benchmark", "-p", str(rport), "-c", "64", "-n", str(depth - filled), "-r", "2000000000",
                  "-q", "EVALSHA", sha, "0", PREFIX, f"fill{depth}-__rand_int__", spec, "{}", "0", "",
-                 "1000000000", str(int(time.time() * 1000)), "", "bench", str(int(time.time() * 1000))],
+                 "1000000000", str(int(time.time() * 1000)), "", "bench", str(int(time.time() * 1000)), "", ""],
                 check=True, capture_output=True)
             filled = depth
             with httpx.Client() as c:

@@ -100,7 +100,7 @@ const SUBMIT: &str = r#"
 local id = ARGV[2]
 local jk = jkey(id)
 local ik = ''
-if ARGV[12] ~= '' then
+if ARGV[12] and ARGV[12] ~= '' then
   ik = P .. 'idem:' .. ARGV[12]
   local v = redis.call('HMGET', ik, 'fp', 'id', 'pos')
   if v[2] and redis.call('EXISTS', jkey(v[2])) == 1 then
