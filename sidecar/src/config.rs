@@ -78,10 +78,26 @@ pub struct Common {
     /// [default: ./fal-data for run, /var/lib/fal-sidecar for serve].
     #[arg(long, env = "FAL_SIDECAR_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Queue store: `file:DIR` (embedded, single process; the default, in the data dir)
-    /// or `redis://HOST:PORT/DB` (shared by every replica of the function).
+    /// Queue store: `file:DIR` (embedded, single process; the default, in the data dir),
+    /// or shared by every replica of the function: `redis://[USER:PW@]HOST:PORT/DB`,
+    /// `redis+cluster://H:P[,H:P…]` (Redis Cluster), `redis+sentinel://S:P[,S:P…]/MASTER[/DB]`
+    /// (the master Sentinel names, followed across failovers); `rediss…` for TLS with
+    /// the system's CAs. Credentials not in the URL come from FAL_STORE_USERNAME /
+    /// FAL_STORE_PASSWORD.
     #[arg(long, env = "FAL_SIDECAR_STORE")]
     pub store: Option<String>,
+    /// Redis replicas that must have a submit, a completion or a webhook-outbox write
+    /// before it is acknowledged (`WAIT`); 0 acknowledges once the primary has it.
+    /// Past --store-replicas-timeout the answer is 503 + Retry-After.
+    #[arg(long, env = "FAL_SIDECAR_STORE_REPLICAS", default_value_t = 0)]
+    pub store_replicas: u32,
+    /// Longest wait for --store-replicas confirmations, in milliseconds.
+    #[arg(
+        long,
+        env = "FAL_SIDECAR_STORE_REPLICAS_TIMEOUT",
+        default_value_t = 1000
+    )]
+    pub store_replicas_timeout: u64,
     /// The function this sidecar serves, NAMESPACE/NAME (names the queue in a shared store).
     #[arg(long, env = "FAL_SIDECAR_FUNCTION", default_value = "default/app")]
     pub function: String,

@@ -54,14 +54,25 @@ pub async fn open_store(
         };
         return Ok(EmbeddedStore::open(&dir, common.max_attempts)? as Arc<dyn Store>);
     }
-    if spec.starts_with("redis://") || spec.starts_with("redis+unix://") {
-        let store = RedisStore::open(&spec, &common.function, common.max_attempts)
+    if spec.starts_with("redis") || spec.starts_with("unix://") {
+        let durability = crate::store::redis::Durability {
+            replicas: common.store_replicas,
+            timeout: Duration::from_millis(common.store_replicas_timeout.max(1)),
+        };
+        let store = RedisStore::open_with(&spec, &common.function, common.max_attempts, durability)
             .await
-            .with_context(|| format!("opening the redis store {spec:?}"))?;
+            .with_context(|| {
+                format!(
+                    "opening the redis store {}",
+                    crate::store::redis_conn::redact(&spec)
+                )
+            })?;
         return Ok(store as Arc<dyn Store>);
     }
     anyhow::bail!(
-        "--store {spec:?} is not supported: use file:DIR (the embedded store) or redis://HOST:PORT/DB"
+        "--store {:?} is not supported: use file:DIR (the embedded store), redis://HOST:PORT/DB, \
+         redis+cluster://H:P[,H:P…] or redis+sentinel://S:P[,S:P…]/MASTER[/DB]",
+        crate::store::redis_conn::redact(&spec)
     )
 }
 

@@ -15,6 +15,7 @@ use crate::job::{Completion, JobRecord, JobSpec, LogLine, StoredResult};
 pub mod embedded;
 pub mod position;
 pub mod redis;
+pub mod redis_conn;
 
 #[cfg(test)]
 pub mod conformance;

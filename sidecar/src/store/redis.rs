@@ -32,11 +32,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 use tokio::sync::{broadcast, watch};
 
 use super::embedded::{decode_result, encode_result};
+use super::redis_conn::{Conn, Target};
 use super::{
     CancelOutcome, Claimed, Delivery, JobStatus, Lease, Load, Store, StoreError, StoreResult,
     Submitted, Sweep,
@@ -393,39 +393,97 @@ if ARGV[6] == '1' then redis.call('PUBLISH', P .. 'events', 'wake') end
 return 1
 "#;
 
+/// ARGV: P, id → {job fields, queue rank or -1, log lines}
+const STATUS: &str = r#"
+local id = ARGV[2]
+local f = redis.call('HMGET', jkey(id), 'spec', 'seq', 'phase', 'attempts', 'token', 'lease',
+  'started', 'cancel', 'completion')
+local rank = redis.call('ZRANK', P .. 'queue', id)
+local logs = redis.call('LRANGE', P .. 'logs:' .. id, 0, -1)
+return {f, rank or -1, logs}
+"#;
+
+/// A script and the keys it declares (suffixes of the function's prefix). Every key a
+/// script names is declared; `per_id` keys are completed with the script's id
+/// argument. The job hashes that claim, sweep, deliveries and load reach through the
+/// function's own indexes cannot be named before the script runs: they carry the same
+/// hash tag, so they live in the declared keys' slot (what Redis Cluster checks).
+struct Scripted {
+    script: Script,
+    keys: &'static [&'static str],
+    per_id: &'static [&'static str],
+}
+
 struct Scripts {
-    submit: Script,
-    claim: Script,
-    renew: Script,
-    release: Script,
-    complete: Script,
-    cancel: Script,
-    append_logs: Script,
-    sweep: Script,
-    due_deliveries: Script,
-    delivery_attempted: Script,
-    load: Script,
-    sync_report: Script,
-    running_workers: Script,
+    status: Scripted,
+    submit: Scripted,
+    claim: Scripted,
+    renew: Scripted,
+    release: Scripted,
+    complete: Scripted,
+    cancel: Scripted,
+    append_logs: Scripted,
+    sweep: Scripted,
+    due_deliveries: Scripted,
+    delivery_attempted: Scripted,
+    load: Scripted,
+    sync_report: Scripted,
+    running_workers: Scripted,
 }
 
 impl Scripts {
     fn new() -> Scripts {
-        let s = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
+        let s =
+            |body: &str, keys: &'static [&'static str], per_id: &'static [&'static str]| Scripted {
+                script: Script::new(&format!("{PRELUDE}{body}")),
+                keys,
+                per_id,
+            };
+        const ENDS: &[&str] = &[
+            "queue",
+            "deadlines",
+            "running",
+            "completed",
+            "activity",
+            "outbox",
+            "outbox_attempts",
+        ];
         Scripts {
-            submit: s(SUBMIT),
-            claim: s(CLAIM),
-            renew: s(RENEW),
-            release: s(RELEASE),
-            complete: s(COMPLETE),
-            cancel: s(CANCEL),
-            append_logs: s(APPEND_LOGS),
-            sweep: s(SWEEP),
-            due_deliveries: s(DUE_DELIVERIES),
-            delivery_attempted: s(DELIVERY_ATTEMPTED),
-            load: s(LOAD),
-            sync_report: s(SYNC_REPORT),
-            running_workers: s(RUNNING_WORKERS),
+            status: s(STATUS, &["queue"], &["job:", "logs:"]),
+            submit: s(
+                SUBMIT,
+                &["queue", "deadlines", "seq", "activity"],
+                &["job:"],
+            ),
+            claim: s(
+                CLAIM,
+                &[
+                    "queue",
+                    "deadlines",
+                    "running",
+                    "completed",
+                    "outbox",
+                    "outbox_attempts",
+                    "token",
+                    "activity",
+                ],
+                &[],
+            ),
+            renew: s(RENEW, &["running"], &["job:"]),
+            release: s(
+                RELEASE,
+                &["running", "queue", "deadlines"],
+                &["job:", "logs:"],
+            ),
+            complete: s(COMPLETE, ENDS, &["job:"]),
+            cancel: s(CANCEL, ENDS, &["job:"]),
+            append_logs: s(APPEND_LOGS, &[], &["job:", "logs:"]),
+            sweep: s(SWEEP, ENDS, &[]),
+            due_deliveries: s(DUE_DELIVERIES, &["outbox", "outbox_attempts"], &[]),
+            delivery_attempted: s(DELIVERY_ATTEMPTED, &["outbox", "outbox_attempts"], &[]),
+            load: s(LOAD, &["queue", "running", "activity", "sync"], &[]),
+            sync_report: s(SYNC_REPORT, &["sync", "activity"], &[]),
+            running_workers: s(RUNNING_WORKERS, &["running"], &[]),
         }
     }
 }
@@ -465,9 +523,10 @@ pub struct Activity {
 /// every function a process serves: a gateway that knows a thousand functions holds
 /// two connections, not two thousand.
 pub struct RedisHub {
-    conn: ConnectionManager,
+    conn: Conn,
     /// The server, for error messages (no credentials).
     server: String,
+    durability: Durability,
     scripts: Scripts,
     channels: std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<Channels>>>,
     activity: broadcast::Sender<Activity>,
@@ -493,21 +552,45 @@ pub struct RedisStore {
     opened_at_ms: u64,
 }
 
+/// How many replicas must confirm a write before it is acknowledged (`WAIT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durability {
+    /// 0: acknowledge once the primary has it (Redis' asynchronous replication).
+    pub replicas: u32,
+    /// Longest wait for them; past it the caller gets `Unavailable` (503), never a
+    /// silent acknowledgement.
+    pub timeout: Duration,
+}
+
+impl Default for Durability {
+    fn default() -> Self {
+        Durability {
+            replicas: 0,
+            timeout: Duration::from_secs(1),
+        }
+    }
+}
+
 impl RedisHub {
-    /// Connects to `url` (redis://HOST:PORT/DB). Does not fail when Redis is down:
-    /// calls return `Unavailable` until it is back.
+    /// Connects to `url` (see [`super::redis_conn`]: one server, a cluster, or a
+    /// Sentinel-managed master). Does not fail when Redis is down: calls return
+    /// `Unavailable` until it is back.
     pub fn connect(url: &str, subscribe: Subscribe) -> StoreResult<Arc<RedisHub>> {
-        let client = redis::Client::open(url)
-            .map_err(|e| StoreError::Unavailable(format!("invalid redis URL {url:?}: {e}")))?;
-        let info = client.get_connection_info();
-        let server = info.addr().to_string();
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(Duration::from_secs(3)))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+        Self::connect_with(url, subscribe, Durability::default())
+    }
+
+    /// [`RedisHub::connect`] with writes acknowledged only once `durability.replicas`
+    /// replicas have them.
+    pub fn connect_with(
+        url: &str,
+        subscribe: Subscribe,
+        durability: Durability,
+    ) -> StoreResult<Arc<RedisHub>> {
+        let target = Target::parse(url)
+            .map_err(|e| StoreError::Unavailable(format!("invalid redis URL: {e}")))?;
+        let server = target.describe();
+        let conn = target
+            .connect()
             .map_err(|e| StoreError::Unavailable(format!("redis at {server}: {e}")))?;
         let (activity, _) = broadcast::channel(4096);
         let follows_all = subscribe == Subscribe::All;
@@ -515,12 +598,13 @@ impl RedisHub {
             follows_all,
             conn,
             server,
+            durability,
             scripts: Scripts::new(),
             channels: Default::default(),
             activity,
             subscriber: std::sync::OnceLock::new(),
         });
-        let task = tokio::spawn(subscribe_loop(client, subscribe, Arc::downgrade(&hub)));
+        let task = tokio::spawn(subscribe_loop(target, subscribe, Arc::downgrade(&hub)));
         let _ = hub.subscriber.set(task.abort_handle());
         Ok(hub)
     }
@@ -599,7 +683,7 @@ impl RedisHub {
     /// once more: the first call after Redis comes back does not fail for nothing.
     async fn guard<T, F, Fut>(&self, mut op: F) -> StoreResult<T>
     where
-        F: FnMut(ConnectionManager) -> Fut,
+        F: FnMut(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let attempt = async {
@@ -691,7 +775,17 @@ impl RedisStore {
         function: &str,
         max_attempts: u32,
     ) -> StoreResult<Arc<RedisStore>> {
-        let hub = RedisHub::connect(url, Subscribe::One(key_prefix(function)))?;
+        Self::open_with(url, function, max_attempts, Durability::default()).await
+    }
+
+    /// [`RedisStore::open`] with writes acknowledged once `durability` says.
+    pub async fn open_with(
+        url: &str,
+        function: &str,
+        max_attempts: u32,
+        durability: Durability,
+    ) -> StoreResult<Arc<RedisStore>> {
+        let hub = RedisHub::connect_with(url, Subscribe::One(key_prefix(function)), durability)?;
         let store = hub.store(function, max_attempts);
         match hub.ping().await {
             Ok(()) => {
@@ -710,21 +804,60 @@ impl RedisStore {
 
     async fn guard<T, F, Fut>(&self, op: F) -> StoreResult<T>
     where
-        F: FnMut(ConnectionManager) -> Fut,
+        F: FnMut(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         self.hub.guard(op).await
     }
 
-    /// Runs one script with ARGV = [prefix, args...].
-    async fn run(&self, script: &Script, args: &[&[u8]]) -> StoreResult<Value> {
-        let mut inv = script.arg(self.prefix.as_str());
+    /// Runs one script with its declared KEYS (plus `extra`) and ARGV = [prefix,
+    /// args...]; `args[0]` is the id its `per_id` keys name.
+    async fn run(&self, s: &Scripted, args: &[&[u8]], extra: &[String]) -> StoreResult<Value> {
+        let mut inv = s.script.prepare_invoke();
+        for k in s.keys {
+            inv.key(format!("{}{k}", self.prefix));
+        }
+        if let Some(id) = args.first().filter(|_| !s.per_id.is_empty()) {
+            let id = String::from_utf8_lossy(id);
+            for k in s.per_id {
+                inv.key(format!("{}{k}{id}", self.prefix));
+            }
+        }
+        for k in extra {
+            inv.key(k);
+        }
+        inv.arg(self.prefix.as_str());
         for a in args {
             inv.arg(*a);
         }
         let inv = &inv;
         self.guard(|mut c| async move { inv.invoke_async::<Value>(&mut c).await })
             .await
+    }
+
+    /// With `--store-replicas N`: returns once N replicas have this function's writes
+    /// so far, or `Unavailable` when they do not confirm within the bound (the write
+    /// is on the primary but could be lost in a failover: never acknowledged as safe).
+    async fn replicated(&self) -> StoreResult<()> {
+        let Durability { replicas, timeout } = self.hub.durability;
+        if replicas == 0 {
+            return Ok(());
+        }
+        let key = format!("{}queue", self.prefix);
+        let got = tokio::time::timeout(
+            timeout + Duration::from_secs(1),
+            self.hub.conn.wait(&key, replicas, timeout),
+        )
+        .await;
+        match got {
+            Ok(Ok(n)) if n >= i64::from(replicas) => Ok(()),
+            Ok(Ok(n)) => Err(StoreError::Unavailable(format!(
+                "only {n} of {replicas} redis replicas confirmed the write within {timeout:?} \
+                 (--store-replicas); it is not acknowledged"
+            ))),
+            Ok(Err(e)) => Err(self.hub.unavailable(e)),
+            Err(_) => Err(self.hub.unavailable("WAIT for replicas did not answer")),
+        }
     }
 
     /// A gateway's report of the sync calls it holds or has in flight for this
@@ -751,6 +884,7 @@ impl RedisStore {
                 ttl.as_bytes(),
                 if wake { b"1" } else { b"0" },
             ],
+            &[],
         )
         .await?;
         Ok(())
@@ -759,7 +893,10 @@ impl RedisStore {
     /// Running requests per replica (the part of the worker name before `/`): a
     /// scaler removes the idlest replicas first.
     pub async fn running_by_replica(&self) -> StoreResult<std::collections::HashMap<String, u64>> {
-        let r = array(self.run(&self.hub.scripts.running_workers, &[]).await?)?;
+        let r = array(
+            self.run(&self.hub.scripts.running_workers, &[], &[])
+                .await?,
+        )?;
         let mut out = std::collections::HashMap::new();
         for pair in r.chunks_exact(2) {
             let worker = text(pair.first(), "worker").unwrap_or_default();
@@ -825,17 +962,15 @@ fn parse_channel(channel: &str) -> Option<(&str, &str)> {
 /// Feeds every store's `changes()` and `cancellations()` (and the hub's `activity()`)
 /// from pub/sub; reconnects with backoff when Redis goes away (and bumps every store
 /// on reconnect: messages may have been missed meanwhile).
-async fn subscribe_loop(
-    client: redis::Client,
-    subscribe: Subscribe,
-    hub: std::sync::Weak<RedisHub>,
-) {
-    let server = client.get_connection_info().addr().to_string();
+async fn subscribe_loop(target: Target, subscribe: Subscribe, hub: std::sync::Weak<RedisHub>) {
+    let server = target.describe();
     let mut backoff = Duration::from_millis(100);
     let mut failing = false;
+    let mut attempt = 0usize;
     loop {
+        attempt += 1;
         let connect = async {
-            let mut pubsub = client.get_async_pubsub().await?;
+            let mut pubsub = target.pubsub(attempt).await?;
             match &subscribe {
                 Subscribe::One(prefix) => {
                     pubsub
@@ -934,6 +1069,11 @@ impl Store for RedisStore {
             .idempotency
             .as_ref()
             .map_or(("", ""), |i| (i.key.as_str(), i.fingerprint.as_str()));
+        let idem_keys: Vec<String> = spec
+            .idempotency
+            .iter()
+            .map(|i| format!("{}idem:{}", self.prefix, i.key))
+            .collect();
         let reply = self
             .run(
                 &self.hub.scripts.submit,
@@ -951,6 +1091,7 @@ impl Store for RedisStore {
                     idem_key.as_bytes(),
                     fingerprint.as_bytes(),
                 ],
+                &idem_keys,
             )
             .await?;
         let r = array(reply)?;
@@ -961,13 +1102,18 @@ impl Store for RedisStore {
             )?)),
             -2 => Err(StoreError::Duplicate(spec.id)),
             -1 => Err(StoreError::QueueFull(num(r.get(1), "queue length")?)),
-            1 => Ok(Submitted {
-                id: text(r.get(2), "first request id")?,
-                position: num(r.get(1), "queue position")?,
-                replayed: true,
-            }),
+            1 => {
+                // The first submit may still be on its way to the replicas.
+                self.replicated().await?;
+                Ok(Submitted {
+                    id: text(r.get(2), "first request id")?,
+                    position: num(r.get(1), "queue position")?,
+                    replayed: true,
+                })
+            }
             _ => {
                 self.bump();
+                self.replicated().await?;
                 Ok(Submitted {
                     id: spec.id,
                     position: num(r.get(1), "queue position")?,
@@ -978,32 +1124,9 @@ impl Store for RedisStore {
     }
 
     async fn status(&self, id: &str) -> StoreResult<Option<JobStatus>> {
-        let jk = format!("{}job:{id}", self.prefix);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HMGET")
-            .arg(&jk)
-            .arg(&[
-                "spec",
-                "seq",
-                "phase",
-                "attempts",
-                "token",
-                "lease",
-                "started",
-                "cancel",
-                "completion",
-            ])
-            .cmd("ZRANK")
-            .arg(format!("{}queue", self.prefix))
-            .arg(id)
-            .cmd("LRANGE")
-            .arg(format!("{}logs:{id}", self.prefix))
-            .arg(0)
-            .arg(-1);
-        let pipe = &pipe;
-        let reply: Value = self
-            .guard(|mut c| async move { pipe.query_async(&mut c).await })
+        // One script (not MULTI): atomic, one round trip, and routable in a cluster.
+        let reply = self
+            .run(&self.hub.scripts.status, &[id.as_bytes()], &[])
             .await?;
         let mut parts = array(reply)?.into_iter();
         let fields = array(parts.next().unwrap_or(Value::Nil))?;
@@ -1054,6 +1177,7 @@ impl Store for RedisStore {
             .run(
                 &self.hub.scripts.cancel,
                 &[id.as_bytes(), &c, &r, at.as_bytes()],
+                &[],
             )
             .await?;
         let r = array(reply)?;
@@ -1073,6 +1197,7 @@ impl Store for RedisStore {
         };
         if outcome != CancelOutcome::NotFound && outcome != CancelOutcome::AlreadyCompleted {
             self.bump();
+            self.replicated().await?;
         }
         Ok(outcome)
     }
@@ -1100,6 +1225,7 @@ impl Store for RedisStore {
                         batch.as_bytes(),
                         worker.as_bytes(),
                     ],
+                    &[],
                 )
                 .await?;
             let r = array(reply)?;
@@ -1145,6 +1271,7 @@ impl Store for RedisStore {
             .run(
                 &self.hub.scripts.renew,
                 &[id.as_bytes(), token.as_bytes(), lease_ms.as_bytes()],
+                &[],
             )
             .await?;
         Ok(match int_of(&reply) {
@@ -1161,6 +1288,7 @@ impl Store for RedisStore {
             .run(
                 &self.hub.scripts.release,
                 &[id.as_bytes(), token.as_bytes()],
+                &[],
             )
             .await?;
         let ok = int_of(&reply) == Some(1);
@@ -1185,11 +1313,13 @@ impl Store for RedisStore {
             .run(
                 &self.hub.scripts.complete,
                 &[id.as_bytes(), token.as_bytes(), &c, &r, at.as_bytes()],
+                &[],
             )
             .await?;
         let ok = int_of(&reply) == Some(1);
         if ok {
             self.bump();
+            self.replicated().await?;
         }
         Ok(ok)
     }
@@ -1206,7 +1336,7 @@ impl Store for RedisStore {
         let max = MAX_LOG_LINES.to_string();
         let mut args: Vec<&[u8]> = vec![id.as_bytes(), max.as_bytes()];
         args.extend(encoded.iter().map(|l| l.as_slice()));
-        let reply = self.run(&self.hub.scripts.append_logs, &args).await?;
+        let reply = self.run(&self.hub.scripts.append_logs, &args, &[]).await?;
         if int_of(&reply) == Some(1) {
             self.bump();
         }
@@ -1231,6 +1361,7 @@ impl Store for RedisStore {
                     at_s.as_bytes(),
                     batch.as_bytes(),
                 ],
+                &[],
             )
             .await?;
         let r = array(reply)?;
@@ -1262,6 +1393,7 @@ impl Store for RedisStore {
             .run(
                 &self.hub.scripts.due_deliveries,
                 &[now_s.as_bytes(), limit.as_bytes(), lease_ms.as_bytes()],
+                &[],
             )
             .await?;
         let r = array(reply)?;
@@ -1289,13 +1421,14 @@ impl Store for RedisStore {
         self.run(
             &self.hub.scripts.delivery_attempted,
             &[request_id.as_bytes(), attempts.as_bytes(), next.as_bytes()],
+            &[],
         )
         .await?;
-        Ok(())
+        self.replicated().await
     }
 
     async fn load(&self) -> StoreResult<Load> {
-        let r = array(self.run(&self.hub.scripts.load, &[]).await?)?;
+        let r = array(self.run(&self.hub.scripts.load, &[], &[]).await?)?;
         let oldest: i64 = num(r.get(2), "oldest")?;
         let activity: i64 = num(r.get(3), "activity")?;
         Ok(Load {
@@ -1322,66 +1455,103 @@ mod tests {
     use std::io::{Read, Write};
     use std::sync::OnceLock;
 
-    /// One `redis-server` per test process, on a free port, in a temp dir; it dies with
-    /// the process (PR_SET_PDEATHSIG from a thread that never exits).
+    /// A `redis-server` on a free port, in a temp dir, with `extra` arguments; it dies
+    /// with the test process (PR_SET_PDEATHSIG from a thread that never exits).
+    fn spawn_server(extra: &'static [&'static str]) -> u16 {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::os::unix::process::CommandExt;
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let dir = std::env::temp_dir().join(format!("fal-redis-test-{}", uuid::Uuid::new_v4()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut cmd = std::process::Command::new(
+                std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into()),
+            );
+            cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(extra)
+                .arg("--dir")
+                .arg(&dir)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            // SAFETY: prctl is async-signal-safe; nothing else runs before exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            // Lives as long as the test process (PR_SET_PDEATHSIG reaps it).
+            #[allow(clippy::zombie_processes)]
+            let _child = cmd.spawn().expect("start redis-server (is it installed?)");
+            tx.send(port).unwrap();
+            loop {
+                std::thread::park();
+            }
+        });
+        let port = rx.recv().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !matches!(ask(port, b"PING\r\n").as_deref(), Ok(r) if r.starts_with("+PONG")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server on port {port} did not answer PING"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        port
+    }
+
+    /// One inline command, the first reply read raw.
+    fn ask(port: u16, cmd: &[u8]) -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(cmd)?;
+        let mut buf = vec![0u8; 8192];
+        let n = s.read(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
+    /// One standalone server per test process.
     fn server_port() -> u16 {
         static PORT: OnceLock<u16> = OnceLock::new();
-        *PORT.get_or_init(|| {
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                use std::os::unix::process::CommandExt;
-                let port = std::net::TcpListener::bind("127.0.0.1:0")
-                    .unwrap()
-                    .local_addr()
-                    .unwrap()
-                    .port();
-                let dir =
-                    std::env::temp_dir().join(format!("fal-redis-test-{}", uuid::Uuid::new_v4()));
-                std::fs::create_dir_all(&dir).unwrap();
-                let mut cmd = std::process::Command::new(
-                    std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into()),
-                );
-                cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                    .args(["--save", "", "--appendonly", "no"])
-                    .arg("--dir")
-                    .arg(&dir)
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null());
-                // SAFETY: prctl is async-signal-safe; nothing else runs before exec.
-                unsafe {
-                    cmd.pre_exec(|| {
-                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                        Ok(())
-                    });
+        *PORT.get_or_init(|| spawn_server(&[]))
+    }
+
+    /// One 3-master Redis Cluster per test process (made with `redis-cli --cluster
+    /// create`): its `redis+cluster://` URL.
+    pub(crate) fn cluster_url() -> String {
+        static URL: OnceLock<String> = OnceLock::new();
+        URL.get_or_init(|| {
+            let ports: Vec<u16> = (0..3)
+                .map(|_| {
+                    spawn_server(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                })
+                .collect();
+            let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+            let out = std::process::Command::new("redis-cli")
+                .args(["--cluster", "create"])
+                .args(&nodes)
+                .args(["--cluster-replicas", "0", "--cluster-yes"])
+                .output()
+                .expect("run redis-cli --cluster create");
+            assert!(out.status.success(), "redis-cli --cluster create: {out:?}");
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            for p in &ports {
+                while !ask(*p, b"CLUSTER INFO\r\n").is_ok_and(|r| r.contains("cluster_state:ok")) {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "cluster never became ok"
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
                 }
-                // Lives as long as the test process (PR_SET_PDEATHSIG reaps it).
-                #[allow(clippy::zombie_processes)]
-                let _child = cmd.spawn().expect("start redis-server (is it installed?)");
-                tx.send(port).unwrap();
-                loop {
-                    std::thread::park();
-                }
-            });
-            let port = rx.recv().unwrap();
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            loop {
-                let pong = std::net::TcpStream::connect(("127.0.0.1", port)).and_then(|mut s| {
-                    s.set_read_timeout(Some(Duration::from_secs(1)))?;
-                    s.write_all(b"PING\r\n")?;
-                    let mut buf = [0u8; 7];
-                    s.read_exact(&mut buf)?;
-                    Ok(buf == *b"+PONG\r\n")
-                });
-                if matches!(pong, Ok(true)) {
-                    break port;
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "redis-server on port {port} did not answer PING"
-                );
-                std::thread::sleep(Duration::from_millis(20));
             }
+            format!("redis+cluster://{}", nodes.join(","))
         })
+        .clone()
     }
 
     pub(crate) async fn test_store(max_attempts: u32) -> Arc<RedisStore> {
@@ -1539,4 +1709,60 @@ mod tests {
     crate::conformance_tests!(|_dir: std::path::PathBuf| async move {
         test_store(3).await as std::sync::Arc<dyn Store>
     });
+
+    /// The same suite on a 3-master Redis Cluster: every script routes by its declared
+    /// keys and runs on the node that owns the function's slot.
+    mod cluster {
+        use super::*;
+
+        pub(crate) async fn cluster_store(max_attempts: u32) -> Arc<RedisStore> {
+            let function = format!("test/{}", uuid::Uuid::new_v4());
+            RedisStore::open(&cluster_url(), &function, max_attempts)
+                .await
+                .unwrap()
+        }
+
+        crate::conformance_tests!(|_dir: std::path::PathBuf| async move {
+            cluster_store(3).await as std::sync::Arc<dyn Store>
+        });
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn functions_spread_over_shards_and_replicas_hear_each_other() {
+            let url = cluster_url();
+            for _ in 0..12 {
+                let function = format!("spread/{}", uuid::Uuid::new_v4());
+                let a = RedisStore::open(&url, &function, 3).await.unwrap();
+                // A second replica of the function, with its own connections (its
+                // subscription may sit on any node of the cluster).
+                let b = RedisStore::open(&url, &function, 3).await.unwrap();
+                let mut woken = b.changes();
+                woken.borrow_and_update();
+                let mut received = false;
+                for _ in 0..50 {
+                    let spec = crate::store::conformance::spec(crate::job::Priority::Normal);
+                    a.submit(spec.clone(), Bytes::new(), 100).await.unwrap();
+                    assert!(b.status(&spec.id).await.unwrap().is_some());
+                    // The subscription connects in the background: submit until heard.
+                    if tokio::time::timeout(Duration::from_millis(100), woken.changed())
+                        .await
+                        .is_ok()
+                    {
+                        received = true;
+                        break;
+                    }
+                }
+                assert!(received, "replica b never heard a submit on a");
+            }
+            let ports: Vec<u16> = url
+                .trim_start_matches("redis+cluster://")
+                .split(',')
+                .map(|h| h.rsplit(':').next().unwrap().parse().unwrap())
+                .collect();
+            let holding = ports
+                .iter()
+                .filter(|p| ask(**p, b"KEYS fal:{spread/*\r\n").is_ok_and(|r| !r.starts_with("*0")))
+                .count();
+            assert!(holding > 1, "12 functions all landed on one shard");
+        }
+    }
 }
