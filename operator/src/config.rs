@@ -15,6 +15,8 @@ pub const ENV_SIDECAR_IMAGE: &str = "FAL_SIDECAR_IMAGE";
 pub const ENV_STORE_URL: &str = "FAL_STORE_URL";
 /// Environment variable equivalent of `--store-secret`.
 pub const ENV_STORE_SECRET: &str = "FAL_STORE_SECRET";
+/// Environment variable equivalent of `--store-replicas`.
+pub const ENV_STORE_REPLICAS: &str = "FAL_STORE_REPLICAS";
 /// Environment variable equivalent of `--catalog`.
 pub const ENV_CATALOG: &str = "FAL_CATALOG";
 /// Environment variable equivalent of `--gateway-domain`.
@@ -42,6 +44,9 @@ pub struct OperatorConfig {
     /// Name of a Secret (in the function's namespace) holding the webhook signing key
     /// under the key `signing-key`; mounted into the sidecar when set.
     pub signing_key_secret: Option<String>,
+    /// `FAL_SIDECAR_STORE_REPLICAS` of every sidecar: Redis replicas that must confirm a
+    /// write before it is acknowledged (0: not set).
+    pub store_replicas: u32,
 }
 
 impl Default for OperatorConfig {
@@ -52,6 +57,7 @@ impl Default for OperatorConfig {
             store_secret: None,
             gateway_domain: None,
             signing_key_secret: None,
+            store_replicas: 0,
         }
     }
 }

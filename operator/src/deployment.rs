@@ -498,6 +498,22 @@ mod tests {
     }
 
     #[test]
+    fn store_replicas_reach_the_sidecar_only_when_set() {
+        let names = |cfg: &OperatorConfig| {
+            let d = ff(FalFunctionSpec::with_image("a:1"))
+                .deployment(&MachineCatalog::builtin(), cfg)
+                .unwrap();
+            env_of(&pod(&d).init_containers.as_ref().unwrap()[0])
+        };
+        assert!(!names(&OperatorConfig::default()).contains_key("FAL_SIDECAR_STORE_REPLICAS"));
+        let cfg = OperatorConfig {
+            store_replicas: 1,
+            ..OperatorConfig::default()
+        };
+        assert_eq!(names(&cfg)["FAL_SIDECAR_STORE_REPLICAS"], "1");
+    }
+
+    #[test]
     fn store_url_from_a_secret_is_never_plaintext() {
         let cfg = OperatorConfig {
             store_secret: Some(("fal-store".into(), "url".into())),
@@ -533,6 +549,7 @@ mod tests {
             store_secret: None,
             gateway_domain: None,
             signing_key_secret: Some("fal-webhook-key".into()),
+            store_replicas: 0,
         };
         let d = ff(FalFunctionSpec::with_image("a:1"))
             .deployment(&MachineCatalog::builtin(), &cfg)

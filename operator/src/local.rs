@@ -74,6 +74,8 @@ impl LocalFunction {
 pub struct LocalConfig {
     pub sidecar_bin: PathBuf,
     pub store_url: String,
+    /// `--store-replicas` of every replica.
+    pub store_replicas: u32,
     /// Per-replica data dirs and the shared signing key live here.
     pub state_dir: PathBuf,
     pub signing_key: PathBuf,
@@ -183,6 +185,8 @@ impl LocalScaler {
         cmd.arg("run")
             .arg("--store")
             .arg(&self.cfg.store_url)
+            .arg("--store-replicas")
+            .arg(self.cfg.store_replicas.to_string())
             .arg("--function")
             .arg(&key)
             .arg("--owner")

@@ -110,9 +110,13 @@ impl GatewayFlags {
 
 #[derive(Args)]
 struct GatewayArgs {
-    /// The shared Redis store (redis://HOST:PORT/DB).
+    /// The shared Redis store: redis://HOST:PORT/DB, redis+cluster://H:P[,H:P…] or
+    /// redis+sentinel://S:P[,S:P…]/MASTER[/DB] (rediss… for TLS).
     #[arg(long, env = config::ENV_STORE_URL)]
     store: String,
+    /// Redis replicas that must confirm a submit before it is acknowledged (WAIT).
+    #[arg(long, env = config::ENV_STORE_REPLICAS, default_value_t = 0)]
+    store_replicas: u32,
     /// Run host: sync calls (`fal.run` style) and /{namespace}/{name}/fal/queue/….
     #[arg(long, env = "FAL_GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
     listen: String,
@@ -137,9 +141,13 @@ struct LocalArgs {
     /// FalFunction manifests (multi-document YAML); each needs spec.command.
     #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
     files: Vec<PathBuf>,
-    /// The shared Redis store.
+    /// The shared Redis store (redis://…, redis+cluster://…, redis+sentinel://…).
     #[arg(long, env = config::ENV_STORE_URL, default_value = "redis://127.0.0.1:6379/0")]
     store: String,
+    /// Redis replicas that must confirm a write before it is acknowledged (WAIT), for
+    /// the gateway and every replica.
+    #[arg(long, env = config::ENV_STORE_REPLICAS, default_value_t = 0)]
+    store_replicas: u32,
     /// Run host: sync calls and /{namespace}/{name}/fal/queue/….
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
@@ -179,9 +187,14 @@ struct ObjectArgs {
     /// Image of the injected fal-sidecar.
     #[arg(long, env = config::ENV_SIDECAR_IMAGE, default_value = config::DEFAULT_SIDECAR_IMAGE)]
     sidecar_image: String,
-    /// Job store URL given to every sidecar (redis://… or file:…).
+    /// Job store URL given to every sidecar (redis://…, redis+cluster://…,
+    /// redis+sentinel://… or file:…).
     #[arg(long, env = config::ENV_STORE_URL, default_value = config::DEFAULT_STORE_URL)]
     store_url: String,
+    /// Redis replicas that must confirm a sidecar's write before it is acknowledged
+    /// (FAL_SIDECAR_STORE_REPLICAS of every sidecar).
+    #[arg(long, env = config::ENV_STORE_REPLICAS, default_value_t = 0)]
+    store_replicas: u32,
     /// Secret (NAME:KEY, in each function's namespace) the sidecars read the store URL
     /// from, instead of a plaintext --store-url in their pod spec.
     #[arg(long, env = config::ENV_STORE_SECRET, value_parser = secret_ref)]
@@ -203,6 +216,7 @@ impl ObjectArgs {
             store_secret: self.store_secret,
             gateway_domain: self.gateway_domain,
             signing_key_secret: self.signing_key_secret,
+            store_replicas: self.store_replicas,
         };
         Ok((catalog, config))
     }
@@ -253,6 +267,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             init_tracing();
             let opts = GatewayOptions {
                 store_url: a.store,
+                store_replicas: a.store_replicas,
                 listen: Listen {
                     run: a.listen,
                     queue: a.queue_listen,
@@ -281,6 +296,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let opts = LocalOptions {
                 functions,
                 store_url: a.store,
+                store_replicas: a.store_replicas,
                 listen: Listen {
                     run: a.listen,
                     queue: a.queue_listen,

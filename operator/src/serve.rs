@@ -27,16 +27,21 @@ pub struct Listen {
 }
 
 /// Connects to the store and checks it answers (a clear error when it does not).
-pub async fn connect_store(url: &str) -> Result<Arc<RedisHub>> {
-    if !(url.starts_with("redis://")
-        || url.starts_with("rediss://")
-        || url.starts_with("redis+unix://"))
-    {
+/// `replicas`: Redis replicas that must confirm a write (submits through the gateway)
+/// before it is acknowledged.
+pub async fn connect_store(url: &str, replicas: u32) -> Result<Arc<RedisHub>> {
+    if !url.starts_with("redis") {
         return Err(Error::Scale(format!(
-            "--store {url:?}: the gateway needs the shared Redis store (redis://HOST:PORT/DB)"
+            "--store {:?}: the gateway needs the shared Redis store (redis://HOST:PORT/DB, \
+             redis+cluster://H:P[,H:P…] or redis+sentinel://S:P[,S:P…]/MASTER[/DB])",
+            fal_sidecar::store::redis_conn::redact(url)
         )));
     }
-    let hub = RedisHub::connect(url, Subscribe::All)?;
+    let durability = fal_sidecar::store::redis::Durability {
+        replicas,
+        ..Default::default()
+    };
+    let hub = RedisHub::connect_with(url, Subscribe::All, durability)?;
     hub.ping().await.map_err(|e| {
         Error::Scale(format!(
             "cannot reach the store at {}: {e}. Start Redis (e.g. `redis-server --port 6379`) or pass --store redis://HOST:PORT/DB",
@@ -145,6 +150,7 @@ pub fn signer(key_file: Option<&std::path::Path>, dir: &std::path::Path) -> Resu
 pub struct LocalOptions {
     pub functions: Vec<LocalFunction>,
     pub store_url: String,
+    pub store_replicas: u32,
     pub listen: Listen,
     pub sidecar_bin: PathBuf,
     pub state_dir: PathBuf,
@@ -155,7 +161,7 @@ pub struct LocalOptions {
 /// `fal-operator local`: gateway + autoscaler + local replicas until SIGTERM, then
 /// every replica drained and stopped.
 pub async fn run_local(opts: LocalOptions) -> Result<()> {
-    let hub = connect_store(&opts.store_url).await?;
+    let hub = connect_store(&opts.store_url, opts.store_replicas).await?;
     let signer = signer(None, &opts.state_dir)?;
     let signing_key = opts.state_dir.join("webhook-signing.key");
     // Loopback webhook targets are fine on one's own machine (as in `fal-sidecar run`).
@@ -174,6 +180,7 @@ pub async fn run_local(opts: LocalOptions) -> Result<()> {
         LocalConfig {
             sidecar_bin: opts.sidecar_bin.clone(),
             store_url: opts.store_url.clone(),
+            store_replicas: opts.store_replicas,
             state_dir: opts.state_dir.clone(),
             signing_key,
             workdir,
@@ -222,6 +229,7 @@ pub async fn run_local(opts: LocalOptions) -> Result<()> {
 /// Everything `gateway` needs.
 pub struct GatewayOptions {
     pub store_url: String,
+    pub store_replicas: u32,
     pub listen: Listen,
     pub gateway: GatewayConfig,
     pub signing_key: Option<PathBuf>,
@@ -231,7 +239,7 @@ pub struct GatewayOptions {
 
 /// `fal-operator gateway`: functions and replicas from the cluster.
 pub async fn run_gateway(opts: GatewayOptions) -> Result<()> {
-    let hub = connect_store(&opts.store_url).await?;
+    let hub = connect_store(&opts.store_url, opts.store_replicas).await?;
     if opts.signing_key.is_none() {
         tracing::warn!("no --signing-key: webhooks sent from here are signed with a key of this gateway's own (mount the sidecars' key so one JWKS verifies them all)");
     }
@@ -278,7 +286,7 @@ pub async fn run_cluster_autoscaler(
     use k8s_openapi::api::apps::v1::Deployment;
     use kube::runtime::{reflector, watcher, WatchStreamExt};
 
-    let hub = connect_store(store_url).await?;
+    let hub = connect_store(store_url, 0).await?;
     let (reader, writer) = reflector::store::<Deployment>();
     let deployments: kube::Api<Deployment> = kube::Api::all(client.clone());
     let cfg = watcher::Config::default().labels(crate::labels::MANAGED_SELECTOR);

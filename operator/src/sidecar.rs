@@ -123,6 +123,12 @@ pub fn sidecar_container(
         ),
         env("FAL_SIDECAR_DRAIN_TIMEOUT", drain_seconds(spec).to_string()),
     ];
+    if cfg.store_replicas > 0 {
+        env.push(self::env(
+            "FAL_SIDECAR_STORE_REPLICAS",
+            cfg.store_replicas.to_string(),
+        ));
+    }
     if let Some(timeout) = spec.request_timeout {
         env.push(self::env(
             "FAL_SIDECAR_REQUEST_TIMEOUT",

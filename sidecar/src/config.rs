@@ -91,7 +91,7 @@ pub struct Common {
     /// Past --store-replicas-timeout the answer is 503 + Retry-After.
     #[arg(long, env = "FAL_SIDECAR_STORE_REPLICAS", default_value_t = 0)]
     pub store_replicas: u32,
-    /// Longest wait for --store-replicas confirmations, in milliseconds.
+    /// Longest wait for --store-replicas confirmations, in milliseconds (at most 2500).
     #[arg(
         long,
         env = "FAL_SIDECAR_STORE_REPLICAS_TIMEOUT",

@@ -121,6 +121,10 @@ BAD_VALUES = [
     ({"catalog": {"replaceDefaults": True}}, ["catalog.machineTypes", "catalog.replaceDefaults"]),
     ({"operator": {"replicas": 2, "leaderElection": {"enabled": False}}},
      ["operator.replicas", "operator.leaderElection.enabled"]),
+    ({"store": {"replicas": 1}}, ["store.replicas", "bundled Redis"]),
+    ({"redis": {"enabled": False}, "store": {"url": "redis+cluster://a:1", "replicas": -1}},
+     ["store.replicas"]),
+    ({"redis": {"enabled": False}, "store": {"url": "redis+memcache://a:1"}}, ["store.url"]),
 ]
 
 
@@ -286,6 +290,18 @@ def test_store_from_an_external_url(template):
         c = one(objs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
         assert env_of(c)["FAL_STORE_URL"]["valueFrom"]["secretKeyRef"] == {
             "name": "fal-serverless-store", "key": "url"}
+
+
+def test_store_cluster_url_and_replicas_reach_gateway_and_operator(template):
+    objs = template({"redis": {"enabled": False},
+                     "store": {"url": "redis+cluster://:pw@r1:7000,r2:7000", "replicas": 1}})
+    for name in ("fal-serverless-operator", "fal-serverless-gateway"):
+        env = env_of(one(objs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0])
+        assert env["FAL_STORE_REPLICAS"]["value"] == "1"
+        assert "secretKeyRef" in env["FAL_STORE_URL"]["valueFrom"]
+    objs = template(VARIANTS["external-store-url"])
+    env = env_of(one(objs, "Deployment", "fal-serverless-gateway")["spec"]["template"]["spec"]["containers"][0])
+    assert "FAL_STORE_REPLICAS" not in env
 
 
 def test_store_from_an_existing_secret(template):

@@ -84,8 +84,11 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- if gt $sources 1 -}}
 {{- fail "store: choose one job store: the bundled Redis (redis.enabled=true), store.url or store.existingSecret; set redis.enabled=false to use store.url or store.existingSecret" -}}
 {{- end -}}
-{{- if and .Values.store.url (not (regexMatch "^rediss?://" .Values.store.url)) -}}
-{{- fail (printf "store.url: %q is not a Redis URL (redis://[:PASSWORD@]HOST:PORT/DB or rediss://…)" .Values.store.url) -}}
+{{- if and .Values.store.url (not (regexMatch "^rediss?(\\+cluster|\\+sentinel)?://" .Values.store.url)) -}}
+{{- fail (printf "store.url: %q is not a Redis URL (redis://[:PASSWORD@]HOST:PORT/DB, redis+cluster://H:P[,H:P…], redis+sentinel://S:P[,S:P…]/MASTER[/DB], or rediss… for TLS)" .Values.store.url) -}}
+{{- end -}}
+{{- if and .Values.redis.enabled (gt (int .Values.store.replicas) 0) -}}
+{{- fail "store.replicas: the bundled Redis has no replicas to confirm writes, so every submit would get 503; use store.replicas with a replicated Redis (store.url or store.existingSecret)" -}}
 {{- end -}}
 {{- end -}}
 
@@ -105,6 +108,10 @@ app.kubernetes.io/component: {{ index . 1 }}
     secretKeyRef:
       name: {{ include "fal.storeSecretName" . }}
       key: {{ include "fal.storeSecretKey" . }}
+{{- if gt (int .Values.store.replicas) 0 }}
+- name: FAL_STORE_REPLICAS
+  value: {{ .Values.store.replicas | quote }}
+{{- end }}
 {{- end -}}
 
 {{/* Signing key -------------------------------------------------------------------- */}}

@@ -1710,6 +1710,70 @@ mod tests {
         test_store(3).await as std::sync::Arc<dyn Store>
     });
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn store_replicas_wait_for_a_replica_or_refuse() {
+        let spec = crate::store::conformance::spec;
+        let durable = |timeout_ms| Durability {
+            replicas: 1,
+            timeout: Duration::from_millis(timeout_ms),
+        };
+        // No replica: the write lands on the primary but is not acknowledged.
+        let lonely = spawn_server(&[]);
+        let url = format!("redis://127.0.0.1:{lonely}/0");
+        let s = RedisStore::open_with(&url, "test/wait", 3, durable(200))
+            .await
+            .unwrap();
+        let j = spec(crate::job::Priority::Normal);
+        match s.submit(j.clone(), Bytes::new(), 10).await {
+            Err(StoreError::Unavailable(why)) => {
+                assert!(why.contains("0 of 1 redis replicas"), "{why}")
+            }
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+        // A primary with one replica attached: acknowledged.
+        let primary = spawn_server(&[]);
+        let replica = spawn_server(&[]);
+        ask(
+            replica,
+            format!("REPLICAOF 127.0.0.1 {primary}\r\n").as_bytes(),
+        )
+        .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !ask(primary, b"INFO replication\r\n").is_ok_and(|r| r.contains("state=online")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the replica never attached"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let url = format!("redis://127.0.0.1:{primary}/0");
+        let s = RedisStore::open_with(&url, "test/wait", 3, durable(2000))
+            .await
+            .unwrap();
+        let j = spec(crate::job::Priority::Normal);
+        let sub = s.submit(j.clone(), Bytes::new(), 10).await.unwrap();
+        assert_eq!(sub.id, j.id);
+        let c = s
+            .claim("w", Duration::from_secs(30))
+            .await
+            .unwrap()
+            .unwrap();
+        let result = StoredResult {
+            status: 200,
+            headers: vec![],
+            body: Bytes::from_static(b"{}"),
+        };
+        let done = crate::job::app_end(200, now_ms(), 0.1);
+        assert!(s.complete(&j.id, c.token, done, result).await.unwrap());
+        // What the replica has is what was acknowledged.
+        let on_replica = ask(
+            replica,
+            format!("HGET fal:{{test/wait}}:job:{} phase\r\n", j.id).as_bytes(),
+        )
+        .unwrap();
+        assert!(on_replica.contains("\r\nc\r\n"), "{on_replica:?}");
+    }
+
     /// The same suite on a 3-master Redis Cluster: every script routes by its declared
     /// keys and runs on the node that owns the function's slot.
     mod cluster {
