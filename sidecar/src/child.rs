@@ -36,7 +36,20 @@ pub fn spawn(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // Its own process group: a terminal's Ctrl-C reaches only the sidecar (which
+        // drains, then stops the app), and the app's own children can be stopped with
+        // it (`stop`) or cleaned up after it exits (`kill_group`) so none keeps $PORT.
+        .process_group(0)
         .kill_on_drop(true);
+    // SAFETY: prctl in the child between fork and exec is async-signal-safe. If the
+    // sidecar dies without stopping the app (SIGKILL), the app goes too. (The app is
+    // spawned from the runtime's long-lived threads, which end only with the process.)
+    unsafe {
+        c.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
     let mut child = c.spawn().map_err(|source| ChildError::Spawn {
         cmd: cmd.join(" "),
         source,
@@ -74,6 +87,31 @@ pub async fn wait_listening(
             });
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The app (a process group leader, see `spawn`) and everything in its group: SIGTERM,
+/// then SIGKILL after `grace`.
+pub async fn stop_group(child: &mut Child, grace: Duration) {
+    let Some(pid) = child.id() else {
+        return; // already reaped: `kill_group` cleaned up after it
+    };
+    // SAFETY: plain kill(2) on the process group our child leads.
+    unsafe {
+        libc::kill(-(pid as libc::pid_t), libc::SIGTERM);
+    }
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        let _ = child.kill().await;
+    }
+    kill_group(pid);
+}
+
+/// SIGKILL to what is left of the process group `pgid` (the app's children, once the
+/// app itself has exited).
+pub fn kill_group(pgid: u32) {
+    // SAFETY: plain kill(2); ESRCH when the group is already empty.
+    unsafe {
+        libc::kill(-(pgid as libc::pid_t), libc::SIGKILL);
     }
 }
 

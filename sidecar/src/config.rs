@@ -37,6 +37,23 @@ pub struct RunArgs {
     /// Time the app gets to start listening.
     #[arg(long, env = "FAL_SIDECAR_STARTUP_TIMEOUT", default_value = "300", value_parser = secs)]
     pub startup_timeout: Duration,
+    /// When the app exits it is started again (same $PORT) after this delay, which
+    /// doubles per restart up to --restart-delay-max. Meanwhile /readyz fails, direct
+    /// calls get 503 + Retry-After, queued requests wait, and a request that was running
+    /// goes back to the queue (--max-attempts bounds a request that keeps killing it).
+    #[arg(long, env = "FAL_SIDECAR_RESTART_DELAY", default_value = "1", value_parser = secs)]
+    pub restart_delay: Duration,
+    /// Longest delay between restarts.
+    #[arg(long, env = "FAL_SIDECAR_RESTART_DELAY_MAX", default_value = "30", value_parser = secs)]
+    pub restart_delay_max: Duration,
+    /// An app that stayed up this long restarts after --restart-delay again.
+    #[arg(long, env = "FAL_SIDECAR_RESTART_RESET_AFTER", default_value = "60", value_parser = secs)]
+    pub restart_reset_after: Duration,
+    /// Restarts in a row that fail (the app exits before it listens, or does not listen
+    /// within --startup-timeout) before `run` gives up and exits non-zero. The first
+    /// start gets no second chance: a broken command ends `run` at once.
+    #[arg(long, env = "FAL_SIDECAR_MAX_RESTART_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_restart_failures: u32,
     /// The app command and its arguments (after `--`).
     #[arg(last = true, required = true, num_args = 1..)]
     pub command: Vec<String>,

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod runtime;
 pub mod server;
 pub mod store;
+pub mod supervisor;
 pub mod upstream;
 pub mod webhook;
 pub mod worker;

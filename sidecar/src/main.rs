@@ -1,6 +1,7 @@
 use clap::Parser;
 use fal_sidecar::config::{Cli, Command};
 use fal_sidecar::runtime::{self, Mode};
+use fal_sidecar::supervisor::Backoff;
 
 fn main() {
     tracing_subscriber::fmt()
@@ -19,6 +20,12 @@ fn main() {
                 command: r.command,
                 port: r.app_port,
                 startup_timeout: r.startup_timeout,
+                backoff: Backoff {
+                    initial: r.restart_delay,
+                    max: r.restart_delay_max,
+                    reset_after: r.restart_reset_after,
+                    max_failures: r.max_restart_failures,
+                },
             },
         ),
         Command::Serve(s) => (s.common, Mode::Upstream { url: s.upstream }),

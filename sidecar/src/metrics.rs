@@ -14,6 +14,8 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     pub completed: IntCounterVec,
     pub app_retries: IntCounter,
+    pub app_restarts: IntCounter,
+    pub app_up: IntGauge,
     pub webhooks: IntCounterVec,
     pub inference_seconds: Histogram,
     pub queued: IntGauge,
@@ -74,6 +76,22 @@ impl Metrics {
                 IntCounter::new(
                     "fal_app_retries_total",
                     "Retries of app calls (503/504/429/connection errors)",
+                )
+                .unwrap(),
+            ),
+            app_restarts: reg(
+                &r,
+                IntCounter::new(
+                    "fal_app_restarts_total",
+                    "Restarts of the app process after it exited (run mode)",
+                )
+                .unwrap(),
+            ),
+            app_up: reg(
+                &r,
+                IntGauge::new(
+                    "fal_app_up",
+                    "1 while the app process listens, 0 while it is down or restarting (run mode; 0 in serve mode)",
                 )
                 .unwrap(),
             ),

@@ -19,6 +19,7 @@ use crate::server::{self, ConnLimits};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::redis::RedisStore;
 use crate::store::Store;
+use crate::supervisor::{AppHealth, Backoff, Supervisor};
 use crate::upstream::Upstream;
 use crate::webhook::signing::Signer;
 use crate::webhook::ssrf::Policy;
@@ -32,6 +33,7 @@ pub enum Mode {
         command: Vec<String>,
         port: Option<u16>,
         startup_timeout: Duration,
+        backoff: Backoff,
     },
     /// It runs elsewhere: `serve`.
     Upstream { url: String },
@@ -101,7 +103,8 @@ pub fn http_threads() -> usize {
         })
 }
 
-/// Runs until SIGTERM/SIGINT (or, in `run` mode, the app's exit); returns the exit code.
+/// Runs until SIGTERM/SIGINT (or, in `run` mode, until the app cannot be restarted:
+/// then an error); returns the exit code.
 pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
     let is_child = matches!(mode, Mode::Child { .. });
     let data_dir = common.data_dir.clone().unwrap_or_else(|| {
@@ -142,26 +145,34 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
         None => None,
     };
 
-    let (upstream_url, mut child) = match mode {
+    // `run`: the first start must succeed (a broken command ends `run` here); later
+    // exits are the supervisor's (restarts).
+    let (upstream_url, supervised) = match mode {
         Mode::Child {
             command,
             port,
             startup_timeout,
+            backoff,
         } => {
             let port = match port {
                 Some(p) => p,
                 None => child::free_port().context("no free port for the app")?,
             };
-            let mut c = child::spawn(&command, port, running.clone(), store.clone())?;
-            tracing::info!(port, command = %command.join(" "), "started the app; waiting for it to listen");
-            if let Err(e) = child::wait_listening(&mut c, port, startup_timeout).await {
-                child::stop(&mut c, Duration::from_secs(2)).await;
-                return Err(e.into());
-            }
-            (format!("http://127.0.0.1:{port}"), Some(c))
+            let (sup, health) = Supervisor::new(
+                command,
+                port,
+                startup_timeout,
+                backoff,
+                running.clone(),
+                store.clone(),
+                metrics.clone(),
+            );
+            let c = sup.start().await?;
+            (format!("http://127.0.0.1:{port}"), Some((sup, c, health)))
         }
         Mode::Upstream { url } => (url, None),
     };
+    let app_health: Option<AppHealth> = supervised.as_ref().map(|(_, _, h)| h.clone());
     let upstream = Upstream::new(&upstream_url).map_err(anyhow::Error::msg)?;
 
     let app = Arc::new(App::new(
@@ -178,6 +189,9 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
         },
         metrics.clone(),
     ));
+    if let Some(h) = &app_health {
+        let _ = app.app_health.set(h.clone());
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     // Claiming stops on its own signal: `/drain` (preStop) stops it while the listeners
@@ -246,8 +260,10 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
                 .collect(),
             max_result_bytes: common.max_result_bytes,
             request_timeout: common.request_timeout,
+            max_attempts: common.max_attempts,
         },
         running,
+        app: app_health.clone(),
         metrics: metrics.clone(),
     });
     let _ = app.drain.set(api::DrainHandle {
@@ -298,19 +314,25 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut exit_code = 0;
-    let child_exit = async {
-        match child.as_mut() {
-            Some(c) => c.wait().await.ok(),
-            None => std::future::pending().await,
-        }
+    // The supervisor keeps the app up through the drain (running requests need it) and
+    // stops it last.
+    let (sup_stop_tx, sup_stop_rx) = watch::channel(false);
+    let mut supervisor = match supervised {
+        Some((sup, c, _)) => tokio::spawn(sup.supervise(c, sup_stop_rx)),
+        None => tokio::spawn(std::future::pending::<Result<(), String>>()),
     };
+    let mut gave_up = None;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: draining"),
         _ = int.recv() => tracing::info!("SIGINT: draining"),
-        status = child_exit => {
-            tracing::error!(status = ?status, "the app exited; stopping (queued requests stay in the data dir)");
-            exit_code = 1;
+        r = &mut supervisor => {
+            let msg = match r {
+                Ok(Err(msg)) => msg,
+                Ok(Ok(())) => "the app supervisor stopped".to_string(),
+                Err(e) => format!("the app supervisor failed: {e}"),
+            };
+            tracing::error!(error = %msg, "stopping (queued requests stay in the store)");
+            gave_up = Some(msg);
         }
     }
 
@@ -335,9 +357,16 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
             .await;
     let _ = quit_tx.send(true);
     let _ = tokio::join!(deliver_task, sweeper, admin);
-    if let Some(c) = child.as_mut() {
-        child::stop(c, Duration::from_secs(10)).await;
+    if gave_up.is_none() {
+        let _ = sup_stop_tx.send(true);
+        if !is_child {
+            supervisor.abort();
+        }
+        let _ = supervisor.await;
     }
     tracing::info!("stopped");
-    Ok(exit_code)
+    match gave_up {
+        Some(msg) => Err(anyhow::anyhow!(msg)),
+        None => Ok(0),
+    }
 }

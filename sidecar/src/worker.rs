@@ -9,10 +9,12 @@ use http::{HeaderName, HeaderValue, Request};
 use http_body_util::{BodyExt, Limited};
 use tokio::sync::watch;
 
+use crate::api::proxy::APP_EXIT_GRACE;
 use crate::job::{app_end, now_ms, Completion, StoredResult};
 use crate::logs::Running;
 use crate::metrics::Metrics;
 use crate::store::{Claimed, Lease, Store};
+use crate::supervisor::AppHealth;
 use crate::upstream::{error_chain, is_hop_by_hop, Body, Upstream};
 
 #[derive(Debug, Clone)]
@@ -28,6 +30,9 @@ pub struct WorkerConfig {
     /// Longest one request may run in the app (`--request-timeout`); then it completes
     /// with 504 and the app is sent a cancel.
     pub request_timeout: Option<Duration>,
+    /// Claims of one request before it completes as lost (`--max-attempts`): also how
+    /// many times a request may see the app die under it.
+    pub max_attempts: u32,
 }
 
 pub struct Workers {
@@ -36,6 +41,8 @@ pub struct Workers {
     pub cfg: WorkerConfig,
     pub running: Running,
     pub metrics: Arc<Metrics>,
+    /// `run` mode: the supervised app's state (no claims while it is down).
+    pub app: Option<AppHealth>,
 }
 
 /// What the app call produced.
@@ -48,6 +55,11 @@ enum Called {
     Abandoned,
     /// The lease was lost (another worker may run it): drop the outcome.
     LeaseLost,
+    /// `run` mode: the app was down, the request never reached it: give it back to the
+    /// queue uncharged (it runs once the app is back).
+    AppDown,
+    /// `run` mode: the app exited while it had the request (how it ended).
+    AppDied(String),
 }
 
 fn retryable(status: u16) -> bool {
@@ -84,6 +96,12 @@ impl Workers {
         loop {
             if *stop.borrow() {
                 return;
+            }
+            if let Some(app) = self.app.as_ref().filter(|a| !a.is_up()) {
+                // The app is down or restarting: claims would only burn attempts. Queued
+                // requests wait (their start timeout still applies).
+                app.wait_up(&mut stop).await;
+                continue;
             }
             changes.borrow_and_update();
             match self.store.claim(&name, self.cfg.lease).await {
@@ -191,8 +209,64 @@ impl Workers {
             Called::LeaseLost => {
                 tracing::warn!(request_id = %id, "lease lost while the app ran it; dropping this run")
             }
+            Called::AppDown => {
+                tracing::info!(request_id = %id, "the app is down; the request goes back to the queue until it is back");
+                if let Err(e) = self.store.release(&id, token).await {
+                    tracing::error!(request_id = %id, error = %e, "releasing the request failed; its lease will expire");
+                }
+            }
+            Called::AppDied(exit) => self.app_died(&job, &exit).await,
         }
         self.running.finish(&id);
+    }
+
+    /// The app exited while running this request: run it again on the restarted app
+    /// (the attempt stays counted), unless it had its last attempt or asked for no
+    /// retries: then it fails, so a request that kills the app every time ends.
+    async fn app_died(&self, job: &Claimed, exit: &str) {
+        let spec = &job.record.spec;
+        let (attempt, max) = (job.record.attempts, self.cfg.max_attempts);
+        if !spec.no_retry && attempt < max {
+            tracing::warn!(request_id = %spec.id, status = %exit, attempt, max_attempts = max,
+                "the app exited while running the request; it runs again once the app is back");
+            match self.store.requeue(&spec.id, job.token).await {
+                Ok(true) => return,
+                Ok(false) => {
+                    tracing::warn!(request_id = %spec.id, "the request was taken over meanwhile");
+                    return;
+                }
+                // Cannot requeue: fail it rather than leave it to the lease.
+                Err(e) => {
+                    tracing::error!(request_id = %spec.id, error = %e, "requeueing the request failed; failing it")
+                }
+            }
+        }
+        let why = if spec.no_retry {
+            "X-Fal-No-Retry: not run again".to_string()
+        } else {
+            format!("attempt {attempt} of {max} (--max-attempts); not run again")
+        };
+        let detail = format!("the app exited ({exit}) while running this request; {why}");
+        tracing::error!(request_id = %spec.id, %detail, "request failed");
+        let body = serde_json::json!({"detail": detail, "error_type": "runner_disconnected"});
+        let result = StoredResult::json(503, &body, &[("x-fal-error-type", "runner_disconnected")]);
+        let completion = Completion {
+            completed_at_ms: now_ms(),
+            error: Some(detail),
+            error_type: Some("runner_disconnected".to_string()),
+            inference_time: None,
+        };
+        self.finish(&spec.id, job.token, completion, result, 0.0)
+            .await;
+    }
+
+    /// `run` mode: how the app of `generation` ended, if it exited (now or within a
+    /// moment: a dying app breaks its connections just before its exit is seen).
+    async fn app_exited(&self, generation: Option<u64>) -> Option<String> {
+        match (&self.app, generation) {
+            (Some(app), Some(g)) => app.exited_since(g, APP_EXIT_GRACE).await,
+            _ => None,
+        }
     }
 
     async fn finish(
@@ -272,6 +346,7 @@ impl Workers {
         let mut attempt = 0usize;
         loop {
             let can_retry = !spec.no_retry && attempt < self.cfg.retry_delays.len();
+            let generation = self.app.as_ref().map(|a| a.generation());
             let req = match self.build(job, &spec.endpoint, job.body.clone()) {
                 Ok(r) => r,
                 Err(e) => {
@@ -300,6 +375,9 @@ impl Workers {
                     {
                         Ok(b) => b.to_bytes(),
                         Err(e) => {
+                            if let Some(exit) = self.app_exited(generation).await {
+                                return Called::AppDied(exit);
+                            }
                             let detail = if crate::upstream::is_length_limit(e.as_ref()) {
                                 format!("the app's response is larger than --max-result-bytes ({} bytes)", self.cfg.max_result_bytes)
                             } else {
@@ -328,6 +406,14 @@ impl Workers {
                         },
                         started.elapsed().as_secs_f64(),
                     );
+                }
+                Err(e) if self.app.is_some() && self.app_exited(generation).await.is_some() => {
+                    // Not sent (no connection): not the request's fault. Sent: it may be.
+                    return if e.is_connect() {
+                        Called::AppDown
+                    } else {
+                        Called::AppDied(self.app_exited(generation).await.unwrap_or_default())
+                    };
                 }
                 Err(e) if can_retry => {
                     tracing::info!(request_id = %spec.id, error = %error_chain(&e), attempt, "app unreachable; retrying");

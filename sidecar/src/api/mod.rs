@@ -43,6 +43,9 @@ pub struct App {
     pub draining: AtomicBool,
     /// Set by the runtime: what `/drain` uses to stop claiming and wait.
     pub drain: std::sync::OnceLock<DrainHandle>,
+    /// Set in `run` mode: the state of the supervised app process (down while it
+    /// restarts).
+    pub app_health: std::sync::OnceLock<crate::supervisor::AppHealth>,
     jwks: Bytes,
 }
 
@@ -73,6 +76,7 @@ impl App {
             metrics,
             draining: AtomicBool::new(false),
             drain: std::sync::OnceLock::new(),
+            app_health: std::sync::OnceLock::new(),
             jwks,
         }
     }
@@ -235,6 +239,16 @@ async fn ready(app: &App) -> Response<Body> {
             None,
         );
     }
+    if let Some(state) = app.app_health.get().map(|h| h.state()) {
+        if let Some(reason) = state.down_reason() {
+            return app_down(
+                &state,
+                reason,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "app_restarting",
+            );
+        }
+    }
     if let Some(up) = &app.upstream {
         if !up.reachable().await {
             let detail = format!("the app is not accepting connections on {}", up.authority());
@@ -249,6 +263,28 @@ async fn ready(app: &App) -> Response<Body> {
         ),
         Ok(_) => json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
     }
+}
+
+/// The app process is down or restarting (`run` mode): `{"detail", "error_type",
+/// "app": {state, restarts, last_exit, port}}` with `Retry-After`. `error_type` is
+/// `app_restarting`, or `runner_disconnected` when the app died during the call.
+pub fn app_down(
+    state: &crate::supervisor::AppState,
+    detail: String,
+    status: StatusCode,
+    error_type: &'static str,
+) -> Response<Body> {
+    let v = serde_json::json!({
+        "detail": detail,
+        "error_type": error_type,
+        "app": state.json(),
+    });
+    let mut r = json(status, &v);
+    r.headers_mut()
+        .insert("x-fal-error-type", HeaderValue::from_static(error_type));
+    r.headers_mut()
+        .insert("retry-after", HeaderValue::from(state.retry_after_secs()));
+    r
 }
 
 /// Stops claiming, fails readiness, and waits (up to the drain timeout) until this

@@ -12,6 +12,9 @@ use super::{error, App};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
+/// How long a failed call waits to learn whether the app has just exited.
+pub const APP_EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 use crate::upstream::{error_chain, is_length_limit, strip_hop_by_hop, Body, BoxError, Upstream};
 
 /// The upstream connection of one client connection (and where it goes: a gateway's
@@ -57,8 +60,15 @@ impl ConnState {
     }
 }
 
+/// The app could not be connected to: the request never reached it.
+#[derive(Debug, thiserror::Error)]
+#[error("connecting to the app failed: {0}")]
+struct ConnectError(std::io::Error);
+
 async fn connect(upstream: &Upstream) -> Result<SendRequest<Body>, BoxError> {
-    let stream = tokio::net::TcpStream::connect(upstream.authority()).await?;
+    let stream = tokio::net::TcpStream::connect(upstream.authority())
+        .await
+        .map_err(ConnectError)?;
     let _ = stream.set_nodelay(true);
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(async move {
@@ -77,6 +87,22 @@ pub async fn forward(
     req: Request<Incoming>,
 ) -> Response<Body> {
     app.metrics.direct_requests.inc();
+    // `run` mode, the app is restarting: say so at once rather than hang or fail
+    // obscurely (clients retry after `Retry-After`; the body is left unread).
+    let health = app.app_health.get();
+    if let Some(h) = health.filter(|h| !h.is_up()) {
+        let state = h.state();
+        if let Some(reason) = state.down_reason() {
+            app.metrics.direct_errors.inc();
+            return super::closing(super::app_down(
+                &state,
+                reason,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "app_restarting",
+            ));
+        }
+    }
+    let generation = health.map(|h| h.generation());
     let max = app.cfg.max_body_bytes;
     let declared = req
         .headers()
@@ -140,6 +166,32 @@ pub async fn forward(
                 return super::closing(too_large(max));
             }
             app.metrics.direct_errors.inc();
+            if let (Some(h), Some(g)) = (health, generation) {
+                if let Some(exit) = h.exited_since(g, APP_EXIT_GRACE).await {
+                    let state = h.state();
+                    return if e.is::<ConnectError>() {
+                        let reason = state.down_reason().unwrap_or_else(|| {
+                            format!("the app is restarting (it exited: {exit})")
+                        });
+                        super::app_down(
+                            &state,
+                            reason,
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "app_restarting",
+                        )
+                    } else {
+                        let detail = format!(
+                            "the app exited ({exit}) while handling this request; it is being restarted"
+                        );
+                        super::app_down(
+                            &state,
+                            detail,
+                            StatusCode::BAD_GATEWAY,
+                            "runner_disconnected",
+                        )
+                    };
+                }
+            }
             let detail = format!(
                 "the app at {} did not answer: {}. Check that it is running and listening on that port.",
                 upstream.authority(),

@@ -370,6 +370,42 @@ pub async fn release_keeps_place(s: Arc<dyn Store>) {
     );
 }
 
+/// `requeue` (the app died while running it): back in its place, the attempt counted,
+/// so a job that keeps killing the app ends as lost after `max_attempts` claims.
+pub async fn requeue_counts_the_attempt(s: Arc<dyn Store>) {
+    let a = spec(Priority::Normal);
+    let b = spec(Priority::Normal);
+    s.submit(a.clone(), Bytes::new(), 10).await.unwrap();
+    s.submit(b.clone(), Bytes::new(), 10).await.unwrap();
+    let c = s.claim("w", LEASE).await.unwrap().unwrap();
+    assert!(s.requeue(&a.id, c.token).await.unwrap());
+    assert!(!s.requeue(&a.id, c.token).await.unwrap(), "requeued once");
+    assert!(!s.release(&a.id, c.token).await.unwrap(), "stale token");
+    let st = s.status(&a.id).await.unwrap().unwrap();
+    assert_eq!(
+        (st.record.phase, st.queue_position, st.record.attempts),
+        (Phase::Queued, Some(0), 1)
+    );
+    // Claims until max_attempts (3 in these tests), each requeued as the app dies again.
+    for attempt in 2..=3 {
+        let c = s.claim("w", LEASE).await.unwrap().unwrap();
+        assert_eq!(
+            (c.record.spec.id.as_str(), c.record.attempts),
+            (a.id.as_str(), attempt)
+        );
+        assert!(s.requeue(&a.id, c.token).await.unwrap());
+    }
+    // The next claim ends it as lost and hands out the other job.
+    let next = s.claim("w", LEASE).await.unwrap().unwrap();
+    assert_eq!(next.record.spec.id, b.id);
+    let st = s.status(&a.id).await.unwrap().unwrap();
+    assert_eq!(st.record.phase, Phase::Completed);
+    assert_eq!(
+        st.record.completion.unwrap().error_type.as_deref(),
+        Some("runner_disconnected")
+    );
+}
+
 pub async fn retention_purges(s: Arc<dyn Store>) {
     let j = spec(Priority::Normal);
     s.submit(j.clone(), Bytes::new(), 10).await.unwrap();
@@ -541,8 +577,8 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@cases $factory;
             positions_and_priority, complete_once_and_result,
             stale_token_rejected_and_attempts_exhausted, cancel_everywhere, start_timeout,
-            queue_bound, webhook_outbox, release_keeps_place, retention_purges,
-            changes_wake_waiters, idempotency_keys, idempotency_concurrent);
+            queue_bound, webhook_outbox, release_keeps_place, requeue_counts_the_attempt,
+            retention_purges, changes_wake_waiters, idempotency_keys, idempotency_concurrent);
     };
     (@cases $factory:expr; $($case:ident),*) => {
         mod conformance {

@@ -501,6 +501,35 @@ impl EmbeddedStore {
         self.after_finish(&ids);
         Ok(())
     }
+
+    /// Puts a claimed job back in the queue; `refund` uncounts its attempt.
+    async fn give_back(&self, id: &str, token: u64, refund: bool) -> StoreResult<bool> {
+        let rx = {
+            let mut inner = self.lock();
+            let Some(mut rec) = inner.jobs.remove(id) else {
+                return Ok(false);
+            };
+            if rec.phase != Phase::Running || rec.token != token {
+                inner.jobs.insert(id.to_string(), rec);
+                return Ok(false);
+            }
+            inner.running.remove(id);
+            rec.phase = Phase::Queued;
+            if refund {
+                rec.attempts = rec.attempts.saturating_sub(1);
+            }
+            rec.logs.clear();
+            inner.enqueue(&rec);
+            let rx = self
+                .writer
+                .send(vec![Op::Job(id.to_string(), encode_record(&rec))]);
+            inner.jobs.insert(id.to_string(), rec);
+            rx
+        };
+        committed(rx).await?;
+        self.bump();
+        Ok(true)
+    }
 }
 
 #[async_trait]
@@ -749,29 +778,11 @@ impl Store for EmbeddedStore {
     }
 
     async fn release(&self, id: &str, token: u64) -> StoreResult<bool> {
-        let rx = {
-            let mut inner = self.lock();
-            let Some(mut rec) = inner.jobs.remove(id) else {
-                return Ok(false);
-            };
-            if rec.phase != Phase::Running || rec.token != token {
-                inner.jobs.insert(id.to_string(), rec);
-                return Ok(false);
-            }
-            inner.running.remove(id);
-            rec.phase = Phase::Queued;
-            rec.attempts = rec.attempts.saturating_sub(1);
-            rec.logs.clear();
-            inner.enqueue(&rec);
-            let rx = self
-                .writer
-                .send(vec![Op::Job(id.to_string(), encode_record(&rec))]);
-            inner.jobs.insert(id.to_string(), rec);
-            rx
-        };
-        committed(rx).await?;
-        self.bump();
-        Ok(true)
+        self.give_back(id, token, true).await
+    }
+
+    async fn requeue(&self, id: &str, token: u64) -> StoreResult<bool> {
+        self.give_back(id, token, false).await
     }
 
     async fn complete(

@@ -152,6 +152,11 @@ pub trait Store: Send + Sync + 'static {
     /// Gives a claimed job back to the queue (drain): no attempt is charged.
     async fn release(&self, id: &str, token: u64) -> StoreResult<bool>;
 
+    /// Gives a claimed job back to the queue to run again with its attempt still counted
+    /// (the app died while running it): a job that keeps killing the app completes as
+    /// failed or lost after `max_attempts` claims instead of looping.
+    async fn requeue(&self, id: &str, token: u64) -> StoreResult<bool>;
+
     /// Writes the result once. `false` when the token is stale (the lease was lost and
     /// the job reclaimed or ended): the result is dropped.
     async fn complete(

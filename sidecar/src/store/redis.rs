@@ -189,14 +189,15 @@ redis.call('ZADD', P .. 'running', lease_until, ARGV[2])
 return tonumber(f[3])
 "#;
 
-/// ARGV: P, id, token
+/// ARGV: P, id, token, refund ('1': the attempt is not counted, '0': it is)
 const RELEASE: &str = r#"
 local id = ARGV[2]
 local jk = jkey(id)
 local f = redis.call('HMGET', jk, 'phase', 'token', 'attempts')
 if f[1] ~= 'r' or f[2] ~= ARGV[3] then return 0 end
 redis.call('ZREM', P .. 'running', id)
-local a = tonumber(f[3]) - 1
+local a = tonumber(f[3])
+if ARGV[4] == '1' then a = a - 1 end
 if a < 0 then a = 0 end
 redis.call('HSET', jk, 'phase', 'q', 'attempts', a, 'lease', 0)
 redis.call('DEL', P .. 'logs:' .. id)
@@ -810,6 +811,24 @@ impl RedisStore {
         self.hub.guard(op).await
     }
 
+    /// Puts a claimed job back in the queue; `refund` uncounts its attempt.
+    async fn give_back(&self, id: &str, token: u64, refund: bool) -> StoreResult<bool> {
+        let token = token.to_string();
+        let refund: &[u8] = if refund { b"1" } else { b"0" };
+        let reply = self
+            .run(
+                &self.hub.scripts.release,
+                &[id.as_bytes(), token.as_bytes(), refund],
+                &[],
+            )
+            .await?;
+        let ok = int_of(&reply) == Some(1);
+        if ok {
+            self.bump();
+        }
+        Ok(ok)
+    }
+
     /// Runs one script with its declared KEYS (plus `extra`) and ARGV = [prefix,
     /// args...]; `args[0]` is the id its `per_id` keys name.
     async fn run(&self, s: &Scripted, args: &[&[u8]], extra: &[String]) -> StoreResult<Value> {
@@ -1283,19 +1302,11 @@ impl Store for RedisStore {
     }
 
     async fn release(&self, id: &str, token: u64) -> StoreResult<bool> {
-        let token = token.to_string();
-        let reply = self
-            .run(
-                &self.hub.scripts.release,
-                &[id.as_bytes(), token.as_bytes()],
-                &[],
-            )
-            .await?;
-        let ok = int_of(&reply) == Some(1);
-        if ok {
-            self.bump();
-        }
-        Ok(ok)
+        self.give_back(id, token, true).await
+    }
+
+    async fn requeue(&self, id: &str, token: u64) -> StoreResult<bool> {
+        self.give_back(id, token, false).await
     }
 
     async fn complete(
