@@ -108,7 +108,14 @@ if ARGV[12] and ARGV[12] ~= '' then
     return {-3, 0, v[2]}
   end
 end
-if redis.call('EXISTS', jk) == 1 then return {-2} end
+if redis.call('EXISTS', jk) == 1 then
+  -- The same submit again (a write pipeline retried after a failover): already stored.
+  local f = redis.call('HMGET', jk, 'submitted', 'owner')
+  if f[1] == ARGV[8] and f[2] == ARGV[10] then
+    return {0, redis.call('ZRANK', P .. 'queue', id) or 0}
+  end
+  return {-2}
+end
 local n = redis.call('ZCARD', P .. 'queue')
 if n >= tonumber(ARGV[7]) then return {-1, n} end
 local seq = redis.call('INCR', P .. 'seq')
@@ -411,8 +418,12 @@ return {f, rank or -1, logs}
 /// hash tag, so they live in the declared keys' slot (what Redis Cluster checks).
 struct Scripted {
     script: Script,
+    /// The source (for EVAL when a node does not have the script cached).
+    script_source: String,
     keys: &'static [&'static str],
     per_id: &'static [&'static str],
+    /// A write that `--store-replicas` must see replicated before it is acknowledged.
+    durable: bool,
 }
 
 struct Scripts {
@@ -434,12 +445,16 @@ struct Scripts {
 
 impl Scripts {
     fn new() -> Scripts {
-        let s =
-            |body: &str, keys: &'static [&'static str], per_id: &'static [&'static str]| Scripted {
-                script: Script::new(&format!("{PRELUDE}{body}")),
+        let s = |body: &str, keys: &'static [&'static str], per_id: &'static [&'static str]| {
+            let source = format!("{PRELUDE}{body}");
+            Scripted {
+                script: Script::new(&source),
+                script_source: source,
                 keys,
                 per_id,
-            };
+                durable: [SUBMIT, COMPLETE, CANCEL, DELIVERY_ATTEMPTED].contains(&body),
+            }
+        };
         const ENDS: &[&str] = &[
             "queue",
             "deadlines",
@@ -832,6 +847,9 @@ impl RedisStore {
     /// Runs one script with its declared KEYS (plus `extra`) and ARGV = [prefix,
     /// args...]; `args[0]` is the id its `per_id` keys name.
     async fn run(&self, s: &Scripted, args: &[&[u8]], extra: &[String]) -> StoreResult<Value> {
+        if self.hub.durability.replicas > 0 && s.durable {
+            return self.run_replicated(s, args, extra).await;
+        }
         let mut inv = s.script.prepare_invoke();
         for k in s.keys {
             inv.key(format!("{}{k}", self.prefix));
@@ -854,29 +872,62 @@ impl RedisStore {
             .await
     }
 
-    /// With `--store-replicas N`: returns once N replicas have this function's writes
-    /// so far, or `Unavailable` when they do not confirm within the bound (the write
-    /// is on the primary but could be lost in a failover: never acknowledged as safe).
-    async fn replicated(&self) -> StoreResult<()> {
+    /// With `--store-replicas N`: the script and `WAIT N` go out as one pipeline on one
+    /// connection (in a cluster: to the node that owns the function's slot), so the
+    /// WAIT counts the replicas that have *this* write. A pipeline the cluster client
+    /// re-sends after a failover runs the script again on the new primary (the submit
+    /// script recognises its own job) and waits there. Fewer replicas than N within the
+    /// bound, or any error: `Unavailable` (503), never a silent acknowledgement.
+    async fn run_replicated(
+        &self,
+        s: &Scripted,
+        args: &[&[u8]],
+        extra: &[String],
+    ) -> StoreResult<Value> {
         let Durability { replicas, timeout } = self.hub.durability;
-        if replicas == 0 {
-            return Ok(());
+        let mut keys: Vec<String> = s
+            .keys
+            .iter()
+            .map(|k| format!("{}{k}", self.prefix))
+            .collect();
+        if let Some(id) = args.first().filter(|_| !s.per_id.is_empty()) {
+            let id = String::from_utf8_lossy(id);
+            keys.extend(s.per_id.iter().map(|k| format!("{}{k}{id}", self.prefix)));
         }
-        let key = format!("{}queue", self.prefix);
-        let got = tokio::time::timeout(
-            timeout + Duration::from_secs(1),
-            self.hub.conn.wait(&key, replicas, timeout),
-        )
-        .await;
-        match got {
-            Ok(Ok(n)) if n >= i64::from(replicas) => Ok(()),
-            Ok(Ok(n)) => Err(StoreError::Unavailable(format!(
-                "only {n} of {replicas} redis replicas confirmed the write within {timeout:?} \
+        keys.extend(extra.iter().cloned());
+        let pipe = |eval: &str, script: &[u8]| {
+            let mut p = redis::pipe();
+            let c = p.cmd(eval).arg(script).arg(keys.len()).arg(&keys);
+            c.arg(self.prefix.as_str());
+            for a in args {
+                c.arg(*a);
+            }
+            p.cmd("WAIT").arg(replicas).arg(timeout.as_millis() as u64);
+            p
+        };
+        let hash = s.script.get_hash().to_string();
+        let by_hash = pipe("EVALSHA", hash.as_bytes());
+        let by_hash = &by_hash;
+        let reply = self
+            .guard(|mut c| async move { by_hash.query_async::<(Value, i64)>(&mut c).await })
+            .await;
+        let (value, confirmed) = match reply {
+            Err(StoreError::Unavailable(why)) if why.to_ascii_uppercase().contains("NOSCRIPT") => {
+                // Not cached on this node yet (a new or restarted primary): send it whole.
+                let whole = pipe("EVAL", s.script_source.as_bytes());
+                let whole = &whole;
+                self.guard(|mut c| async move { whole.query_async::<(Value, i64)>(&mut c).await })
+                    .await?
+            }
+            other => other?,
+        };
+        if confirmed < i64::from(replicas) {
+            return Err(StoreError::Unavailable(format!(
+                "only {confirmed} of {replicas} redis replicas confirmed the write within {timeout:?} \
                  (--store-replicas); it is not acknowledged"
-            ))),
-            Ok(Err(e)) => Err(self.hub.unavailable(e)),
-            Err(_) => Err(self.hub.unavailable("WAIT for replicas did not answer")),
+            )));
         }
+        Ok(value)
     }
 
     /// A gateway's report of the sync calls it holds or has in flight for this
@@ -1121,18 +1172,13 @@ impl Store for RedisStore {
             )?)),
             -2 => Err(StoreError::Duplicate(spec.id)),
             -1 => Err(StoreError::QueueFull(num(r.get(1), "queue length")?)),
-            1 => {
-                // The first submit may still be on its way to the replicas.
-                self.replicated().await?;
-                Ok(Submitted {
-                    id: text(r.get(2), "first request id")?,
-                    position: num(r.get(1), "queue position")?,
-                    replayed: true,
-                })
-            }
+            1 => Ok(Submitted {
+                id: text(r.get(2), "first request id")?,
+                position: num(r.get(1), "queue position")?,
+                replayed: true,
+            }),
             _ => {
                 self.bump();
-                self.replicated().await?;
                 Ok(Submitted {
                     id: spec.id,
                     position: num(r.get(1), "queue position")?,
@@ -1216,7 +1262,6 @@ impl Store for RedisStore {
         };
         if outcome != CancelOutcome::NotFound && outcome != CancelOutcome::AlreadyCompleted {
             self.bump();
-            self.replicated().await?;
         }
         Ok(outcome)
     }
@@ -1330,7 +1375,6 @@ impl Store for RedisStore {
         let ok = int_of(&reply) == Some(1);
         if ok {
             self.bump();
-            self.replicated().await?;
         }
         Ok(ok)
     }
@@ -1435,7 +1479,7 @@ impl Store for RedisStore {
             &[],
         )
         .await?;
-        self.replicated().await
+        Ok(())
     }
 
     async fn load(&self) -> StoreResult<Load> {
