@@ -181,6 +181,13 @@ class RedisNode:
             self.proc.kill()
             self.proc.wait(5)
 
+    def pause(self) -> None:
+        """SIGSTOP: the node stops answering (and replicating) but keeps its sockets."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
     def log_tail(self, n: int = 40) -> str:
         try:
             lines = self.log_path.read_text(errors="replace").splitlines()
@@ -289,7 +296,7 @@ class RedisCluster:
 
     def close(self) -> None:
         for node in self.nodes:
-            node.kill9()
+            node.kill9()  # SIGKILL works on a SIGSTOPped node too
 
     def __enter__(self) -> "RedisCluster":
         return self.start()
@@ -459,6 +466,18 @@ class RedisCluster:
                                  + ", ".join(str(n.log_path) for n in self.nodes)) from None
         self._snapshot()
         return new
+
+    def wait_flagged_fail(self, node: ClusterNode, timeout: float = FAILOVER_TIMEOUT) -> None:
+        """Wait until every other live node flags `node` as failed (`fail`)."""
+        def check():
+            for other in self.alive():
+                if other is node:
+                    continue
+                if not any(r["id"] == node.node_id and "fail" in r["flags"] for r in self.topology(other)):
+                    return False
+            return True
+
+        wait_until(check, timeout=timeout, interval=0.1, what=f"the cluster to flag {node.name} as failed")
 
     def keys_per_node(self, pattern: str = "fal:*") -> dict[ClusterNode, list[str]]:
         """The keys matching `pattern` on each live master (masters without any omitted)."""

@@ -388,6 +388,69 @@ def test_cluster_master_kill9_failover(cluster3x2, on_store, store_replicas):
     assert sc.wait_result(rid, timeout=20).json()["input"] == {"after": True}
 
 
+def _lagging_run(sc, master, reps, kill, wait_failover, *, store_replicas: int, label: str):
+    """The case --store-replicas exists for: the master's replicas stall (SIGSTOP, their
+    links dropped) for a second, the master then dies (-9) and a replica that missed that
+    second takes over. With --store-replicas 1 nothing acknowledged may be lost (the
+    stalled second can only get 503s); without, what was acknowledged meanwhile may be
+    lost: counted and printed."""
+    loop = SubmitLoop([sc], threads=2).start()
+    try:
+        wait_until(lambda: len(loop.acked()) >= 20, timeout=30, interval=0.05, what="20 submits acknowledged")
+        t_pause = time.monotonic()
+        for r in reps:
+            r.pause()
+        try:
+            # The master drops its replica links: what it writes from now on reaches no
+            # replica (SIGSTOP alone is not enough: the kernel keeps receiving for them).
+            master.cmd("CLIENT", "KILL", "TYPE", "replica")
+            time.sleep(1.0)
+            t_kill = time.monotonic()
+            kill()
+        finally:
+            for r in reps:
+                r.resume()
+        new = wait_failover(master)
+        t_failover = time.monotonic()
+        wait_until(lambda: len(loop.acked(after=t_kill)) >= 10, timeout=45, interval=0.05,
+                   what="submits to be acknowledged again after the failover")
+    finally:
+        loop.stop()
+    records = loop.snapshot()
+    bad = [r for r in records if r.kind in ("bad", "error")]
+    assert not bad, f"{len(bad)} submits got neither 200 nor a proper 503: {bad[:5]}"
+    during = [r for r in records if r.kind == "ok" and t_pause <= r.t1 <= t_kill]
+    acked = {r.rid: {"i": r.n} for r in records if r.kind == "ok"}
+    done, missing = settle([sc], acked, timeout=30)
+    for rid, body in done.items():
+        assert body.get("input") == acked[rid], (rid, body)
+    first = min((r.t1 for r in loop.acked(after=t_kill)), default=t_kill) - t_kill
+    measure(f"{label} lagging replicas: store-replicas={store_replicas}: {len(during)} acknowledged while the "
+            f"replicas were stopped; failover +{t_failover - t_kill:.2f}s after the kill, first new ack "
+            f"+{first:.2f}s; {len(acked)} acknowledged in all, {len(missing)} lost; answers {summarize(records)}")
+    if missing:
+        by_rid = {r.rid: r for r in records if r.kind == "ok"}
+        measure(f"{label} lagging replicas: lost requests (sent, acknowledged) at s relative to the stall "
+                f"(the kill at +{t_kill - t_pause:.3f}): "
+                + ", ".join(f"({by_rid[rid].t0 - t_pause:+.3f}, {by_rid[rid].t1 - t_pause:+.3f})"
+                            for rid in list(missing)[:20] if rid in by_rid)
+                + (" ..." if len(missing) > 20 else "")
+                + f"; new master {new.name}; e.g. {next(iter(missing.items()))}")
+    if store_replicas:
+        assert not missing, (f"{len(missing)} requests acknowledged under --store-replicas 1 were lost "
+                             f"(answered 200 although no replica had them): {list(missing.items())[:5]}")
+    assert sc.running
+
+
+@pytest.mark.parametrize("store_replicas", [1, 0], ids=["store-replicas-1", "no-store-replicas"])
+def test_cluster_lagging_replicas_then_master_kill9(cluster3x2, on_store, store_replicas):
+    extra = ["--store-replicas", str(store_replicas)] if store_replicas else []
+    sc = on_store(cluster3x2.url, "--max-concurrency", "2", *extra)
+    master = cluster3x2.master_for_key(QUEUE_KEY % FUNCTION)
+    _lagging_run(sc, master, cluster3x2.replicas_of(master), lambda: cluster3x2.kill9(master),
+                 cluster3x2.wait_failover, store_replicas=store_replicas, label="cluster")
+
+
 # -- 3. sentinel ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("store_replicas", [1, 0], ids=["store-replicas-1", "no-store-replicas"])
@@ -413,6 +476,16 @@ def test_sentinel_master_kill9_followed(sentinels, on_store, store_replicas):
     assert int(new.cmd("DBSIZE")) > 0, "the new master holds no keys"
 
 
+@pytest.mark.parametrize("store_replicas", [1, 0], ids=["store-replicas-1", "no-store-replicas"])
+def test_sentinel_lagging_replicas_then_master_kill9(sentinels, on_store, store_replicas):
+    extra = ["--store-replicas", str(store_replicas)] if store_replicas else []
+    sc = on_store(sentinels.url, "--max-concurrency", "2", *extra)
+    master = sentinels.master()
+    reps = [n for n in sentinels.data_nodes if n is not master]
+    _lagging_run(sc, master, reps, master.kill9, sentinels.wait_new_master,
+                 store_replicas=store_replicas, label="sentinel")
+
+
 # -- 4. a replica node killed under two sidecars --------------------------------------------
 
 def test_cluster_replica_kill9_exactly_once(cluster3x2, on_store):
@@ -421,47 +494,71 @@ def test_cluster_replica_kill9_exactly_once(cluster3x2, on_store):
     scs = [a, b]
     master = cluster3x2.master_for_key(QUEUE_KEY % FUNCTION)
     victim = cluster3x2.replicas_of(master)[0]
-    total = 240
-    local = threading.local()
     answers: dict[int, list[int]] = {}
+    ids: dict[int, str] = {}
+    errors: list[str] = []
     lock = threading.Lock()
+    counter = iter(range(10**9))
+    stop = threading.Event()
 
-    def submit(n: int) -> tuple[int, str]:
+    def submit(client: httpx.Client, n: int) -> None:
         """One logical submit; 503s are retried with the same Idempotency-Key."""
-        if not hasattr(local, "c"):
-            local.c = httpx.Client(timeout=HTTP_TIMEOUT)
         headers = {"Idempotency-Key": f"ha-{n}"}
         path, body = ("slow", {"seconds": 0.05, "n": n}) if n % 4 == 0 else ("test", {"n": n})
         deadline = time.monotonic() + 30
         while True:
             sc = scs[n % 2]
-            r = local.c.post(f"{sc.queue_url}/test/app/{path}", json=body, headers=headers)
+            r = client.post(f"{sc.queue_url}/test/app/{path}", json=body, headers=headers)
             with lock:
                 answers.setdefault(r.status_code, []).append(n)
             if r.status_code == 200:
-                return n, r.json()["request_id"]
+                with lock:
+                    ids[n] = r.json()["request_id"]
+                return
             rec = classify(n, 0.0, r)
-            assert rec.kind == "unavailable", f"submit {n} -> {r.status_code} {r.text[:300]}"
-            assert time.monotonic() < deadline, f"submit {n} still unavailable after 30 s: {rec.detail}"
+            if rec.kind != "unavailable":
+                raise AssertionError(f"submit {n} -> {r.status_code} {r.text[:300]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"submit {n} still unavailable after 30 s: {rec.detail}")
             time.sleep(0.1)
 
-    killed_at = {}
+    def worker() -> None:
+        with httpx.Client(timeout=HTTP_TIMEOUT) as client:
+            while not stop.is_set():
+                with lock:
+                    n = next(counter)
+                try:
+                    submit(client, n)
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    with lock:
+                        errors.append(f"{n}: {exc!r}")
+                    return
 
-    def killer():
-        wait_until(lambda: len(answers.get(200, [])) >= total // 3, timeout=40, interval=0.02,
-                   what="a third of the submits")
-        killed_at["t"] = time.monotonic()
-        cluster3x2.kill9(victim)
-
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(5)]
     t0 = time.monotonic()
-    with ThreadPoolExecutor(6) as pool:
-        kill_done = pool.submit(killer)
-        results = list(pool.map(submit, range(total)))
-        kill_done.result()
-    ids = {n: rid for n, rid in results}
-    assert len(set(ids.values())) == total, "one request id per logical submit"
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: len(ids) >= 80 or errors, timeout=40, interval=0.02, what="80 submits")
+        t_kill = time.monotonic()
+        n_before = len(ids)
+        cluster3x2.kill9(victim)
+        # keep going until the others flag it failed (the cluster's view changes
+        # under the sidecars) and 80 more submits went through
+        cluster3x2.wait_flagged_fail(victim)
+        t_flagged = time.monotonic()
+        n_flagged = len(ids)
+        wait_until(lambda: len(ids) >= n_flagged + 80 or errors, timeout=40, interval=0.02,
+                   what="80 submits after the replica was flagged failed")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(HTTP_TIMEOUT.read + 5)
+    assert not errors, errors[:5]
+    assert len(set(ids.values())) == len(ids), "one request id per logical submit"
     measure(f"replica kill: killed {victim.name}:{victim.port} (replica of {master.name}) "
-            f"{killed_at['t'] - t0:.2f}s into the run; submit answers by status: "
+            f"{t_kill - t0:.2f}s into the run after {n_before} submits; flagged failed "
+            f"+{t_flagged - t_kill:.2f}s later; {len(ids)} submits in all; answers by status: "
             f"{ {k: len(v) for k, v in answers.items()} }")
 
     done, missing = settle(scs, {rid: n for n, rid in ids.items()}, timeout=40)
@@ -474,17 +571,55 @@ def test_cluster_replica_kill9_exactly_once(cluster3x2, on_store):
             assert body["input"] == {"n": n}, (n, body)
 
     # Exactly once: over both apps, each request id was answered once.
+    want = set(ids.values())
+
     def counts():
         return seen_counts(a.seen_log, b.seen_log)
 
-    wait_until(lambda: set(ids.values()) <= set(counts()), timeout=10, what="the apps' logs")
+    wait_until(lambda: want <= set(counts()), timeout=10, what="the apps' logs")
     seen = counts()
-    twice = {rid: c for rid, c in seen.items() if c != 1 and rid in set(ids.values())}
+    twice = {rid: c for rid, c in seen.items() if c != 1 and rid in want}
     assert not twice, f"{len(twice)} requests ran more than once: {list(twice.items())[:10]}"
     per_app = {sc.name: len(seen_counts(sc.seen_log)) for sc in scs}
     measure(f"replica kill: runs per sidecar {per_app}")
     assert all(per_app.values()), f"one sidecar ran nothing: {per_app}"
     assert a.running and b.running
+
+
+# -- 4b. the --store-replicas bound ------------------------------------------------------
+
+def test_store_replicas_bound_when_replicas_stall(cluster3x2, on_store):
+    """Both replicas of the function's master stopped (SIGSTOP): with --store-replicas 1
+    a submit is not acknowledged but answered 503 + Retry-After once the bound passes (no
+    hang); without the flag the same store acknowledges at once. Resumed: acknowledged."""
+    waiting = on_store(cluster3x2.url, "--store-replicas", "1", "--store-replicas-timeout", "500",
+                       "--max-concurrency", "0", name="waits")
+    plain = on_store(cluster3x2.url, "--max-concurrency", "2", name="plain")
+    master = cluster3x2.master_for_key(QUEUE_KEY % FUNCTION)
+    reps = cluster3x2.replicas_of(master)
+    assert len(reps) == 2
+    rid = waiting.submit_ok("test", {"before": True})["request_id"]
+    for r in reps:
+        r.pause()
+    try:
+        t0 = time.monotonic()
+        r = waiting.submit("test", {"during": "stall"}, headers={"Idempotency-Key": "stall-1"})
+        took = time.monotonic() - t0
+        rec = classify(0, t0, r)
+        measure(f"store-replicas bound: submit with both replicas stopped -> {r.status_code} after {took:.2f}s "
+                f"(--store-replicas-timeout 500 ms); detail {rec.detail!r}")
+        assert rec.kind == "unavailable", f"{r.status_code} {r.text[:300]}"
+        ok = plain.submit_ok("test", {"plain": True})["request_id"]
+    finally:
+        for r in reps:
+            r.resume()
+    cluster3x2.wait_healthy()
+    # the same logical submit, retried, is acknowledged now
+    again = wait_until(lambda: (lambda x: x if x.status_code == 200 else None)(
+        waiting.submit("test", {"during": "stall"}, headers={"Idempotency-Key": "stall-1"})),
+        timeout=20, what="the retried submit to be acknowledged")
+    for x in (rid, ok, again.json()["request_id"]):
+        assert plain.wait_result(x, timeout=20).status_code == 200
 
 
 # -- 5. the store password ----------------------------------------------------------------
