@@ -924,7 +924,8 @@ impl RedisStore {
         if confirmed < i64::from(replicas) {
             return Err(StoreError::Unavailable(format!(
                 "only {confirmed} of {replicas} redis replicas confirmed the write within {timeout:?} \
-                 (--store-replicas); it is not acknowledged"
+                 (--store-replicas); it is not acknowledged (a retry with the same \
+                 Idempotency-Key cannot run it twice)"
             )));
         }
         Ok(value)
