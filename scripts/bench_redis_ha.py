@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""The store past one Redis (issue 11), every baseline in the same run:
+
+1. scale-out: aggregate submits/s across 16 functions into one Redis vs a 3-master
+   Redis Cluster (each function's keys on the shard that owns its hash tag);
+2. the cost of --store-replicas 1 (script + WAIT in one pipeline) on a primary with
+   one replica, against the same primary without it.
+
+Submits go straight into the store (`store_bench`, no HTTP), so the sidecars' HTTP
+work does not hide the store. Rounds alternate the variants; medians are reported.
+Failover times are measured by tests/e2e/test_redis_ha.py (HA-MEASURE lines).
+
+Usage: scripts/bench_redis_ha.py [--seconds N] [--rounds N] [--concurrency N]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from bench_redis import cli, free_port  # noqa: E402
+
+
+def server(work: Path, name: str, *extra: str) -> tuple[int, subprocess.Popen]:
+    port = free_port()
+    d = work / name
+    d.mkdir()
+    p = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d),
+                          "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", *extra],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            if cli(port, "PING") == "PONG":
+                return port, p
+        except subprocess.CalledProcessError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"redis-server {name} did not start")
+
+
+def bench(binary: Path, url: str, seconds: int, conc: int, functions: int, replicas: int = 0):
+    out = subprocess.run([str(binary), url, str(functions), str(seconds), str(conc), str(replicas)],
+                         check=True, capture_output=True, text=True).stdout.split()
+    return float(out[0]), float(out[1]), float(out[2]), int(out[3])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--functions", type=int, default=16)
+    args = ap.parse_args()
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "fal-sidecar", "--example", "store_bench",
+                    "--locked"], check=True, cwd=REPO)
+    target = subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps"], check=True,
+                            capture_output=True, text=True, cwd=REPO).stdout
+    import json
+    binary = Path(json.loads(target)["target_directory"]) / "release" / "examples" / "store_bench"
+    work = Path(tempfile.mkdtemp(prefix="fal-bench-ha."))
+    procs: list[subprocess.Popen] = []
+    try:
+        single, p = server(work, "single")
+        procs.append(p)
+        ports = []
+        for i in range(3):
+            port, p = server(work, f"c{i}", "--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
+            ports.append(port)
+            procs.append(p)
+        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True)
+        for port in ports:
+            for _ in range(400):
+                if "cluster_state:ok" in cli(port, "CLUSTER", "INFO"):
+                    break
+                time.sleep(0.05)
+        primary, p = server(work, "primary")
+        procs.append(p)
+        replica, p = server(work, "replica", "--replicaof", "127.0.0.1", str(primary))
+        procs.append(p)
+        for _ in range(400):
+            if "state=online" in cli(primary, "INFO", "replication"):
+                break
+            time.sleep(0.05)
+
+        variants = {
+            "one Redis": (f"redis://127.0.0.1:{single}/0", 0),
+            "3-master cluster": ("redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports), 0),
+            "primary+replica, --store-replicas 0": (f"redis://127.0.0.1:{primary}/0", 0),
+            "primary+replica, --store-replicas 1": (f"redis://127.0.0.1:{primary}/0", 1),
+        }
+        got: dict[str, list[tuple[float, float, float, int]]] = {k: [] for k in variants}
+        for name, (url, reps) in variants.items():  # warm-up
+            bench(binary, url, 1, args.concurrency, args.functions, reps)
+        for _ in range(args.rounds):
+            for name, (url, reps) in variants.items():
+                got[name].append(bench(binary, url, args.seconds, args.concurrency, args.functions, reps))
+        med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v),
+                   statistics.median(r[2] for r in v), sum(r[3] for r in v)) for k, v in got.items()}
+        print(f"\n## Store past one Redis ({args.functions} functions, {args.concurrency} concurrent submits, "
+              f"{args.seconds} s x {args.rounds} rounds, medians; {os.cpu_count()} cores shared by the "
+              f"client and every redis-server)\n")
+        print("| store | submits/s | p50 | p99 | errors |")
+        print("|---|---|---|---|---|")
+        for k, (rps, p50, p99, err) in med.items():
+            print(f"| {k} | {rps:,.0f} | {p50:.2f} ms | {p99:.2f} ms | {err} |")
+        print(f"\nscale-out, cluster / one Redis: **{med['3-master cluster'][0] / med['one Redis'][0]:.2f}x** "
+              f"(target >= 2)")
+        r0, r1 = med["primary+replica, --store-replicas 0"], med["primary+replica, --store-replicas 1"]
+        print(f"--store-replicas 1 / 0 throughput: **{r1[0] / r0[0]:.2f}x**, p50 {r0[1]:.2f} -> {r1[1]:.2f} ms")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
