@@ -224,12 +224,12 @@ impl Workers {
         let mut lease = LeaseClock::new(claimed_at, self.cfg.lease);
         let mut renewing = None;
         let outcome = loop {
+            // In this order when several are ready at once (e.g. after the process was
+            // stopped): an answer of the app is stored if the token still allows it, a
+            // renew that succeeded counts before the deadline is looked at.
             tokio::select! {
+                biased;
                 r = &mut call => break r,
-                _ = tokio::time::sleep_until(lease.next_renew), if renewing.is_none() => {
-                    lease.renew_sent(tokio::time::Instant::now());
-                    renewing = Some(self.store.renew(&id, token, self.cfg.lease));
-                }
                 r = async { renewing.as_mut().expect("guarded by is_some").await }, if renewing.is_some() => {
                     renewing = None;
                     match r {
@@ -252,6 +252,10 @@ impl Workers {
                     }
                 }
                 _ = crate::server::wait_true(&mut abandon) => break Called::Abandoned,
+                _ = tokio::time::sleep_until(lease.next_renew), if renewing.is_none() => {
+                    lease.renew_sent(tokio::time::Instant::now());
+                    renewing = Some(self.store.renew(&id, token, self.cfg.lease));
+                }
             }
         };
         drop(renewing);
