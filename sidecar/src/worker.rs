@@ -60,6 +60,54 @@ enum Called {
     AppDown,
     /// `run` mode: the app exited while it had the request (how it ended).
     AppDied(String),
+    /// No renew succeeded in time (the store is unreachable or too slow): the lease may
+    /// expire any moment and another worker run the job, so this run is given up.
+    LeaseExpired,
+}
+
+/// A worker's view of its lease, on its own clock.
+///
+/// The store computes the expiry when a claim or renew runs there, after the worker
+/// sent it, so the lease surely lasts until `sent + lease` of the last success. The
+/// worker gives the run up a little earlier (`margin`: a tenth of the lease, at most
+/// 1 s), so that its own timer firing late or the app taking the cancel do not make it
+/// overlap a run that another replica starts right at the expiry.
+#[derive(Debug, Clone, Copy)]
+struct LeaseClock {
+    lease: Duration,
+    margin: Duration,
+    /// Give the run up from this instant on (the lease may be about to expire).
+    held_until: tokio::time::Instant,
+    /// When the next renew is due (a third of a lease after the last one was sent).
+    next_renew: tokio::time::Instant,
+    /// When the renew in flight was sent.
+    sent: tokio::time::Instant,
+}
+
+impl LeaseClock {
+    /// `claimed_at`: when the claim was sent.
+    fn new(claimed_at: tokio::time::Instant, lease: Duration) -> LeaseClock {
+        let margin = (lease / 10).min(Duration::from_secs(1));
+        LeaseClock {
+            lease,
+            margin,
+            held_until: claimed_at + (lease - margin),
+            next_renew: claimed_at + lease / 3,
+            sent: claimed_at,
+        }
+    }
+
+    fn renew_sent(&mut self, at: tokio::time::Instant) {
+        self.sent = at;
+        // Due again a third of a lease after this one was sent, at once if it takes
+        // longer than that to answer.
+        self.next_renew = at + self.lease / 3;
+    }
+
+    /// The renew sent last succeeded: the store's expiry is at least a lease after it.
+    fn renewed(&mut self) {
+        self.held_until = self.held_until.max(self.sent + (self.lease - self.margin));
+    }
 }
 
 fn retryable(status: u16) -> bool {
@@ -104,8 +152,12 @@ impl Workers {
                 continue;
             }
             changes.borrow_and_update();
+            // The lease runs from when the claim executes in the store, which is after it
+            // is sent: counted from the send, the worker's idea of the lease never
+            // outlives the real one.
+            let sent = tokio::time::Instant::now();
             match self.store.claim(&name, self.cfg.lease).await {
-                Ok(Some(job)) => self.process(job, abandon.clone()).await,
+                Ok(Some(job)) => self.process(job, sent, abandon.clone()).await,
                 Ok(None) => {
                     tokio::select! {
                         _ = changes.changed() => {}
@@ -125,7 +177,13 @@ impl Workers {
         }
     }
 
-    async fn process(&self, job: Claimed, mut abandon: watch::Receiver<bool>) {
+    /// Runs a claimed job (claim sent at `claimed_at`) to its end.
+    async fn process(
+        &self,
+        job: Claimed,
+        claimed_at: tokio::time::Instant,
+        mut abandon: watch::Receiver<bool>,
+    ) {
         let id = job.record.spec.id.clone();
         let token = job.token;
         self.running.start(&id);
@@ -157,22 +215,36 @@ impl Workers {
                 },
             }
         };
-        tokio::pin!(call);
-        let mut renew = tokio::time::interval(self.cfg.lease / 3);
-        renew.tick().await;
+        let mut call = Box::pin(call);
+        // The lease is surely ours until `lease.held_until` (local clock; see
+        // `LeaseClock`). Once that passes without a successful renew, another worker may
+        // soon claim the job: this run is given up before it could start there. A renew
+        // runs alongside the app call and that deadline, so a store call that hangs (up
+        // to the store's own timeout) delays neither.
+        let mut lease = LeaseClock::new(claimed_at, self.cfg.lease);
+        let mut renewing = None;
         let outcome = loop {
+            // In this order when several are ready at once (e.g. after the process was
+            // stopped): an answer of the app is stored if the token still allows it, a
+            // renew that succeeded counts before the deadline is looked at.
             tokio::select! {
+                biased;
                 r = &mut call => break r,
-                _ = renew.tick() => match self.store.renew(&id, token, self.cfg.lease).await {
-                    Ok(Lease::Held { cancel_requested }) => {
-                        if cancel_requested && !cancel_sent {
-                            cancel_sent = true;
-                            self.send_cancel(&job);
+                r = async { renewing.as_mut().expect("guarded by is_some").await }, if renewing.is_some() => {
+                    renewing = None;
+                    match r {
+                        Ok(Lease::Held { cancel_requested }) => {
+                            lease.renewed();
+                            if cancel_requested && !cancel_sent {
+                                cancel_sent = true;
+                                self.send_cancel(&job);
+                            }
                         }
+                        Ok(Lease::Lost) => break Called::LeaseLost,
+                        Err(e) => tracing::warn!(request_id = %id, error = %e, "renewing the lease failed"),
                     }
-                    Ok(Lease::Lost) => break Called::LeaseLost,
-                    Err(e) => tracing::warn!(request_id = %id, error = %e, "renewing the lease failed"),
-                },
+                }
+                _ = tokio::time::sleep_until(lease.held_until) => break Called::LeaseExpired,
                 c = cancels.recv() => {
                     if matches!(c, Ok(ref cid) if *cid == id) && !cancel_sent {
                         cancel_sent = true;
@@ -180,8 +252,19 @@ impl Workers {
                     }
                 }
                 _ = crate::server::wait_true(&mut abandon) => break Called::Abandoned,
+                _ = tokio::time::sleep_until(lease.next_renew), if renewing.is_none() => {
+                    lease.renew_sent(tokio::time::Instant::now());
+                    renewing = Some(self.store.renew(&id, token, self.cfg.lease));
+                }
             }
         };
+        drop(renewing);
+        if matches!(outcome, Called::LeaseLost | Called::LeaseExpired) {
+            self.give_up(&job, call, lease.margin).await;
+        } else {
+            // An app call still going (drain) is dropped: its connection closes.
+            drop(call);
+        }
         match outcome {
             Called::Done(result, secs) => {
                 let completion = app_end(result.status, now_ms(), secs);
@@ -207,7 +290,14 @@ impl Workers {
                 }
             }
             Called::LeaseLost => {
-                tracing::warn!(request_id = %id, "lease lost while the app ran it; dropping this run")
+                tracing::warn!(request_id = %id, "lease lost while the app ran it; dropped this run (cancel sent to the app)");
+            }
+            Called::LeaseExpired => {
+                tracing::warn!(
+                    request_id = %id,
+                    lease_s = self.cfg.lease.as_secs_f64(),
+                    "no lease renewal succeeded in time (store unreachable or slow): the lease may expire any moment and another replica take the request over; gave this run up (cancel sent to the app)"
+                );
             }
             Called::AppDown => {
                 tracing::info!(request_id = %id, "the app is down; the request goes back to the queue until it is back");
@@ -441,8 +531,17 @@ impl Workers {
         }
     }
 
-    /// `POST {endpoint}/cancel` to the app, with the same `x-fal-request-id`.
+    /// `POST {endpoint}/cancel` to the app, with the same `x-fal-request-id`, in the
+    /// background.
     fn send_cancel(&self, job: &Claimed) {
+        tokio::spawn(self.cancel_call(job));
+    }
+
+    /// The cancel of [`send_cancel`](Self::send_cancel), to await: a worker that gives
+    /// a run up waits for the app to take the cancel (at most `CANCEL_WAIT`) before it
+    /// claims again, so the cancel cannot reach the app after the same request was
+    /// claimed here again.
+    fn cancel_call(&self, job: &Claimed) -> impl std::future::Future<Output = ()> + Send + 'static {
         let endpoint = job.record.spec.endpoint.trim_end_matches('/');
         let path = format!("{endpoint}/cancel");
         let req = self.build(job, &path, Bytes::new()).map(|mut r| {
@@ -451,7 +550,7 @@ impl Workers {
         });
         let client = self.upstream.client.clone();
         let id = job.record.spec.id.clone();
-        tokio::spawn(async move {
+        async move {
             let Ok(req) = req else { return };
             match client.request(req).await {
                 Ok(resp) => {
@@ -461,6 +560,317 @@ impl Workers {
                     tracing::warn!(request_id = %id, error = %error_chain(&e), "forwarding the cancel to the app failed")
                 }
             }
+        }
+    }
+
+    /// Stops a run whose lease is gone or about to go. The app is sent a cancel first,
+    /// so that it takes it for the run going on; then the call is dropped (its
+    /// connection closes, for apps that watch for a hang-up rather than cancels) once
+    /// the app took the cancel or after `grace` at the latest. The worker claims again
+    /// only once the app took the cancel (or `CANCEL_WAIT` passed), so the cancel
+    /// cannot reach the app after the same request was claimed here again.
+    async fn give_up<C>(&self, job: &Claimed, call: C, grace: Duration) {
+        let mut cancel = std::pin::pin!(self.cancel_call(job));
+        let taken = tokio::time::timeout(grace, &mut cancel).await.is_ok();
+        drop(call);
+        if !taken && tokio::time::timeout(CANCEL_WAIT, cancel).await.is_err() {
+            tracing::warn!(request_id = %job.record.spec.id, "the app did not take the cancel in time");
+        }
+    }
+}
+
+/// How long a worker that gives a run up waits for the app to take the cancel.
+const CANCEL_WAIT: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::job::{JobSpec, LogLine, Phase, Priority};
+    use crate::store::conformance::spec;
+    use crate::store::embedded::EmbeddedStore;
+    use crate::store::{
+        CancelOutcome, Delivery, JobStatus, Load, StoreError, StoreResult, Submitted, Sweep,
+    };
+
+    #[test]
+    fn lease_clock_counts_from_the_send_with_a_margin() {
+        let t0 = tokio::time::Instant::now();
+        let lease = Duration::from_secs(3);
+        let mut c = LeaseClock::new(t0, lease);
+        assert_eq!(c.held_until, t0 + Duration::from_millis(2700));
+        assert_eq!(c.next_renew, t0 + Duration::from_secs(1));
+        // A renew sent at 1 s that succeeds (whenever its answer comes): held until 3.7 s.
+        c.renew_sent(t0 + Duration::from_secs(1));
+        assert_eq!(c.next_renew, t0 + Duration::from_secs(2));
+        c.renewed();
+        assert_eq!(c.held_until, t0 + Duration::from_millis(3700));
+        // A failed renew moves only the schedule, never the deadline.
+        c.renew_sent(t0 + Duration::from_secs(2));
+        assert_eq!(c.held_until, t0 + Duration::from_millis(3700));
+        // The margin is at most 1 s.
+        let c = LeaseClock::new(t0, Duration::from_secs(30));
+        assert_eq!(c.held_until, t0 + Duration::from_secs(29));
+    }
+
+    #[derive(Clone, Copy)]
+    enum Renew {
+        Ok,
+        /// The store answers Unavailable (connection refused).
+        Fail,
+        /// The store never answers (a partition; the real store times out after 5 s).
+        Hang,
+    }
+
+    /// The embedded store, with renewals that fail or hang on demand.
+    struct FlakyStore {
+        inner: Arc<EmbeddedStore>,
+        renew: Mutex<Renew>,
+    }
+
+    #[async_trait]
+    impl Store for FlakyStore {
+        async fn submit(
+            &self,
+            spec: JobSpec,
+            body: Bytes,
+            max_queue: usize,
+        ) -> StoreResult<Submitted> {
+            self.inner.submit(spec, body, max_queue).await
+        }
+        async fn status(&self, id: &str) -> StoreResult<Option<JobStatus>> {
+            self.inner.status(id).await
+        }
+        async fn result(&self, id: &str) -> StoreResult<Option<StoredResult>> {
+            self.inner.result(id).await
+        }
+        async fn cancel(&self, id: &str) -> StoreResult<CancelOutcome> {
+            self.inner.cancel(id).await
+        }
+        async fn claim(&self, worker: &str, lease: Duration) -> StoreResult<Option<Claimed>> {
+            self.inner.claim(worker, lease).await
+        }
+        async fn renew(&self, id: &str, token: u64, lease: Duration) -> StoreResult<Lease> {
+            let mode = *self.renew.lock().unwrap();
+            match mode {
+                Renew::Ok => self.inner.renew(id, token, lease).await,
+                Renew::Fail => Err(StoreError::Unavailable("connection refused".into())),
+                Renew::Hang => std::future::pending().await,
+            }
+        }
+        async fn release(&self, id: &str, token: u64) -> StoreResult<bool> {
+            self.inner.release(id, token).await
+        }
+        async fn requeue(&self, id: &str, token: u64) -> StoreResult<bool> {
+            self.inner.requeue(id, token).await
+        }
+        async fn complete(
+            &self,
+            id: &str,
+            token: u64,
+            completion: Completion,
+            result: StoredResult,
+        ) -> StoreResult<bool> {
+            self.inner.complete(id, token, completion, result).await
+        }
+        async fn append_logs(&self, id: &str, lines: Vec<LogLine>) -> StoreResult<()> {
+            self.inner.append_logs(id, lines).await
+        }
+        async fn sweep(&self, now_ms: u64, retention: Duration) -> StoreResult<Sweep> {
+            self.inner.sweep(now_ms, retention).await
+        }
+        async fn due_deliveries(
+            &self,
+            now_ms: u64,
+            limit: usize,
+            lease: Duration,
+        ) -> StoreResult<Vec<Delivery>> {
+            self.inner.due_deliveries(now_ms, limit, lease).await
+        }
+        async fn delivery_attempted(
+            &self,
+            request_id: &str,
+            attempts: u32,
+            next_attempt_ms: Option<u64>,
+        ) -> StoreResult<()> {
+            self.inner
+                .delivery_attempted(request_id, attempts, next_attempt_ms)
+                .await
+        }
+        async fn load(&self) -> StoreResult<Load> {
+            self.inner.load().await
+        }
+        fn changes(&self) -> watch::Receiver<u64> {
+            self.inner.changes()
+        }
+        fn cancellations(&self) -> tokio::sync::broadcast::Receiver<String> {
+            self.inner.cancellations()
+        }
+    }
+
+    /// An app on a loopback port: `POST /test` answers after `answer_after` (never when
+    /// `None`), `POST /test/cancel` at once; reports "call", "cancel" and "hung up" (the
+    /// caller closed a call before the answer).
+    async fn fake_app(
+        answer_after: Option<Duration>,
+    ) -> (u16, mpsc::UnboundedReceiver<&'static str>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let mut head = Vec::new();
+                        let mut byte = [0u8; 1];
+                        while !head.ends_with(b"\r\n\r\n") {
+                            match sock.read(&mut byte).await {
+                                Ok(1) => head.push(byte[0]),
+                                _ => return,
+                            }
+                        }
+                        let head = String::from_utf8_lossy(&head).to_lowercase();
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                        let mut body = vec![0u8; len];
+                        sock.read_exact(&mut body).await.unwrap();
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}";
+                        if head.starts_with("post /test/cancel ") {
+                            let _ = tx.send("cancel");
+                        } else {
+                            let _ = tx.send("call");
+                            let wait = async {
+                                match answer_after {
+                                    Some(d) => tokio::time::sleep(d).await,
+                                    None => std::future::pending().await,
+                                }
+                            };
+                            tokio::select! {
+                                _ = wait => {}
+                                // the caller sends nothing more: a read ends only at its hang-up
+                                _ = sock.read(&mut byte) => {
+                                    let _ = tx.send("hung up");
+                                    return;
+                                }
+                            }
+                        }
+                        if sock.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
         });
+        (port, rx)
+    }
+
+    async fn setup(
+        renew: Renew,
+        lease: Duration,
+        answer_after: Option<Duration>,
+    ) -> (
+        Arc<Workers>,
+        Arc<FlakyStore>,
+        mpsc::UnboundedReceiver<&'static str>,
+    ) {
+        let dir = std::env::temp_dir().join(format!("fal-worker-{}", uuid::Uuid::new_v4()));
+        let store = Arc::new(FlakyStore {
+            inner: EmbeddedStore::open(&dir, 3).unwrap(),
+            renew: Mutex::new(renew),
+        });
+        let (port, events) = fake_app(answer_after).await;
+        let workers = Arc::new(Workers {
+            store: store.clone(),
+            upstream: Upstream::new(&format!("http://127.0.0.1:{port}")).unwrap(),
+            cfg: WorkerConfig {
+                replica: "test".into(),
+                concurrency: 1,
+                lease,
+                retry_delays: Vec::new(),
+                max_result_bytes: 1 << 20,
+                request_timeout: None,
+                max_attempts: 3,
+            },
+            running: Running::default(),
+            metrics: Arc::new(Metrics::new()),
+            app: None,
+        });
+        (workers, store, events)
+    }
+
+    /// Submits a job, claims it and runs it to the end; returns its id and how long the
+    /// run took.
+    async fn run_one(w: &Workers, store: &FlakyStore) -> (String, Duration) {
+        let s = spec(Priority::Normal);
+        let id = s.id.clone();
+        store
+            .submit(s, Bytes::from_static(b"{}"), 10)
+            .await
+            .unwrap();
+        let sent = tokio::time::Instant::now();
+        let job = store.claim("test", w.cfg.lease).await.unwrap().unwrap();
+        let (_keep, abandon) = watch::channel(false);
+        tokio::time::timeout(Duration::from_secs(30), w.process(job, sent, abandon))
+            .await
+            .expect("the run ended");
+        (id, sent.elapsed())
+    }
+
+    async fn drain(events: &mut mpsc::UnboundedReceiver<&'static str>) -> Vec<&'static str> {
+        // The app notices a hang-up a moment after the worker returns.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut seen = Vec::new();
+        while let Ok(e) = events.try_recv() {
+            seen.push(e);
+        }
+        seen.sort_unstable();
+        seen
+    }
+
+    async fn gives_up(renew: Renew) {
+        let lease = Duration::from_millis(600);
+        let (w, store, mut events) = setup(renew, lease, None).await;
+        let (id, took) = run_one(&w, &store).await;
+        // Not before the lease could have expired (minus the margin), and not forever.
+        assert!(took >= lease - lease / 10, "gave up after {took:?}");
+        assert_eq!(drain(&mut events).await, ["call", "cancel", "hung up"]);
+        // No result was stored: the job waits for its lease to expire and runs again.
+        let status = store.status(&id).await.unwrap().unwrap();
+        assert_eq!(status.record.phase, Phase::Running);
+        assert!(w.running.count() == 0);
+    }
+
+    #[tokio::test]
+    async fn a_run_is_given_up_when_renewals_fail() {
+        gives_up(Renew::Fail).await;
+    }
+
+    #[tokio::test]
+    async fn a_run_is_given_up_when_renewals_hang() {
+        // A renew that never answers must not hold the deadline back.
+        gives_up(Renew::Hang).await;
+    }
+
+    #[tokio::test]
+    async fn renewed_leases_keep_a_run_going_past_the_lease() {
+        let lease = Duration::from_secs(1);
+        let (w, store, mut events) = setup(Renew::Ok, lease, Some(lease * 3)).await;
+        let (id, took) = run_one(&w, &store).await;
+        assert!(took >= lease * 3);
+        assert_eq!(drain(&mut events).await, ["call"]);
+        let status = store.status(&id).await.unwrap().unwrap();
+        assert_eq!(status.record.phase, Phase::Completed);
+        assert_eq!(store.result(&id).await.unwrap().unwrap().status, 200);
     }
 }
