@@ -284,11 +284,6 @@ def test_duplicate_window_when_one_replica_is_cut_off(pair, mode):
     assert wait_result(other, rid2, timeout=30).json()["input"] == {"after": True}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug (store/redis_conn.rs, single server): the ConnectionManager never drops a "
-    "connection whose commands time out, so after a partition that ends without a RST (the "
-    "peer vanished) every store call times out until the kernel gives the TCP connection up "
-    "(~15 min); the sentinel path drops its connection on timeouts, the single-server one does not"))
 def test_a_silently_dead_connection_is_replaced(make_sidecar, redis_server):
     """A blackhole that heals for new connections only (the old ones stay silent, as when
     the peer vanished without a RST): the replica must get off its dead connection and

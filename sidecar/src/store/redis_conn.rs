@@ -18,7 +18,6 @@ use redis::aio::{
     ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
 };
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{Client, Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisFuture, Value};
 
@@ -243,9 +242,14 @@ impl Target {
                     .set_number_of_retries(1)
                     .set_min_delay(Duration::from_millis(50))
                     .set_max_delay(Duration::from_millis(500));
-                ConnectionManager::new_lazy_with_config(client.clone(), config)
-                    .map(Conn::Single)
-                    .map_err(|e| e.to_string())
+                let manager =
+                    ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                        .map_err(|e| e.to_string())?;
+                Ok(Conn::Single(Arc::new(Single {
+                    client: client.clone(),
+                    config,
+                    manager: std::sync::Mutex::new(manager),
+                })))
             }
             Target::Cluster { client, .. } => Ok(Conn::Cluster(Arc::new(Lazy {
                 client: LazyClient::Cluster(client.clone()),
@@ -354,52 +358,51 @@ impl Lazy<MultiplexedConnection> {
     }
 }
 
+/// One server's reconnecting connection. The manager reconnects by itself after I/O
+/// errors, but not after a timeout: a link that died without a reset (a partition, a
+/// vanished peer) would time out forever. A timeout replaces the manager.
+pub struct Single {
+    client: Client,
+    config: ConnectionManagerConfig,
+    manager: std::sync::Mutex<ConnectionManager>,
+}
+
+impl Single {
+    fn current(&self) -> ConnectionManager {
+        self.manager
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn check<T>(&self, r: &redis::RedisResult<T>) {
+        if matches!(r, Err(e) if e.is_timeout()) {
+            if let Ok(fresh) =
+                ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
+            {
+                tracing::warn!("redis did not answer in time; replacing the connection");
+                *self.manager.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+            }
+        }
+    }
+}
+
 /// The command connection of a hub: cheap to clone, shared by every task.
 #[derive(Clone)]
 pub enum Conn {
-    Single(ConnectionManager),
+    Single(Arc<Single>),
     Cluster(Arc<Lazy<ClusterConnection>>),
     Sentinel(Arc<Lazy<MultiplexedConnection>>),
-}
-
-impl Conn {
-    /// `WAIT replicas timeout` on the connection (the node) that took the writes to
-    /// `key`: how many replicas have them.
-    pub async fn wait(
-        &self,
-        key: &str,
-        replicas: u32,
-        timeout: Duration,
-    ) -> redis::RedisResult<i64> {
-        let mut cmd = redis::cmd("WAIT");
-        cmd.arg(replicas).arg(timeout.as_millis() as u64);
-        let v = match self {
-            Conn::Single(c) => cmd.query_async::<Value>(&mut c.clone()).await?,
-            Conn::Cluster(l) => {
-                let route = Route::with_key(key, SlotAddr::Master);
-                l.get()
-                    .await?
-                    .route_command(
-                        cmd,
-                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
-                    )
-                    .await?
-            }
-            Conn::Sentinel(l) => {
-                let mut c = l.get().await?;
-                let r = cmd.query_async::<Value>(&mut c).await;
-                l.check(&r).await;
-                r?
-            }
-        };
-        redis::from_redis_value(v).map_err(Into::into)
-    }
 }
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Single(s) => Box::pin(async move {
+                let r = s.current().req_packed_command(cmd).await;
+                s.check(&r);
+                r
+            }),
             Conn::Cluster(l) => Box::pin(async move {
                 let mut c = l.get().await?;
                 c.req_packed_command(cmd).await
@@ -420,7 +423,14 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Single(s) => Box::pin(async move {
+                let r = s
+                    .current()
+                    .req_packed_commands(pipeline, offset, count)
+                    .await;
+                s.check(&r);
+                r
+            }),
             Conn::Cluster(l) => Box::pin(async move {
                 let mut c = l.get().await?;
                 c.req_packed_commands(pipeline, offset, count).await
@@ -436,7 +446,7 @@ impl ConnectionLike for Conn {
 
     fn get_db(&self) -> i64 {
         match self {
-            Conn::Single(c) => c.get_db(),
+            Conn::Single(s) => s.current().get_db(),
             _ => 0,
         }
     }
