@@ -522,17 +522,7 @@ impl Gateway {
     /// The function a `Host: {name}.{namespace}.{domain}` header names.
     fn host_function(&self, headers: &HeaderMap) -> Option<(String, String)> {
         let domain = self.cfg.domain.as_deref()?;
-        let host = headers.get("host")?.to_str().ok()?;
-        let host = host.rsplit_once(':').map_or(host, |(h, p)| {
-            if p.bytes().all(|b| b.is_ascii_digit()) {
-                h
-            } else {
-                host
-            }
-        });
-        let sub = host.strip_suffix(domain)?.strip_suffix('.')?;
-        let (name, ns) = sub.split_once('.')?;
-        Some((ns.to_string(), name.to_string()))
+        function_from_host(domain, headers.get("host")?.to_str().ok()?)
     }
 
     #[allow(clippy::result_large_err)] // the error is the response itself
@@ -571,8 +561,29 @@ impl crate::function::FunctionSink for Gateway {
     }
 }
 
+/// `(namespace, name)` of a `Host: {name}.{namespace}.{domain}[:port]` (the per-app
+/// host). Host names are case-insensitive and may end in a dot (`….example.com.`), so
+/// both are compared without case and trailing dots; the names come back lower case.
+pub fn function_from_host(domain: &str, host: &str) -> Option<(String, String)> {
+    let host = host.rsplit_once(':').map_or(host, |(h, p)| {
+        if p.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let domain = domain.trim_matches('.').to_ascii_lowercase();
+    if domain.is_empty() {
+        return None;
+    }
+    let sub = host.strip_suffix(&domain)?.strip_suffix('.')?;
+    let (name, ns) = sub.split_once('.')?;
+    Some((ns.to_string(), name.to_string()))
+}
+
 /// `/{namespace}/{name}` and the rest of a path.
-fn split_function(path: &str) -> Option<(&str, &str, &str)> {
+pub fn split_function(path: &str) -> Option<(&str, &str, &str)> {
     let p = path.strip_prefix('/')?;
     let (ns, rest) = p.split_once('/').unwrap_or((p, ""));
     let (name, rest) = rest.split_once('/').map_or((rest, ""), |(n, r)| (n, r));
@@ -582,7 +593,8 @@ fn split_function(path: &str) -> Option<(&str, &str, &str)> {
     Some((ns, name, rest))
 }
 
-fn is_queue_path(rest: &str) -> bool {
+/// Whether the rest of a path after `/{namespace}/{name}` is the per-app queue API.
+pub fn is_queue_path(rest: &str) -> bool {
     rest == "fal/queue" || rest.starts_with("fal/queue/")
 }
 
@@ -656,14 +668,17 @@ pub async fn handle_queue(
     if entry.replicas().is_empty() && req.method() == http::Method::POST {
         entry.mark_cold();
     }
-    api::queue::handle_queue_host(&entry.app, req).await
+    // The app id is the function's `{namespace}/{name}`, whatever the namespace is called.
+    api::queue::handle_queue_host(&entry.app, req, api::queue::AppIdRule::NamespaceName).await
 }
 
 /// The start deadline a caller set with `X-Fal-Request-Timeout` (seconds).
+/// Parsed like a submit's (`api::options`); a sync call ignores a bad value.
 fn request_deadline(headers: &HeaderMap) -> Option<Duration> {
-    let v = headers.get("x-fal-request-timeout")?.to_str().ok()?;
-    let s = v.trim().parse::<f64>().ok()?;
-    (s.is_finite() && s > 0.0).then(|| Duration::from_secs_f64(s.min(86_400.0)))
+    let v = headers.get("x-fal-request-timeout")?;
+    api::options::parse_request_timeout(v.as_bytes())
+        .ok()
+        .flatten()
 }
 
 /// A sync call: a free replica slot now, or held until one frees up or starts.

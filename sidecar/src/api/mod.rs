@@ -1,6 +1,7 @@
 //! The HTTP API: the run listener (direct calls + `/fal/queue/*`, generations A and B),
 //! the queue-host listener (generation C), and the admin listener.
 
+pub mod options;
 pub mod proxy;
 pub mod queue;
 
@@ -162,7 +163,7 @@ pub async fn handle_queue_host(
     if req.uri().path() == "/.well-known/jwks.json" {
         return app.jwks();
     }
-    queue::handle_queue_host(&app, req).await
+    queue::handle_queue_host(&app, req, queue::AppIdRule::Fal).await
 }
 
 /// The run host (`fal.run` style, optional listener): `POST /{owner}/{alias}[/{path}]`
@@ -177,21 +178,28 @@ pub async fn handle_run_host(
     if path == "/.well-known/jwks.json" {
         return app.jwks();
     }
+    let Some(ns_len) = run_host_app_segments(path) else {
+        let detail =
+            format!("no endpoint at {path}; the run host serves /{{owner}}/{{alias}}[/{{path}}]");
+        return error(StatusCode::NOT_FOUND, &detail, None);
+    };
+    if let Err(r) = strip_segments(&mut req, ns_len) {
+        return r;
+    }
+    forward_to_app(&app, &conn, req).await
+}
+
+/// How many leading segments of a run-host path are the app id (`{owner}/{alias}`, or
+/// `{ns}/{owner}/{alias}` after fal's namespace prefix `workflows` or `comfy`), or `None`
+/// when the path names no app.
+pub fn run_host_app_segments(path: &str) -> Option<usize> {
     let segs: Vec<&str> = path.trim_start_matches('/').splitn(4, '/').collect();
     let ns_len = if matches!(segs.first(), Some(&"workflows") | Some(&"comfy")) {
         3
     } else {
         2
     };
-    if segs.len() < ns_len || segs[..ns_len].iter().any(|s| s.is_empty()) {
-        let detail =
-            format!("no endpoint at {path}; the run host serves /{{owner}}/{{alias}}[/{{path}}]");
-        return error(StatusCode::NOT_FOUND, &detail, None);
-    }
-    if let Err(r) = strip_segments(&mut req, ns_len) {
-        return r;
-    }
-    forward_to_app(&app, &conn, req).await
+    (segs.len() >= ns_len && segs[..ns_len].iter().all(|s| !s.is_empty())).then_some(ns_len)
 }
 
 /// The admin listener: metrics and probes.

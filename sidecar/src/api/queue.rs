@@ -11,10 +11,9 @@ use http_body_util::{BodyExt, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use serde_json::{json, Value};
 
+use super::options::SubmitOptions;
 use super::{error, json, App};
-use crate::job::{
-    id_timestamp_ms, new_id, now_ms, Idempotency, JobSpec, Phase, Priority, StoredResult,
-};
+use crate::job::{id_timestamp_ms, new_id, now_ms, Idempotency, JobSpec, Phase, StoredResult};
 use crate::store::{CancelOutcome, JobStatus, StoreError, Submitted};
 use crate::upstream::{is_hop_by_hop, is_length_limit, Body, BoxError};
 
@@ -119,16 +118,168 @@ fn query_flag(query: Option<&str>, name: &str) -> bool {
     })
 }
 
-#[allow(clippy::result_large_err)] // the error is the response itself
-fn valid_id(id: &str) -> Result<(), Response<Body>> {
-    match uuid::Uuid::parse_str(id) {
-        Ok(_) => Ok(()),
-        Err(_) => Err(error(
-            StatusCode::BAD_REQUEST,
-            &format!("{id:?} is not a request id; use the request_id returned by submit"),
-            None,
-        )),
+/// The request id in a path, in the one spelling the store knows (the lowercase
+/// hyphenated UUID that submit hands out), or `None` if it is not a UUID at all. Other
+/// spellings of the same UUID (upper case, braced, `urn:uuid:`, no hyphens) address the
+/// same request.
+pub fn parse_request_id(id: &str) -> Option<String> {
+    uuid::Uuid::parse_str(id)
+        .ok()
+        .map(|u| u.hyphenated().to_string())
+}
+
+fn bad_id(id: &str) -> Response<Body> {
+    error(
+        StatusCode::BAD_REQUEST,
+        &format!("{id:?} is not a request id; use the request_id returned by submit"),
+        None,
+    )
+}
+
+/// What a queue API request asks for, read from its method and path alone (the pure
+/// part of [`handle_per_app`] and [`handle_queue_host`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Enqueue a call of the app's `endpoint` (a path starting with `/`).
+    Submit {
+        endpoint: String,
+    },
+    /// Generation A's `…/{id}/get`: 202 while pending, then the app's response.
+    Get {
+        id: String,
+    },
+    Status {
+        id: String,
+        stream: bool,
+    },
+    Result {
+        id: String,
+    },
+    Cancel {
+        id: String,
+    },
+    /// Something that is not a request id stands where one must (400).
+    BadId(String),
+    /// A known endpoint with the wrong method (405).
+    MethodNotAllowed,
+    /// Generation C: `…/requests/…` that matches no request endpoint (404).
+    NoRequestEndpoint,
+    /// No endpoint at this path (404).
+    NotFound,
+}
+
+impl Route {
+    fn with_id(id: &str, f: impl FnOnce(String) -> Route) -> Route {
+        match parse_request_id(id) {
+            Some(id) => f(id),
+            None => Route::BadId(id.to_string()),
+        }
     }
+}
+
+/// Routes `/fal/queue/*` (generations A and B) under `mount` (`""`, or the gateway's
+/// `/{namespace}/{name}`). A trailing slash is ignored.
+pub fn route_per_app(m: &Method, path: &str, mount: &str) -> Route {
+    let path = trimmed(path);
+    // Whole segments only: `/ns/namex` is not under `/ns/name`, nor `/fal/queuex`
+    // under `/fal/queue`.
+    fn under<'p>(p: &'p str, prefix: &str) -> Option<&'p str> {
+        let rest = p.strip_prefix(prefix)?;
+        (rest.is_empty() || rest.starts_with('/')).then_some(rest)
+    }
+    let Some(rest) = under(path, mount).and_then(|p| under(p, "/fal/queue")) else {
+        return Route::NotFound;
+    };
+    let rest = rest.trim_start_matches('/');
+    let segs: Vec<&str> = if rest.is_empty() {
+        vec![]
+    } else {
+        rest.split('/').collect()
+    };
+    let (get, post, put) = (m == Method::GET, m == Method::POST, m == Method::PUT);
+    match segs.as_slice() {
+        ["submit", tail @ ..] if post => Route::Submit {
+            endpoint: format!("/{}", tail.join("/")),
+        },
+        [id, "get"] if get || post => Route::with_id(id, |id| Route::Get { id }),
+        [id, "cancel"] if post || put => Route::with_id(id, |id| Route::Cancel { id }),
+        ["requests", id, "status"] if get => {
+            Route::with_id(id, |id| Route::Status { id, stream: false })
+        }
+        ["requests", id, "status", "stream"] if get => {
+            Route::with_id(id, |id| Route::Status { id, stream: true })
+        }
+        ["requests", id] | ["requests", id, "response"] if get => {
+            Route::with_id(id, |id| Route::Result { id })
+        }
+        ["requests", id, "cancel"] if put || post => Route::with_id(id, |id| Route::Cancel { id }),
+        ["submit", ..] | [_, "get"] | [_, "cancel"] | ["requests", ..] => Route::MethodNotAllowed,
+        _ => Route::NotFound,
+    }
+}
+
+/// How the queue host finds the app id at the start of a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppIdRule {
+    /// fal's: `{owner}/{alias}`, or `{ns}/{owner}/{alias}` when the first segment is the
+    /// namespace prefix `workflows` or `comfy` (a sidecar's own queue host).
+    Fal,
+    /// Exactly `{namespace}/{name}`, whatever the namespace is called (the gateway: a
+    /// FalFunction's address; a Kubernetes namespace may well be named `workflows`).
+    NamespaceName,
+}
+
+/// A generation C request: the app it addresses and what it asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRoute {
+    /// `[ns/]owner/alias`: the prefix of the URLs handed out.
+    pub app_id: String,
+    /// The webhook user id.
+    pub owner: String,
+    pub route: Route,
+}
+
+/// Routes a queue-host path (generation C); `None` when it names no app. Empty
+/// segments and a trailing slash are ignored.
+pub fn route_queue_host(m: &Method, path: &str, rule: AppIdRule) -> Option<HostRoute> {
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let ns_len = match (rule, segs.first()) {
+        (AppIdRule::Fal, Some(&"workflows") | Some(&"comfy")) => 3,
+        _ => 2,
+    };
+    if segs.len() < ns_len {
+        return None;
+    }
+    let app_id = segs[..ns_len].join("/");
+    let owner = segs[ns_len - 2].to_string();
+    let rest = &segs[ns_len..];
+    let get = m == Method::GET;
+    let route = if m == Method::POST {
+        Route::Submit {
+            endpoint: format!("/{}", rest.join("/")),
+        }
+    } else {
+        match rest {
+            ["requests", id] if get => Route::with_id(id, |id| Route::Result { id }),
+            ["requests", id, "status"] if get => {
+                Route::with_id(id, |id| Route::Status { id, stream: false })
+            }
+            ["requests", id, "status", "stream"] if get => {
+                Route::with_id(id, |id| Route::Status { id, stream: true })
+            }
+            ["requests", id, "cancel"] if m == Method::PUT => {
+                Route::with_id(id, |id| Route::Cancel { id })
+            }
+            ["requests", ..] => Route::NoRequestEndpoint,
+            [] if !get => Route::MethodNotAllowed,
+            _ => Route::NotFound,
+        }
+    };
+    Some(HostRoute {
+        app_id,
+        owner,
+        route,
+    })
 }
 
 fn not_found(app: &App, id: &str) -> Value {
@@ -147,50 +298,31 @@ fn not_found(app: &App, id: &str) -> Value {
 /// per-app API sits under (`""` on a sidecar, `/{namespace}/{name}` on the gateway's
 /// run listener): it is stripped from the path and kept in the URLs handed out.
 pub async fn handle_per_app(app: &App, req: Request<Incoming>, mount: &str) -> Response<Body> {
+    let m = req.method().clone();
     let path = trimmed(req.uri().path()).to_string();
-    let rest = path
-        .strip_prefix(mount)
-        .unwrap_or(&path)
-        .strip_prefix("/fal/queue")
-        .unwrap_or("")
-        .trim_start_matches('/');
-    let segs: Vec<&str> = if rest.is_empty() {
-        vec![]
-    } else {
-        rest.split('/').collect()
-    };
+    let route = route_per_app(&m, &path, mount);
     let base = format!("{}{mount}/fal/queue/requests", base_url(req.headers()));
     let urls = |id: &str| Urls {
         response: format!("{base}/{id}"),
     };
-    let m = req.method().clone();
-    match segs.as_slice() {
-        ["submit", tail @ ..] if m == Method::POST => {
-            let endpoint = format!("/{}", tail.join("/"));
+    let logs = query_flag(req.uri().query(), "logs");
+    match route {
+        Route::Submit { endpoint } => {
             let owner = app.cfg.owner.clone();
             submit(app, req, endpoint, owner, base).await
         }
-        [id, "get"] if m == Method::GET || m == Method::POST => with_id(id, |id| gen_a_get(app, id)).await,
-        [id, "cancel"] if m == Method::POST || m == Method::PUT => with_id(id, |id| cancel(app, id)).await,
-        ["requests", id, "status"] if m == Method::GET => {
-            let logs = query_flag(req.uri().query(), "logs");
-            with_id(id, |id| status(app, id, logs, urls(id))).await
-        }
-        ["requests", id, "status", "stream"] if m == Method::GET => {
-            let logs = query_flag(req.uri().query(), "logs");
-            match valid_id(id) {
-                Ok(()) => stream(app, id, logs, urls(id)).await,
-                Err(r) => r,
-            }
-        }
-        ["requests", id] | ["requests", id, "response"] if m == Method::GET => with_id(id, |id| result(app, id)).await,
-        ["requests", id, "cancel"] if m == Method::PUT || m == Method::POST => with_id(id, |id| cancel(app, id)).await,
-        ["submit", ..] | [_, "get"] | [_, "cancel"] | ["requests", ..] => error(
+        Route::Get { id } => gen_a_get(app, &id).await,
+        Route::Cancel { id } => cancel(app, &id).await,
+        Route::Status { id, stream: false } => status(app, &id, logs, urls(&id)).await,
+        Route::Status { id, stream: true } => self::stream(app, &id, logs, urls(&id)).await,
+        Route::Result { id } => result(app, &id).await,
+        Route::BadId(id) => bad_id(&id),
+        Route::MethodNotAllowed => error(
             StatusCode::METHOD_NOT_ALLOWED,
             &format!("{m} is not allowed on {path}; see the fal queue API (submit is POST, status GET, cancel PUT)"),
             None,
         ),
-        _ => error(
+        Route::NoRequestEndpoint | Route::NotFound => error(
             StatusCode::NOT_FOUND,
             &format!(
                 "no queue endpoint at {path}; use POST /fal/queue/submit/{{path}}, GET /fal/queue/requests/{{id}}/status, \
@@ -201,72 +333,53 @@ pub async fn handle_per_app(app: &App, req: Request<Incoming>, mount: &str) -> R
     }
 }
 
-/// The queue host (generation C).
-pub async fn handle_queue_host(app: &App, req: Request<Incoming>) -> Response<Body> {
+/// The queue host (generation C); `rule` says where the app id ends.
+pub async fn handle_queue_host(
+    app: &App,
+    req: Request<Incoming>,
+    rule: AppIdRule,
+) -> Response<Body> {
+    let m = req.method().clone();
     let path = trimmed(req.uri().path()).to_string();
-    let segs: Vec<&str> = path
-        .trim_start_matches('/')
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .collect();
-    let ns_len = match segs.first() {
-        Some(&"workflows") | Some(&"comfy") => 3,
-        _ => 2,
-    };
-    if segs.len() < ns_len {
+    let Some(HostRoute {
+        app_id,
+        owner,
+        route,
+    }) = route_queue_host(&m, &path, rule)
+    else {
         return error(
             StatusCode::NOT_FOUND,
             &format!("no endpoint at {path}; the queue host serves /{{owner}}/{{alias}}[/{{path}}] and /{{owner}}/{{alias}}/requests/{{id}}"),
             None,
         );
-    }
-    let app_id = segs[..ns_len].join("/");
-    let owner = segs[ns_len - 2].to_string();
-    let rest = &segs[ns_len..];
+    };
     let base = format!("{}/{app_id}/requests", base_url(req.headers()));
     let urls = |id: &str| Urls {
         response: format!("{base}/{id}"),
     };
-    let m = req.method().clone();
-    if m == Method::POST {
-        let endpoint = format!("/{}", rest.join("/"));
-        return submit(app, req, endpoint, owner, base).await;
-    }
     let logs = query_flag(req.uri().query(), "logs");
-    match rest {
-        ["requests", id] if m == Method::GET => with_id(id, |id| result(app, id)).await,
-        ["requests", id, "status"] if m == Method::GET => with_id(id, |id| status(app, id, logs, urls(id))).await,
-        ["requests", id, "status", "stream"] if m == Method::GET => match valid_id(id) {
-            Ok(()) => stream(app, id, logs, urls(id)).await,
-            Err(r) => r,
-        },
-        ["requests", id, "cancel"] if m == Method::PUT => with_id(id, |id| cancel(app, id)).await,
-        ["requests", ..] => error(
+    match route {
+        Route::Submit { endpoint } => submit(app, req, endpoint, owner, base).await,
+        Route::Result { id } => result(app, &id).await,
+        Route::Status { id, stream: false } => status(app, &id, logs, urls(&id)).await,
+        Route::Status { id, stream: true } => self::stream(app, &id, logs, urls(&id)).await,
+        Route::Cancel { id } => cancel(app, &id).await,
+        Route::BadId(id) => bad_id(&id),
+        Route::NoRequestEndpoint | Route::Get { .. } => error(
             StatusCode::NOT_FOUND,
             &format!("no endpoint at {path}: use GET …/requests/{{id}}, GET …/requests/{{id}}/status[/stream] or PUT …/requests/{{id}}/cancel"),
             None,
         ),
-        [] if m != Method::GET => error(
+        Route::MethodNotAllowed => error(
             StatusCode::METHOD_NOT_ALLOWED,
             &format!("{m} {path}: submit a request with POST /{app_id}[/{{path}}]"),
             None,
         ),
-        _ => error(
+        Route::NotFound => error(
             StatusCode::NOT_FOUND,
             &format!("no endpoint at {m} {path}: submit with POST /{app_id}[/{{path}}], read with GET /{app_id}/requests/{{id}}[/status]"),
             None,
         ),
-    }
-}
-
-async fn with_id<'a, F, Fut>(id: &'a str, f: F) -> Response<Body>
-where
-    F: FnOnce(&'a str) -> Fut,
-    Fut: std::future::Future<Output = Response<Body>>,
-{
-    match valid_id(id) {
-        Ok(()) => f(id).await,
-        Err(r) => r,
     }
 }
 
@@ -359,30 +472,11 @@ async fn submit(
         }
     };
 
-    let Some(priority) = Priority::parse(header("x-fal-queue-priority").unwrap_or("")) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "X-Fal-Queue-Priority must be \"normal\" or \"low\"",
-            None,
-        );
+    let (priority, start_deadline_ms, no_retry) = match SubmitOptions::from_headers(&parts.headers)
+    {
+        Ok(o) => (o.priority, o.start_deadline_ms(now_ms()), o.no_retry),
+        Err(detail) => return error(StatusCode::BAD_REQUEST, &detail, None),
     };
-    let start_deadline_ms = match header("x-fal-request-timeout") {
-        None | Some("") => None,
-        Some(v) => match v.parse::<f64>() {
-            Ok(s) if s.is_finite() && s > 0.0 => Some(now_ms() + (s * 1000.0) as u64),
-            _ => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    &format!(
-                        "X-Fal-Request-Timeout must be a positive number of seconds, got {v:?}"
-                    ),
-                    None,
-                )
-            }
-        },
-    };
-    let no_retry = header("x-fal-no-retry")
-        .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
     let idempotency = match parts.headers.get("idempotency-key") {
         None => None,
         Some(v) => match idempotency_key(v.as_bytes()) {

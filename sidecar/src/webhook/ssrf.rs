@@ -25,15 +25,33 @@ pub fn blocked_reason(ip: IpAddr) -> Option<&'static str> {
                 Some("private (unique local, including cloud metadata fd00:ec2::254)")
             } else if s[0] & 0xffc0 == 0xfe80 {
                 Some("link-local")
+            } else if s[0] & 0xffc0 == 0xfec0 {
+                Some("site-local (deprecated private fec0::/10)")
             } else if s[0] & 0xff00 == 0xff00 {
                 Some("multicast")
-            } else if s[0] == 0x2001 && s[1] == 0x0db8 {
+            } else if (s[0] == 0x2001 && s[1] == 0x0db8) || (s[0] == 0x3fff && s[1] < 0x1000) {
                 Some("documentation")
+            } else if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
+                Some("local-use IPv4/IPv6 translation (64:ff9b:1::/48)")
+            } else if s[0] == 0x2001 && s[1] < 0x0200 && !ietf_global(v6) {
+                Some("IETF protocol assignments (2001::/23: Teredo, benchmarking, ORCHID)")
+            } else if s[0] & 0xe000 != 0x2000 {
+                Some("not global unicast (outside 2000::/3: reserved, discard-only 100::/64, SRv6 5f00::/16)")
             } else {
                 None
             }
         }
     }
+}
+
+/// The globally reachable exceptions inside 2001::/23 (IANA special-purpose registry).
+fn ietf_global(ip: Ipv6Addr) -> bool {
+    let s = ip.segments();
+    let anycast = s[1] == 1 && s[2..7] == [0, 0, 0, 0, 0] && (1..=3).contains(&s[7]); // PCP, TURN, DNS-SD SRP
+    anycast
+        || s[1] == 3 // AMT 2001:3::/32
+        || (s[1] == 4 && s[2] == 0x112) // AS112-v6 2001:4:112::/48
+        || (0x20..0x40).contains(&s[1]) // ORCHIDv2 2001:20::/28, drone remote ID 2001:30::/28
 }
 
 fn v4_reason(ip: Ipv4Addr) -> Option<&'static str> {
@@ -52,6 +70,8 @@ fn v4_reason(ip: Ipv4Addr) -> Option<&'static str> {
         Some("shared address space (100.64.0.0/10)")
     } else if o[0] == 192 && o[1] == 0 && o[2] == 0 {
         Some("IETF protocol assignments (192.0.0.0/24)")
+    } else if o[0] == 192 && o[1] == 88 && o[2] == 99 {
+        Some("deprecated 6to4 relay anycast (192.88.99.0/24)")
     } else if o[0] == 198 && (o[1] & 0xfe) == 18 {
         Some("benchmarking (198.18.0.0/15)")
     } else if ip.is_multicast() || ip.is_broadcast() || o[0] >= 240 {
@@ -63,7 +83,8 @@ fn v4_reason(ip: Ipv4Addr) -> Option<&'static str> {
     }
 }
 
-/// The IPv4 address inside IPv4-mapped, IPv4-compatible, NAT64 and 6to4 forms.
+/// The IPv4 address inside IPv4-mapped, IPv4-translated, IPv4-compatible, NAT64 and
+/// 6to4 forms.
 fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = ip.segments();
     let tail = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
@@ -71,8 +92,10 @@ fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
         Some(v4)
     } else if (s[..6] == [0, 0, 0, 0, 0, 0] && !ip.is_loopback() && !ip.is_unspecified())
         || (s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0])
+        || s[..6] == [0, 0, 0, 0, 0xffff, 0]
     {
-        Some(tail) // IPv4-compatible ::a.b.c.d, or NAT64 64:ff9b::/96
+        // IPv4-compatible ::a.b.c.d, NAT64 64:ff9b::/96, IPv4-translated ::ffff:0:a.b.c.d
+        Some(tail)
     } else if s[0] == 0x2002 {
         Some(Ipv4Addr::new(
             (s[1] >> 8) as u8,
@@ -144,8 +167,9 @@ impl Policy {
         }
     }
 
-    /// Checks a webhook URL at submit time: scheme, host, and every address it resolves to.
-    pub async fn check_url(&self, raw: &str) -> Result<reqwest::Url, String> {
+    /// What can be decided about a webhook URL without DNS: its scheme, credentials and
+    /// (for an IP literal, however it is spelled) its address.
+    pub fn precheck_url(&self, raw: &str) -> Result<Precheck, String> {
         let url = reqwest::Url::parse(raw)
             .map_err(|e| format!("fal_webhook is not a valid URL ({e})"))?;
         if url.scheme() != "http" && url.scheme() != "https" {
@@ -158,32 +182,57 @@ impl Policy {
             return Err("fal_webhook must not carry credentials in the URL".into());
         }
         let port = url.port_or_known_default().unwrap_or(80);
-        match url.host() {
-            None => Err("fal_webhook has no host".into()),
-            Some(url::Host::Ipv4(ip)) => self.check_ip(IpAddr::V4(ip)).map(|_| url.clone()),
-            Some(url::Host::Ipv6(ip)) => self.check_ip(IpAddr::V6(ip)).map(|_| url.clone()),
+        let ip = match url.host() {
+            None => return Err("fal_webhook has no host".into()),
+            Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip),
+            Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip),
             Some(url::Host::Domain(name)) => {
                 if self.host_allowed(name) {
-                    return Ok(url.clone());
+                    return Ok(Precheck::Accepted(url));
                 }
-                let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name, port))
-                    .await
-                    .map_err(|e| format!("fal_webhook host {name} does not resolve ({e})"))?
-                    .collect();
-                let refused: Vec<String> = addrs
-                    .iter()
-                    .filter_map(|a| self.check_ip(a.ip()).err())
-                    .collect();
-                if addrs.is_empty() || refused.len() == addrs.len() {
-                    return Err(format!(
-                        "fal_webhook host {name} resolves only to refused addresses: {}",
-                        refused.join("; ")
-                    ));
-                }
-                Ok(url.clone())
+                let host = name.to_string();
+                return Ok(Precheck::Resolve { url, host, port });
             }
-        }
+        };
+        self.check_ip(ip)?;
+        Ok(Precheck::Accepted(url))
     }
+
+    /// Checks a webhook URL at submit time: scheme, host, and every address it resolves to.
+    pub async fn check_url(&self, raw: &str) -> Result<reqwest::Url, String> {
+        let (url, name, port) = match self.precheck_url(raw)? {
+            Precheck::Accepted(url) => return Ok(url),
+            Precheck::Resolve { url, host, port } => (url, host, port),
+        };
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), port))
+            .await
+            .map_err(|e| format!("fal_webhook host {name} does not resolve ({e})"))?
+            .collect();
+        let refused: Vec<String> = addrs
+            .iter()
+            .filter_map(|a| self.check_ip(a.ip()).err())
+            .collect();
+        if addrs.is_empty() || refused.len() == addrs.len() {
+            return Err(format!(
+                "fal_webhook host {name} resolves only to refused addresses: {}",
+                refused.join("; ")
+            ));
+        }
+        Ok(url)
+    }
+}
+
+/// The outcome of [`Policy::precheck_url`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Precheck {
+    /// An allowed IP literal or allow-listed host name.
+    Accepted(reqwest::Url),
+    /// A host name: its addresses decide (at submit, and again at every delivery).
+    Resolve {
+        url: reqwest::Url,
+        host: String,
+        port: u16,
+    },
 }
 
 /// DNS resolver for the webhook client that drops refused addresses, so the address
@@ -247,10 +296,30 @@ mod tests {
             "64:ff9b::a00:1",
             "2002:a00:1::",
             "::10.0.0.1",
+            // Regression: IPv4-translated (::ffff:0:0/96), local-use NAT64, site-local,
+            // Teredo, discard-only, SRv6, new documentation prefix, 6to4 relay anycast
+            // passed as public.
+            "::ffff:0:7f00:1",
+            "::ffff:0:a9fe:a9fe",
+            "64:ff9b:1::a00:1",
+            "fec0::1",
+            "2001::1",
+            "2001:2::1",
+            "100::1",
+            "5f00::1",
+            "3fff::1",
+            "192.88.99.1",
         ] {
             assert!(refused(&p, ip), "{ip} must be refused");
         }
-        for ip in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
+        for ip in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+            "2001:4:112::1",
+            "2001:1::1",
+        ] {
             assert!(!refused(&p, ip), "{ip} is public");
         }
     }
