@@ -525,8 +525,16 @@ impl Gateway {
         function_from_host(domain, headers.get("host")?.to_str().ok()?)
     }
 
+    /// The function's entry, or a 404 that closes the connection: the request body is
+    /// left unread, and a client that reuses the connection must not race hyper closing
+    /// it.
     #[allow(clippy::result_large_err)] // the error is the response itself
     fn lookup(&self, ns: &str, name: &str) -> Result<Arc<Entry>, Response<Body>> {
+        self.find(ns, name).map_err(fal_sidecar::api::closing)
+    }
+
+    #[allow(clippy::result_large_err)] // the error is the response itself
+    fn find(&self, ns: &str, name: &str) -> Result<Arc<Entry>, Response<Body>> {
         if !is_dns_label(ns) || !is_dns_label(name) {
             return Err(error(
                 StatusCode::NOT_FOUND,
