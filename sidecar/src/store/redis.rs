@@ -16,7 +16,7 @@
 //! | `P outbox`               | zset   | pending webhooks, score = next attempt ms               |
 //! | `P outbox_attempts`      | hash   | id → webhook attempts made                              |
 //! | `P activity`             | string | last submit/claim/completion (ms)                       |
-//! | `P idem:<key>`           | hash   | Idempotency-Key (hashed) → `fp`, `id`, `pos`; written by the submit script with the job, deleted with it |
+//! | `P idem:<key>`           | string | Idempotency-Key (hashed) → `fingerprint id position`; written by the submit script with the job, deleted with it |
 //! | channel `P events`       | pubsub | "something changed": wakes workers and status streams   |
 //! | channel `P cancel`       | pubsub | ids of running jobs whose cancel was requested          |
 //!
@@ -102,10 +102,14 @@ local jk = jkey(id)
 local ik = ''
 if ARGV[12] and ARGV[12] ~= '' then
   ik = P .. 'idem:' .. ARGV[12]
-  local v = redis.call('HMGET', ik, 'fp', 'id', 'pos')
-  if v[2] and redis.call('EXISTS', jkey(v[2])) == 1 then
-    if v[1] == ARGV[13] then return {1, tonumber(v[3]), v[2]} end
-    return {-3, 0, v[2]}
+  -- "fingerprint first-id position"; a key whose job is gone (purged) is free again.
+  local v = redis.call('GET', ik)
+  if v then
+    local fp, first, pos = string.match(v, '^(%x+) (%S+) (%d+)$')
+    if first and redis.call('EXISTS', jkey(first)) == 1 then
+      if fp == ARGV[13] then return {1, tonumber(pos), first} end
+      return {-3, 0, first}
+    end
   end
 end
 if redis.call('EXISTS', jk) == 1 then
@@ -119,18 +123,22 @@ end
 local n = redis.call('ZCARD', P .. 'queue')
 if n >= tonumber(ARGV[7]) then return {-1, n} end
 local seq = redis.call('INCR', P .. 'seq')
-redis.call('HSET', jk, 'spec', ARGV[3], 'body', ARGV[4], 'seq', seq, 'prio', ARGV[5],
+local fields = {'spec', ARGV[3], 'body', ARGV[4], 'seq', seq, 'prio', ARGV[5],
   'phase', 'q', 'attempts', 0, 'token', 0, 'lease', 0, 'started', 0, 'cancel', 0,
-  'submitted', ARGV[8], 'deadline', ARGV[6], 'owner', ARGV[10])
-if ARGV[9] ~= '' then redis.call('HSET', jk, 'webhook', ARGV[9]) end
+  'submitted', ARGV[8], 'deadline', ARGV[6], 'owner', ARGV[10]}
+if ARGV[9] ~= '' then
+  table.insert(fields, 'webhook')
+  table.insert(fields, ARGV[9])
+end
+if ik ~= '' then
+  table.insert(fields, 'idem')
+  table.insert(fields, ARGV[12])
+end
+redis.call('HSET', jk, unpack(fields))
 enqueue(id, jk)
 local pos = redis.call('ZRANK', P .. 'queue', id)
-if ik ~= '' then
-  -- Stored with the job, and deleted with it when retention purges it.
-  redis.call('DEL', ik)
-  redis.call('HSET', ik, 'fp', ARGV[13], 'id', id, 'pos', pos)
-  redis.call('HSET', jk, 'idem', ARGV[12])
-end
+-- Stored with the job, and deleted with it when retention purges it.
+if ik ~= '' then redis.call('SET', ik, ARGV[13] .. ' ' .. id .. ' ' .. pos) end
 redis.call('SET', P .. 'activity', ARGV[11])
 redis.call('PUBLISH', P .. 'events', 'submit')
 return {0, pos}
@@ -291,8 +299,9 @@ while scanned < batch * 4 do
       skipped = skipped + 1
     else
       local h = redis.call('HGET', jkey(id), 'idem')
-      if h and redis.call('HGET', P .. 'idem:' .. h, 'id') == id then
-        redis.call('DEL', P .. 'idem:' .. h)
+      if h then
+        local v = redis.call('GET', P .. 'idem:' .. h)
+        if v and string.match(v, '^%x+ (%S+) ') == id then redis.call('DEL', P .. 'idem:' .. h) end
       end
       redis.call('DEL', jkey(id), P .. 'logs:' .. id)
       redis.call('ZREM', P .. 'completed', id)
@@ -1125,7 +1134,14 @@ async fn subscribe_loop(target: Target, subscribe: Subscribe, hub: std::sync::We
 
 #[async_trait]
 impl Store for RedisStore {
-    async fn submit(&self, spec: JobSpec, body: Bytes, max_queue: usize) -> StoreResult<Submitted> {
+    async fn submit(
+        &self,
+        mut spec: JobSpec,
+        body: Bytes,
+        max_queue: usize,
+    ) -> StoreResult<Submitted> {
+        // The key lives in the job's `idem` field and its own key, not in the spec.
+        let idempotency = spec.idempotency.take();
         let spec_json = serde_json::to_vec(&spec).expect("serialize job spec");
         let prio = spec.priority.index().to_string();
         let deadline = spec
@@ -1136,12 +1152,10 @@ impl Store for RedisStore {
         let submitted = spec.submitted_at_ms.to_string();
         let webhook = spec.webhook_url.clone().unwrap_or_default();
         let at = now_ms().to_string();
-        let (idem_key, fingerprint) = spec
-            .idempotency
+        let (idem_key, fingerprint) = idempotency
             .as_ref()
             .map_or(("", ""), |i| (i.key.as_str(), i.fingerprint.as_str()));
-        let idem_keys: Vec<String> = spec
-            .idempotency
+        let idem_keys: Vec<String> = idempotency
             .iter()
             .map(|i| format!("{}idem:{}", self.prefix, i.key))
             .collect();
