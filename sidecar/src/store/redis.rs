@@ -51,6 +51,8 @@ const MAX_LOG_LINES: usize = 2000;
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Items one claim or sweep script handles at most (keeps scripts short).
 const SCRIPT_BATCH: u32 = 500;
+/// Connections for writes that WAIT for replicas (`--store-replicas`).
+const WAIT_CONNECTIONS: usize = 8;
 /// Stand-in for the attempt count in the prebuilt "lost" result; the claim script
 /// substitutes the real count.
 const ATTEMPTS_PLACEHOLDER: u32 = u32::MAX;
@@ -549,6 +551,11 @@ pub struct Activity {
 /// two connections, not two thousand.
 pub struct RedisHub {
     conn: Conn,
+    /// With `--store-replicas`: connections for the writes that WAIT. A WAIT holds its
+    /// connection until the replicas answer, so every other command sent on it queues
+    /// behind; several connections keep one WAIT from stalling every write.
+    wait_pool: Vec<Conn>,
+    next_wait: std::sync::atomic::AtomicUsize,
     /// The server, for error messages (no credentials).
     server: String,
     durability: Durability,
@@ -614,14 +621,26 @@ impl RedisHub {
         let target = Target::parse(url)
             .map_err(|e| StoreError::Unavailable(format!("invalid redis URL: {e}")))?;
         let server = target.describe();
-        let conn = target
-            .connect()
-            .map_err(|e| StoreError::Unavailable(format!("redis at {server}: {e}")))?;
+        let connect = || {
+            target
+                .connect()
+                .map_err(|e| StoreError::Unavailable(format!("redis at {server}: {e}")))
+        };
+        let conn = connect()?;
+        let wait_pool = if durability.replicas > 0 {
+            (0..WAIT_CONNECTIONS)
+                .map(|_| connect())
+                .collect::<StoreResult<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
         let (activity, _) = broadcast::channel(4096);
         let follows_all = subscribe == Subscribe::All;
         let hub = Arc::new(RedisHub {
             follows_all,
             conn,
+            wait_pool,
+            next_wait: Default::default(),
             server,
             durability,
             scripts: Scripts::new(),
@@ -706,14 +725,36 @@ impl RedisHub {
     /// Runs one request with a time bound. A refused connection means the request was
     /// never sent (and the manager reconnects when it sees one), so that case is tried
     /// once more: the first call after Redis comes back does not fail for nothing.
-    async fn guard<T, F, Fut>(&self, mut op: F) -> StoreResult<T>
+    async fn guard<T, F, Fut>(&self, op: F) -> StoreResult<T>
+    where
+        F: FnMut(Conn) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        self.guard_on(&self.conn, op).await
+    }
+
+    /// The next connection for a write that WAITs (round robin).
+    fn wait_conn(&self) -> &Conn {
+        match self.wait_pool.len() {
+            0 => &self.conn,
+            n => {
+                let i = self
+                    .next_wait
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                &self.wait_pool[i % n]
+            }
+        }
+    }
+
+    /// [`RedisHub::guard`] on a given connection.
+    async fn guard_on<T, F, Fut>(&self, conn: &Conn, mut op: F) -> StoreResult<T>
     where
         F: FnMut(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let attempt = async {
-            match op(self.conn.clone()).await {
-                Err(e) if e.is_connection_refusal() => op(self.conn.clone()).await,
+            match op(conn.clone()).await {
+                Err(e) if e.is_connection_refusal() => op(conn.clone()).await,
                 other => other,
             }
         };
@@ -917,15 +958,22 @@ impl RedisStore {
         let hash = s.script.get_hash().to_string();
         let by_hash = pipe("EVALSHA", hash.as_bytes());
         let by_hash = &by_hash;
+        let conn = self.hub.wait_conn();
         let reply = self
-            .guard(|mut c| async move { by_hash.query_async::<(Value, i64)>(&mut c).await })
+            .hub
+            .guard_on(conn, |mut c| async move {
+                by_hash.query_async::<(Value, i64)>(&mut c).await
+            })
             .await;
         let (value, confirmed) = match reply {
             Err(StoreError::Unavailable(why)) if why.to_ascii_uppercase().contains("NOSCRIPT") => {
                 // Not cached on this node yet (a new or restarted primary): send it whole.
                 let whole = pipe("EVAL", s.script_source.as_bytes());
                 let whole = &whole;
-                self.guard(|mut c| async move { whole.query_async::<(Value, i64)>(&mut c).await })
+                self.hub
+                    .guard_on(conn, |mut c| async move {
+                        whole.query_async::<(Value, i64)>(&mut c).await
+                    })
                     .await?
             }
             other => other?,
@@ -1528,14 +1576,22 @@ mod tests {
     /// A `redis-server` on a free port, in a temp dir, with `extra` arguments; it dies
     /// with the test process (PR_SET_PDEATHSIG from a thread that never exits).
     fn spawn_server(extra: &'static [&'static str]) -> u16 {
+        spawn_server_with(extra.iter().map(|s| s.to_string()).collect())
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn spawn_server_with(extra: Vec<String>) -> u16 {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             use std::os::unix::process::CommandExt;
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let port = free_port();
             let dir = std::env::temp_dir().join(format!("fal-redis-test-{}", uuid::Uuid::new_v4()));
             std::fs::create_dir_all(&dir).unwrap();
             let mut cmd = std::process::Command::new(
@@ -1543,7 +1599,7 @@ mod tests {
             );
             cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no"])
-                .args(extra)
+                .args(&extra)
                 .arg("--dir")
                 .arg(&dir)
                 .stdout(std::process::Stdio::null())
@@ -1598,7 +1654,16 @@ mod tests {
         URL.get_or_init(|| {
             let ports: Vec<u16> = (0..3)
                 .map(|_| {
-                    spawn_server(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                    // The bus port is explicit: the default (port + 10000) is past 65535
+                    // for high ports.
+                    let bus = free_port().to_string();
+                    spawn_server_with(
+                        ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
+                            .into_iter()
+                            .chain(["--cluster-port", bus.as_str()])
+                            .map(String::from)
+                            .collect(),
+                    )
                 })
                 .collect();
             let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
