@@ -83,11 +83,17 @@ pub struct LocalConfig {
     pub workdir: PathBuf,
 }
 
+/// How often a ready replica's `/readyz` is looked at (its app may be restarting).
+const READY_CHECK: Duration = Duration::from_millis(500);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 enum Phase {
     Starting,
     Ready,
+    /// Its app is restarting (the sidecar's `/readyz` says `app_restarting`): out of
+    /// sync-call routing until it is back; its sidecar still serves and runs the queue.
+    Restarting,
     Draining,
 }
 
@@ -282,9 +288,13 @@ impl LocalScaler {
             self.set_phase(&key, &id, Phase::Ready);
             tracing::info!(function = %key, replica = %id, "replica ready");
             self.publish(&key);
-            tokio::select! {
-                _ = child.wait() => {}
-                _ = fal_sidecar::server::wait_true(&mut stop) => {}
+            let mut check = tokio::time::interval(READY_CHECK);
+            loop {
+                tokio::select! {
+                    _ = child.wait() => break,
+                    _ = fal_sidecar::server::wait_true(&mut stop) => break,
+                    _ = check.tick() => self.recheck(&key, &id, &admin).await,
+                }
             }
         }
         if child.try_wait().ok().flatten().is_none() {
@@ -307,6 +317,34 @@ impl LocalScaler {
         let _ = std::fs::remove_dir_all(self.cfg.state_dir.join("replicas").join(&id));
     }
 
+    /// A ready replica whose app is restarting leaves sync-call routing, and comes back
+    /// once its `/readyz` passes again. Other readiness failures (the store away) leave
+    /// routing alone: sync calls do not need the store.
+    async fn recheck(&self, key: &str, id: &str, admin: &str) {
+        let Some((code, body)) = get(admin, "/readyz", Duration::from_secs(2)).await else {
+            return;
+        };
+        let restarting = code == 503
+            && serde_json::from_slice::<serde_json::Value>(&body)
+                .is_ok_and(|v| v["error_type"] == "app_restarting");
+        let now = self.phase_of(key, id);
+        let next = match (now, code, restarting) {
+            (Some(Phase::Ready), _, true) => Phase::Restarting,
+            (Some(Phase::Restarting), 200, _) => Phase::Ready,
+            _ => return,
+        };
+        tracing::info!(function = %key, replica = %id, phase = ?next, "replica routing changed");
+        self.set_phase(key, id, next);
+        self.publish(key);
+    }
+
+    fn phase_of(&self, key: &str, id: &str) -> Option<Phase> {
+        self.map()
+            .get(key)
+            .and_then(|v| v.iter().find(|r| r.id == id))
+            .map(|r| r.phase)
+    }
+
     fn set_phase(&self, key: &str, id: &str, phase: Phase) {
         if let Some(r) = self
             .map()
@@ -317,7 +355,7 @@ impl LocalScaler {
         }
     }
 
-    /// Picks `n` replicas to remove: starting ones first, then the idlest ready ones
+    /// Picks `n` replicas to remove: starting or restarting ones first, then the idlest ready ones
     /// (requests running in the replica, plus sync calls the gateway has on it).
     async fn pick_victims(&self, key: &str, n: usize) -> Vec<String> {
         let candidates: Vec<(String, Phase, String)> = self
@@ -342,7 +380,7 @@ impl LocalScaler {
             .unwrap_or_default();
         let mut scored = Vec::new();
         for (id, phase, admin) in candidates {
-            let busy = if phase == Phase::Starting {
+            let busy = if matches!(phase, Phase::Starting | Phase::Restarting) {
                 0
             } else {
                 replica_running(&admin).await.unwrap_or(u64::MAX / 2)

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -347,3 +348,31 @@ def test_idempotency_key_through_the_gateway_at_zero(make_local, fal):
     calls = httpx.get(f"{loc.run_url}/{key}/calls", params={"key": counter}, timeout=30)
     assert calls.status_code == 200, calls.text
     assert calls.json()["calls"] == 1
+
+
+def test_a_replica_whose_app_restarts_leaves_routing_until_it_is_back(make_local, tmp_path):
+    """The replica's sidecar supervises its app: while the app restarts, the gateway
+    routes no sync call to it (held instead of answered 503), and sends the held call
+    once the app is back."""
+    state = tmp_path / "crash-app"
+    state.mkdir()
+    cmd = [sys.executable, "-u", "tests/e2e/crash_app.py"]
+    loc = make_local([function("crashy", command=cmd, minReplicas=1, keepAlive=30,
+                               env=[{"name": "CRASH_APP_DIR", "value": str(state)}])])
+    key = "default/crashy"
+    loc.wait_ready(key, 1)
+    (state / "hold").touch()  # the restart waits before listening until the test says
+    with httpx.Client(timeout=60) as c:
+        c.post(f"{loc.run_url}/{key}/crash", json={})  # the app dies (the answer is an error)
+    wait_until(lambda: [p["phase"] for p in loc.processes(key)] == ["restarting"], timeout=30,
+               what="the replica to leave routing while its app restarts")
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(
+        httpx.post(f"{loc.run_url}/{key}/ok", json={}, timeout=60)))
+    t.start()
+    stays(lambda: not out, 1.5)  # held, not answered 503
+    (state / "hold").unlink()
+    t.join(60)
+    assert out and out[0].status_code == 200, out and out[0].text
+    assert out[0].json()["starts"] == 2
+    assert [p["phase"] for p in loc.processes(key)] == ["ready"]
