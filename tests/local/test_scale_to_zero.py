@@ -376,3 +376,29 @@ def test_a_replica_whose_app_restarts_leaves_routing_until_it_is_back(make_local
     assert out and out[0].status_code == 200, out and out[0].text
     assert out[0].json()["starts"] == 2
     assert [p["phase"] for p in loc.processes(key)] == ["ready"]
+
+
+def test_scale_to_zero_on_a_redis_cluster(tmp_path):
+    """The gateway, the autoscaler and the replicas on a 3-master Redis Cluster: a
+    submit at zero wakes the function (pub/sub across nodes), it completes, a sync call
+    is served, and keepAlive takes the function back to zero."""
+    from conftest import Local
+    from redis_ha_fixture import RedisCluster
+
+    cluster = RedisCluster(tmp_path / "cluster", masters=3).start()
+    loc = Local(tmp_path / "local", cluster, [function("sharded", keepAlive=2)])
+    try:
+        loc.start()
+        key = "default/sharded"
+        assert loc.processes(key) == []
+        rid = loc.submit_ok(key, "test", {"prompt": "on a cluster"})
+        st = loc.wait_completed(key, rid)
+        assert "error" not in st, st
+        assert loc.result(key, rid).json()["input"] == {"prompt": "on a cluster"}
+        r = loc.http.post(f"{loc.run_url}/{key}/test", json={"sync": True})
+        assert r.status_code == 200 and r.json()["input"] == {"sync": True}, r.text
+        loc.wait_processes(key, 0, timeout=30)
+        assert loc.status(key, rid).json()["status"] == "COMPLETED"
+    finally:
+        loc.close()
+        cluster.close()
