@@ -17,10 +17,9 @@ import os
 import statistics
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-from bench_redis import cli, free_port, wait_http, wrk
+from bench_redis import free_port, start_redis, stop_all, wait_http, wrk
 
 BASE = '''wrk.method = "POST"
 wrk.body = '{"prompt": "a cat"}'
@@ -49,17 +48,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fal-bench-idem."))
     procs: list[subprocess.Popen] = []
     try:
-        rport = free_port()
-        procs.append(subprocess.Popen(
-            ["redis-server", "--port", str(rport), "--dir", str(work), "--save", "", "--appendonly", "yes",
-             "--appendfsync", "everysec"], stdout=subprocess.DEVNULL))
-        for _ in range(100):
-            try:
-                if cli(rport, "PING") == "PONG":
-                    break
-            except subprocess.CalledProcessError:
-                pass
-            time.sleep(0.05)
+        rport, p = start_redis(work, "redis")
+        procs.append(p)
         scripts = {}
         for name, body in (("plain", PLAIN), ("keyed", KEYED)):
             scripts[name] = work / f"{name}.lua"
@@ -101,14 +91,7 @@ def main() -> None:
             print(f"| {store} | {prps:,.0f} /s (p50 {pp50:.2f} ms) | {krps:,.0f} /s (p50 {kp50:.2f} ms) | "
                   f"**{krps / prps:.2f}** |")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
+        stop_all(procs)
 
 if __name__ == "__main__":
     main()

@@ -51,6 +51,34 @@ def cli(port: int, *args: str) -> str:
     return subprocess.run(["redis-cli", "-p", str(port), *args], check=True, capture_output=True, text=True).stdout.strip()
 
 
+def start_redis(work: Path, name: str, *extra: str) -> tuple[int, subprocess.Popen]:
+    """A redis-server (AOF everysec) on a free port with its own dir under `work`."""
+    port = free_port()
+    d = work / name
+    d.mkdir(parents=True, exist_ok=True)
+    p = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d),
+                          "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", *extra],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            if cli(port, "PING") == "PONG":
+                return port, p
+        except subprocess.CalledProcessError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"redis-server {name} did not start")
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def wait_http(url: str, timeout: float = 20) -> None:
     end = time.time() + timeout
     while time.time() < end:

@@ -26,24 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from bench_redis import cli, free_port  # noqa: E402
-
-
-def server(work: Path, name: str, *extra: str) -> tuple[int, subprocess.Popen]:
-    port = free_port()
-    d = work / name
-    d.mkdir()
-    p = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d),
-                          "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", *extra],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        try:
-            if cli(port, "PING") == "PONG":
-                return port, p
-        except subprocess.CalledProcessError:
-            pass
-        time.sleep(0.05)
-    raise SystemExit(f"redis-server {name} did not start")
+from bench_redis import cli, free_port, start_redis as server, stop_all  # noqa: E402
 
 
 def cpu_seconds(port: int) -> float:
@@ -143,13 +126,7 @@ def main() -> None:
         r0, r1 = med["primary+replica, --store-replicas 0"], med["primary+replica, --store-replicas 1"]
         print(f"--store-replicas 1 / 0 throughput: **{r1[0] / r0[0]:.2f}x**, p50 {r0[1]:.2f} -> {r1[1]:.2f} ms")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
         shutil.rmtree(work, ignore_errors=True)
 
 
