@@ -310,6 +310,14 @@ def test_cluster_functions_spread_over_shards(cluster3, on_store):
 
 # -- 2. a master killed mid-load ----------------------------------------------------------
 
+def assert_every_ack_ran(sc, acked, missing) -> None:
+    """With --store-replicas: every acknowledged request completed and the app saw it."""
+    assert not missing, f"{len(missing)} acknowledged requests never completed: {list(missing.items())[:10]}"
+    seen = seen_counts(sc.seen_log)
+    unseen = [rid for rid in acked if not seen[rid]]
+    assert not unseen, f"the app never saw {len(unseen)} acknowledged requests: {unseen[:10]}"
+
+
 def _failover_run(sidecars, kill, wait_failover, *, store_replicas: int, label: str, slow: int = 2):
     """Submit in a loop, kill -9 the master (`kill()` returns it), wait for the failover
     (`wait_failover(old)` returns the new master), keep submitting until 20 submits sent
@@ -379,10 +387,7 @@ def test_cluster_master_kill9_failover(cluster3x2, on_store, store_replicas):
     measure(f"cluster: store-replicas={store_replicas}: {len(acked)} acknowledged, {len(done)} completed, "
             f"{len(missing)} lost: {list(missing.items())[:5]}")
     if store_replicas:
-        assert not missing, f"{len(missing)} acknowledged requests never completed: {list(missing.items())[:10]}"
-        seen = seen_counts(sc.seen_log)
-        unseen = [rid for rid in acked if not seen[rid]]
-        assert not unseen, f"the app never saw {len(unseen)} acknowledged requests: {unseen[:10]}"
+        assert_every_ack_ran(sc, acked, missing)
     # either way the service is back: a fresh request runs end to end
     rid = sc.submit_ok("test", {"after": True})["request_id"]
     assert sc.wait_result(rid, timeout=20).json()["input"] == {"after": True}
@@ -466,10 +471,7 @@ def test_sentinel_master_kill9_followed(sentinels, on_store, store_replicas):
     measure(f"sentinel: store-replicas={store_replicas}: {len(acked)} acknowledged, {len(done)} completed, "
             f"{len(missing)} lost: {list(missing.items())[:5]}")
     if store_replicas:
-        assert not missing, f"{len(missing)} acknowledged requests never completed: {list(missing.items())[:10]}"
-        seen = seen_counts(sc.seen_log)
-        unseen = [rid for rid in acked if not seen[rid]]
-        assert not unseen, f"the app never saw {len(unseen)} acknowledged requests: {unseen[:10]}"
+        assert_every_ack_ran(sc, acked, missing)
     # the sidecar writes to the new master now
     rid = sc.submit_ok("test", {"after": True})["request_id"]
     assert sc.wait_result(rid, timeout=20).json()["input"] == {"after": True}
