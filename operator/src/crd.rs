@@ -171,6 +171,38 @@ pub struct FalFunctionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 7200))]
     pub startup_timeout: Option<i32>,
+
+    /// Who may call the function through the gateway (fal's auth modes): `private` (the
+    /// default) admits API keys (FalKeys) of the function's namespace; `shared` admits
+    /// any valid key of any namespace; `public` needs no key at all. A FalKey's
+    /// `functions` list narrows what one key may call.
+    #[serde(default)]
+    pub auth: FunctionAuth,
+}
+
+/// `spec.auth` of a FalFunction.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum FunctionAuth {
+    /// Keys of the function's namespace only.
+    #[default]
+    Private,
+    /// Any valid key of any namespace.
+    Shared,
+    /// No key needed.
+    Public,
+}
+
+impl From<FunctionAuth> for fal_sidecar::auth::AuthMode {
+    fn from(a: FunctionAuth) -> Self {
+        match a {
+            FunctionAuth::Private => fal_sidecar::auth::AuthMode::Private,
+            FunctionAuth::Shared => fal_sidecar::auth::AuthMode::Shared,
+            FunctionAuth::Public => fal_sidecar::auth::AuthMode::Public,
+        }
+    }
 }
 
 fn default_exposed_port() -> i32 {
@@ -214,6 +246,7 @@ impl FalFunctionSpec {
             readiness_path: None,
             request_timeout: None,
             startup_timeout: None,
+            auth: FunctionAuth::Private,
         }
     }
 

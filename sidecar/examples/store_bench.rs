@@ -27,6 +27,7 @@ fn spec() -> JobSpec {
         no_retry: false,
         submitted_at_ms: now_ms(),
         idempotency: None,
+        tenant: None,
     }
 }
 

@@ -118,6 +118,15 @@ pub struct Common {
     /// The function this sidecar serves, NAMESPACE/NAME (names the queue in a shared store).
     #[arg(long, env = "FAL_SIDECAR_FUNCTION", default_value = "default/app")]
     pub function: String,
+    /// API keys: a YAML file of FalKey documents (as `fal-operator key create` prints
+    /// them). Given, every call needs one of these keys (or a token of `/tokens/`);
+    /// the file is read again when it changes. Without it the sidecar is open.
+    #[arg(long, env = "FAL_SIDECAR_KEYS")]
+    pub keys: Option<PathBuf>,
+    /// With --keys: who may call (private: keys of --function's namespace; shared: any
+    /// key in the file; public: no key needed).
+    #[arg(long, env = "FAL_SIDECAR_AUTH", default_value = "private")]
+    pub auth: crate::auth::AuthMode,
     /// Webhook user id for /fal/queue submits (the queue host uses the owner in the path).
     #[arg(long, env = "FAL_SIDECAR_OWNER", default_value = "local")]
     pub owner: String,

@@ -69,6 +69,18 @@ pub struct JobSpec {
     /// The client's `Idempotency-Key`, when it sent one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency: Option<Idempotency>,
+    /// The namespace of the API key that submitted the request: only keys of that
+    /// namespace see its status and result or cancel it. `None`: submitted without a
+    /// key (a public function, or auth off), readable by its id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+impl JobSpec {
+    /// Whether a caller of `tenant` (`None`: no key) may see this request.
+    pub fn visible_to(&self, tenant: Option<&str>) -> bool {
+        self.tenant.as_deref().is_none_or(|t| tenant == Some(t))
+    }
 }
 
 /// An `Idempotency-Key` as the store keeps it: one key per function and owner maps to

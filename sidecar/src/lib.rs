@@ -1,6 +1,7 @@
 //! fal-sidecar: the fal queue, webhooks and direct calls in front of any HTTP app.
 //!
 //! Where things are:
+//! - `auth` — who may call: API keys, auth modes, tenants, rate limits, tokens;
 //! - `job` — the job model and state machine (pure);
 //! - `store` — the `Store` trait, the embedded backend, the conformance suite;
 //! - `api` — HTTP handlers: `queue` (generations A, B, C), `proxy` (direct calls), admin;
@@ -11,6 +12,7 @@
 //! - `config`, `runtime` — flags/env and the wiring `main` calls.
 
 pub mod api;
+pub mod auth;
 pub mod child;
 pub mod config;
 pub mod job;

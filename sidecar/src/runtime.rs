@@ -10,6 +10,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::api::{self, ApiConfig, App};
+use crate::auth::keys::KeyRing;
+use crate::auth::ratelimit::MemoryLimiter;
+use crate::auth::Authorizer;
 use crate::child;
 use crate::config::Common;
 use crate::job::now_ms;
@@ -103,6 +106,69 @@ pub fn http_threads() -> usize {
         })
 }
 
+/// `--keys FILE`: the key check in front of the app (keys counted in memory: this
+/// process is the whole budget).
+fn key_gate(
+    path: &std::path::Path,
+    common: &Common,
+    signer: Arc<Signer>,
+    metrics: &Metrics,
+) -> anyhow::Result<api::Gate> {
+    let (namespace, name) = common.function.split_once('/').ok_or_else(|| {
+        anyhow::anyhow!(
+            "--function {:?} must be NAMESPACE/NAME (the keys' namespace decides who may call)",
+            common.function
+        )
+    })?;
+    let ring = Arc::new(KeyRing::new());
+    ring.replace_all(read_keys(path)?);
+    let authorizer = Arc::new(Authorizer::new(
+        ring,
+        signer,
+        Arc::new(MemoryLimiter::default()),
+        true,
+    ));
+    authorizer.register(&metrics.registry)?;
+    tracing::info!(keys = authorizer.ring().len(), file = %path.display(), auth = common.auth.as_str(), "API keys required");
+    Ok(api::Gate {
+        authorizer,
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        mode: common.auth,
+    })
+}
+
+fn read_keys(path: &std::path::Path) -> anyhow::Result<Vec<crate::auth::keys::KeyRecord>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the keys file {} (--keys)", path.display()))?;
+    crate::auth::keys::parse_key_file(&text, &path.display().to_string())
+        .map_err(anyhow::Error::msg)
+}
+
+/// Reads the keys file again when it changes (a revoked key stops working within a
+/// second). A file that does not parse keeps the keys already loaded.
+async fn reload_keys(path: PathBuf, auth: Arc<Authorizer>) {
+    let stamp = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen = stamp(&path);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = stamp(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match read_keys(&path) {
+            Ok(keys) => {
+                auth.ring().replace_all(keys);
+                tracing::info!(keys = auth.ring().len(), "keys file reloaded");
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "keys file not reloaded; the previous keys stay")
+            }
+        }
+    }
+}
+
 /// Runs until SIGTERM/SIGINT (or, in `run` mode, until the app cannot be restarted:
 /// then an error); returns the exit code.
 pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
@@ -191,6 +257,11 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
     ));
     if let Some(h) = &app_health {
         let _ = app.app_health.set(h.clone());
+    }
+    if let Some(path) = &common.keys {
+        let gate = key_gate(path, &common, signer.clone(), &metrics)?;
+        tokio::spawn(reload_keys(path.clone(), gate.authorizer.clone()));
+        let _ = app.gate.set(gate);
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -4,6 +4,7 @@
 pub mod options;
 pub mod proxy;
 pub mod queue;
+pub mod tokens;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use crate::auth::{AuthMode, Authorizer, Denial, Target};
 use crate::job::now_ms;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -47,7 +49,53 @@ pub struct App {
     /// Set in `run` mode: the state of the supervised app process (down while it
     /// restarts).
     pub app_health: std::sync::OnceLock<crate::supervisor::AppHealth>,
+    /// Set with `fal-sidecar run --keys`: the key check in front of this function.
+    pub gate: std::sync::OnceLock<Gate>,
     jwks: Bytes,
+}
+
+/// The key check of a sidecar that serves one function by itself (`run --keys`); a
+/// gateway checks keys before its handlers instead.
+pub struct Gate {
+    pub authorizer: Arc<Authorizer>,
+    pub namespace: String,
+    pub name: String,
+    pub mode: AuthMode,
+}
+
+impl Gate {
+    #[allow(clippy::result_large_err)] // the error is the response itself
+    pub async fn check<B>(&self, req: &mut Request<B>) -> Result<(), Response<Body>> {
+        let target = Target {
+            namespace: &self.namespace,
+            name: &self.name,
+            mode: self.mode,
+        };
+        self.authorizer
+            .check(target, req)
+            .await
+            .map_err(|d| refused(&d))
+    }
+}
+
+/// The answer to a refused credential: 401 with `WWW-Authenticate: Key`, 403, or 429
+/// with `Retry-After`; `{"detail": …}` says what is wrong. The connection closes: the
+/// request body was not read.
+pub fn refused(d: &Denial) -> Response<Body> {
+    let mut r = closing(error(d.status(), &d.detail(), None));
+    match d {
+        Denial::Unauthenticated(_) => {
+            r.headers_mut()
+                .insert("www-authenticate", HeaderValue::from_static("Key"));
+        }
+        Denial::RateLimited { retry_after, .. } => {
+            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            r.headers_mut()
+                .insert("retry-after", HeaderValue::from(secs));
+        }
+        Denial::Forbidden(_) => {}
+    }
+    r
 }
 
 /// Lets the admin `/drain` endpoint (a pod's preStop hook) stop this replica from
@@ -78,6 +126,7 @@ impl App {
             draining: AtomicBool::new(false),
             drain: std::sync::OnceLock::new(),
             app_health: std::sync::OnceLock::new(),
+            gate: std::sync::OnceLock::new(),
             jwks,
         }
     }
@@ -99,12 +148,21 @@ impl App {
 pub async fn handle_run(
     app: Arc<App>,
     conn: Arc<proxy::ConnState>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<Body> {
     let path = req.uri().path();
     if path == "/.well-known/jwks.json" {
         return app.jwks();
     }
+    if let Some(gate) = app.gate.get() {
+        if tokens::is_tokens_path(path) {
+            return tokens::handle(&gate.authorizer, req).await;
+        }
+        if let Err(r) = gate.check(&mut req).await {
+            return r;
+        }
+    }
+    let path = req.uri().path();
     if path == "/fal/queue" || path.starts_with("/fal/queue/") {
         return queue::handle_per_app(&app, req, "").await;
     }
@@ -158,10 +216,15 @@ pub fn strip_segments<B>(req: &mut Request<B>, segments: usize) -> Result<(), Re
 pub async fn handle_queue_host(
     app: Arc<App>,
     _conn: Arc<proxy::ConnState>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<Body> {
     if req.uri().path() == "/.well-known/jwks.json" {
         return app.jwks();
+    }
+    if let Some(gate) = app.gate.get() {
+        if let Err(r) = gate.check(&mut req).await {
+            return r;
+        }
     }
     queue::handle_queue_host(&app, req, queue::AppIdRule::Fal).await
 }
@@ -178,6 +241,15 @@ pub async fn handle_run_host(
     if path == "/.well-known/jwks.json" {
         return app.jwks();
     }
+    if let Some(gate) = app.gate.get() {
+        if tokens::is_tokens_path(path) {
+            return tokens::handle(&gate.authorizer, req).await;
+        }
+        if let Err(r) = gate.check(&mut req).await {
+            return r;
+        }
+    }
+    let path = req.uri().path();
     let Some(ns_len) = run_host_app_segments(path) else {
         let detail =
             format!("no endpoint at {path}; the run host serves /{{owner}}/{{alias}}[/{{path}}]");

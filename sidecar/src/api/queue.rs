@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 use super::options::SubmitOptions;
 use super::{error, json, App};
+use crate::auth::Principal;
 use crate::job::{id_timestamp_ms, new_id, now_ms, Idempotency, JobSpec, Phase, StoredResult};
 use crate::store::{CancelOutcome, JobStatus, StoreError, Submitted};
 use crate::upstream::{is_hop_by_hop, is_length_limit, Body, BoxError};
@@ -282,6 +283,19 @@ pub fn route_queue_host(m: &Method, path: &str, rule: AppIdRule) -> Option<HostR
     })
 }
 
+/// The tenant of the key that sent `req` (`None`: no key).
+fn caller<B>(req: &Request<B>) -> Option<String> {
+    req.extensions()
+        .get::<Principal>()
+        .map(|p| p.tenant().to_string())
+}
+
+/// 404 for a request another tenant submitted: the same answer as for an unknown id,
+/// so ids of other tenants cannot even be confirmed.
+fn hidden(app: &App, id: &str) -> Response<Body> {
+    json(StatusCode::NOT_FOUND, &not_found(app, id))
+}
+
 fn not_found(app: &App, id: &str) -> Value {
     let retention = app.cfg.retention.as_secs();
     let expired =
@@ -306,16 +320,18 @@ pub async fn handle_per_app(app: &App, req: Request<Incoming>, mount: &str) -> R
         response: format!("{base}/{id}"),
     };
     let logs = query_flag(req.uri().query(), "logs");
+    let who = caller(&req);
+    let who = who.as_deref();
     match route {
         Route::Submit { endpoint } => {
             let owner = app.cfg.owner.clone();
             submit(app, req, endpoint, owner, base).await
         }
-        Route::Get { id } => gen_a_get(app, &id).await,
-        Route::Cancel { id } => cancel(app, &id).await,
-        Route::Status { id, stream: false } => status(app, &id, logs, urls(&id)).await,
-        Route::Status { id, stream: true } => self::stream(app, &id, logs, urls(&id)).await,
-        Route::Result { id } => result(app, &id).await,
+        Route::Get { id } => gen_a_get(app, &id, who).await,
+        Route::Cancel { id } => cancel(app, &id, who).await,
+        Route::Status { id, stream: false } => status(app, &id, logs, urls(&id), who).await,
+        Route::Status { id, stream: true } => self::stream(app, &id, logs, urls(&id), who).await,
+        Route::Result { id } => result(app, &id, who).await,
         Route::BadId(id) => bad_id(&id),
         Route::MethodNotAllowed => error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -358,12 +374,14 @@ pub async fn handle_queue_host(
         response: format!("{base}/{id}"),
     };
     let logs = query_flag(req.uri().query(), "logs");
+    let who = caller(&req);
+    let who = who.as_deref();
     match route {
         Route::Submit { endpoint } => submit(app, req, endpoint, owner, base).await,
-        Route::Result { id } => result(app, &id).await,
-        Route::Status { id, stream: false } => status(app, &id, logs, urls(&id)).await,
-        Route::Status { id, stream: true } => self::stream(app, &id, logs, urls(&id)).await,
-        Route::Cancel { id } => cancel(app, &id).await,
+        Route::Result { id } => result(app, &id, who).await,
+        Route::Status { id, stream: false } => status(app, &id, logs, urls(&id), who).await,
+        Route::Status { id, stream: true } => self::stream(app, &id, logs, urls(&id), who).await,
+        Route::Cancel { id } => cancel(app, &id, who).await,
         Route::BadId(id) => bad_id(&id),
         Route::NoRequestEndpoint | Route::Get { .. } => error(
             StatusCode::NOT_FOUND,
@@ -435,6 +453,13 @@ async fn submit(
     base: String,
 ) -> Response<Body> {
     let (parts, body) = req.into_parts();
+    // A request sent with a key belongs to the key's namespace: its webhook names that
+    // tenant, its Idempotency-Keys are the tenant's own, and only the tenant reads it.
+    let tenant = parts
+        .extensions
+        .get::<Principal>()
+        .map(|p| p.tenant().to_string());
+    let owner = tenant.clone().unwrap_or(owner);
     let header = |name: &str| {
         parts
             .headers
@@ -544,6 +569,7 @@ async fn submit(
         no_retry,
         submitted_at_ms: now_ms(),
         idempotency,
+        tenant,
     };
     match app.store.submit(spec, body, app.cfg.max_queue).await {
         Ok(Submitted {
@@ -630,8 +656,9 @@ fn with_request_id(mut r: Response<Body>, id: &str) -> Response<Body> {
     r
 }
 
-async fn status(app: &App, id: &str, logs: bool, urls: Urls) -> Response<Body> {
+async fn status(app: &App, id: &str, logs: bool, urls: Urls, who: Option<&str>) -> Response<Body> {
     match app.store.status(id).await {
+        Ok(Some(st)) if !st.record.spec.visible_to(who) => hidden(app, id),
         Ok(Some(st)) => {
             let code = if st.record.phase == Phase::Completed {
                 StatusCode::OK
@@ -659,8 +686,9 @@ fn replay(id: &str, r: StoredResult) -> Response<Body> {
     with_request_id(resp, id)
 }
 
-async fn result(app: &App, id: &str) -> Response<Body> {
+async fn result(app: &App, id: &str, who: Option<&str>) -> Response<Body> {
     match app.store.status(id).await {
+        Ok(Some(st)) if !st.record.spec.visible_to(who) => hidden(app, id),
         Ok(Some(st)) if st.record.phase == Phase::Completed => match app.store.result(id).await {
             Ok(Some(r)) => replay(id, r),
             Ok(None) => json(StatusCode::NOT_FOUND, &not_found(app, id)),
@@ -685,8 +713,9 @@ async fn result(app: &App, id: &str) -> Response<Body> {
 }
 
 /// Generation A: 202 with the status while pending, the app's own response once done.
-async fn gen_a_get(app: &App, id: &str) -> Response<Body> {
+async fn gen_a_get(app: &App, id: &str, who: Option<&str>) -> Response<Body> {
     match app.store.status(id).await {
+        Ok(Some(st)) if !st.record.spec.visible_to(who) => hidden(app, id),
         Ok(Some(st)) => match st.record.phase {
             Phase::Queued => with_request_id(
                 json(
@@ -699,14 +728,20 @@ async fn gen_a_get(app: &App, id: &str) -> Response<Body> {
                 json(StatusCode::ACCEPTED, &json!({"status": "IN_PROGRESS"})),
                 id,
             ),
-            Phase::Completed => result(app, id).await,
+            Phase::Completed => result(app, id, who).await,
         },
         Ok(None) => json(StatusCode::NOT_FOUND, &not_found(app, id)),
         Err(e) => store_error(e),
     }
 }
 
-async fn cancel(app: &App, id: &str) -> Response<Body> {
+async fn cancel(app: &App, id: &str, who: Option<&str>) -> Response<Body> {
+    // Another tenant's request is not found, whatever its state.
+    match app.store.status(id).await {
+        Ok(Some(st)) if !st.record.spec.visible_to(who) => return hidden(app, id),
+        Err(e) => return store_error(e),
+        _ => {}
+    }
     let r = match app.store.cancel(id).await {
         Ok(CancelOutcome::Removed) | Ok(CancelOutcome::Running { .. }) => json(
             StatusCode::ACCEPTED,
@@ -724,8 +759,9 @@ async fn cancel(app: &App, id: &str) -> Response<Body> {
 
 /// Server-sent events: one `data:` per status change, keep-alive comments, closed only
 /// after COMPLETED was sent.
-async fn stream(app: &App, id: &str, logs: bool, urls: Urls) -> Response<Body> {
+async fn stream(app: &App, id: &str, logs: bool, urls: Urls, who: Option<&str>) -> Response<Body> {
     match app.store.status(id).await {
+        Ok(Some(st)) if !st.record.spec.visible_to(who) => return hidden(app, id),
         Ok(Some(_)) => {}
         Ok(None) => return json(StatusCode::NOT_FOUND, &not_found(app, id)),
         Err(e) => return store_error(e),

@@ -26,6 +26,7 @@ pub fn spec(priority: Priority) -> JobSpec {
         no_retry: false,
         submitted_at_ms: now_ms(),
         idempotency: None,
+        tenant: None,
     }
 }
 
@@ -570,6 +571,30 @@ pub async fn idempotency_concurrent(s: Arc<dyn Store>) {
     assert_eq!(s.load().await.unwrap().queued, 1);
 }
 
+/// The submitting tenant is kept with the request (status and claims read it back).
+pub async fn tenant_is_kept(s: Arc<dyn Store>) {
+    let mut j = spec(Priority::Normal);
+    j.tenant = Some("team-a".into());
+    let id = j.id.clone();
+    s.submit(j, Bytes::new(), 10).await.unwrap();
+    let anon = spec(Priority::Normal);
+    let anon_id = anon.id.clone();
+    s.submit(anon, Bytes::new(), 10).await.unwrap();
+    let st = s.status(&id).await.unwrap().unwrap();
+    assert_eq!(st.record.spec.tenant.as_deref(), Some("team-a"));
+    assert!(st.record.spec.visible_to(Some("team-a")));
+    assert!(!st.record.spec.visible_to(Some("team-b")));
+    assert!(!st.record.spec.visible_to(None));
+    let st = s.status(&anon_id).await.unwrap().unwrap();
+    assert!(st.record.spec.tenant.is_none() && st.record.spec.visible_to(None));
+    let c = s
+        .claim("w", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.record.spec.tenant.as_deref(), Some("team-a"));
+}
+
 /// Generates one `#[tokio::test]` per conformance case for a backend.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -578,7 +603,8 @@ macro_rules! conformance_tests {
             positions_and_priority, complete_once_and_result,
             stale_token_rejected_and_attempts_exhausted, cancel_everywhere, start_timeout,
             queue_bound, webhook_outbox, release_keeps_place, requeue_counts_the_attempt,
-            retention_purges, changes_wake_waiters, idempotency_keys, idempotency_concurrent);
+            retention_purges, changes_wake_waiters, idempotency_keys, idempotency_concurrent,
+            tenant_is_kept);
     };
     (@cases $factory:expr; $($case:ident),*) => {
         mod conformance {

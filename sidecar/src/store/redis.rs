@@ -29,6 +29,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod rate_limit;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;

@@ -82,6 +82,23 @@ impl Signer {
         serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "kid": self.kid, "alg": "EdDSA", "use": "sig"}]})
     }
 
+    /// An Ed25519 signature of `message` (the tokens of `/tokens/`).
+    pub fn sign_bytes(&self, message: &[u8]) -> [u8; 64] {
+        self.key.sign(message).to_bytes()
+    }
+
+    /// Whether `signature` is this key's over `message` (strict verification: no
+    /// malleable signatures).
+    pub fn verify_bytes(&self, message: &[u8], signature: &[u8]) -> bool {
+        let Ok(sig) = ed25519_dalek::Signature::from_slice(signature) else {
+            return false;
+        };
+        self.key
+            .verifying_key()
+            .verify_strict(message, &sig)
+            .is_ok()
+    }
+
     /// Lowercase hex of the signature over the fal webhook message.
     pub fn sign(&self, request_id: &str, user_id: &str, timestamp: u64, body: &[u8]) -> String {
         let message = format!(
