@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use fal_sidecar::auth::AuthMode;
+
 use crate::autoscale::decide::Bounds;
 use crate::crd::{FalFunction, FalFunctionSpec};
 use crate::{Error, Result};
@@ -15,6 +17,8 @@ pub struct FunctionInfo {
     pub bounds: Bounds,
     /// How long a new replica may take to become ready (`startupTimeout`).
     pub startup_timeout: Duration,
+    /// Who may call it (`spec.auth`).
+    pub auth: AuthMode,
 }
 
 impl FunctionInfo {
@@ -39,6 +43,7 @@ impl FunctionInfo {
                 keep_alive: Duration::from_secs(non_neg(spec.keep_alive).into()),
             },
             startup_timeout: Duration::from_secs(non_neg(spec.startup_timeout_seconds()).into()),
+            auth: spec.auth.into(),
         })
     }
 
@@ -59,6 +64,8 @@ impl FunctionInfo {
 pub trait FunctionSink: Send + Sync + 'static {
     fn upsert(&self, info: FunctionInfo);
     fn remove(&self, key: &str);
+    /// Every function that existed at (re)start has been seen.
+    fn synced(&self) {}
 }
 
 /// RFC 1123 label: what namespaces and FalFunction names are. Anything else in a

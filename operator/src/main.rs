@@ -138,9 +138,14 @@ struct GatewayArgs {
 
 #[derive(Args)]
 struct LocalArgs {
-    /// FalFunction manifests (multi-document YAML); each needs spec.command.
+    /// FalFunction manifests (multi-document YAML); each needs spec.command. FalKey
+    /// documents may sit beside them: then every call needs one of those keys.
     #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
     files: Vec<PathBuf>,
+    /// Refuse calls without a valid key even when no FalKey is declared (only public
+    /// functions answer then).
+    #[arg(long, env = "FAL_REQUIRE_AUTH")]
+    require_auth: bool,
     /// The shared Redis store (redis://…, redis+cluster://…, redis+sentinel://…).
     #[arg(long, env = config::ENV_STORE_URL, default_value = "redis://127.0.0.1:6379/0")]
     store: String,
@@ -284,17 +289,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Local(a) => {
             init_tracing();
             let mut functions = Vec::new();
+            let mut keys = Vec::new();
             for file in &a.files {
                 let (text, origin) = read_input(file)?;
-                for ff in render::parse_manifests(&text, &origin)? {
+                let (ffs, ks) = render::parse_functions_and_keys(&text, &origin)?;
+                for ff in ffs {
                     functions.push(LocalFunction::from_object(&ff)?);
                 }
+                keys.extend(ks);
             }
             if functions.is_empty() {
                 anyhow::bail!("no FalFunction in {:?}", a.files);
             }
             let opts = LocalOptions {
                 functions,
+                keys,
+                require_auth: a.require_auth,
                 store_url: a.store,
                 store_replicas: a.store_replicas,
                 listen: Listen {

@@ -10,6 +10,7 @@ use crate::config::OperatorConfig;
 use crate::crd::{FalFunction, GROUP, VERSION};
 use crate::validate::validate_spec;
 use crate::{Error, Result};
+use fal_sidecar::auth::keys::KeyRecord;
 
 /// Namespace given to manifests that name none (as `kubectl apply` would with the
 /// default context).
@@ -39,6 +40,34 @@ fn spec_fields() -> &'static [String] {
 /// apiserver would: kind, unknown spec fields, types, ranges. Errors name the document
 /// and the field.
 pub fn parse_manifests(text: &str, origin: &str) -> Result<Vec<FalFunction>> {
+    let out = parse_documents(text, origin, None)?;
+    if out.is_empty() {
+        return Err(Error::invalid(
+            origin.to_string(),
+            "no FalFunction in the manifest",
+        ));
+    }
+    Ok(out)
+}
+
+/// The FalFunctions and FalKeys of a manifest (`fal-operator local -f`: keys may sit
+/// beside the functions). Either list may be empty.
+pub fn parse_functions_and_keys(
+    text: &str,
+    origin: &str,
+) -> Result<(Vec<FalFunction>, Vec<KeyRecord>)> {
+    let mut keys = Vec::new();
+    let functions = parse_documents(text, origin, Some(&mut keys))?;
+    Ok((functions, keys))
+}
+
+/// Every FalFunction of `text`; FalKeys go to `keys` when it is given (else they are
+/// an error like any other kind).
+fn parse_documents(
+    text: &str,
+    origin: &str,
+    mut keys: Option<&mut Vec<KeyRecord>>,
+) -> Result<Vec<FalFunction>> {
     let known = spec_fields();
     let mut out = Vec::new();
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -50,6 +79,15 @@ pub fn parse_manifests(text: &str, origin: &str) -> Result<Vec<FalFunction>> {
         })?;
         if value.is_null() {
             continue; // an empty document, e.g. a trailing `---`
+        }
+        if let Some(keys) = keys
+            .as_mut()
+            .filter(|_| fal_sidecar::auth::keys::is_key_document(&value))
+        {
+            let rec = fal_sidecar::auth::keys::record_from_document(value, &context)
+                .map_err(|e| Error::invalid(context.clone(), e))?;
+            keys.push(rec);
+            continue;
         }
         let api_version = value.get("apiVersion").and_then(Value::as_str);
         let kind = value.get("kind").and_then(Value::as_str);
@@ -106,12 +144,6 @@ pub fn parse_manifests(text: &str, origin: &str) -> Result<Vec<FalFunction>> {
             other => other,
         })?;
         out.push(ff);
-    }
-    if out.is_empty() {
-        return Err(Error::invalid(
-            origin.to_string(),
-            "no FalFunction in the manifest",
-        ));
     }
     Ok(out)
 }

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fal_sidecar::auth::keys::{KeyRecord, KeyRing};
+use fal_sidecar::auth::Authorizer;
 use fal_sidecar::server::{self, ConnLimits};
 use fal_sidecar::store::redis::{RedisHub, Subscribe};
 use fal_sidecar::webhook::signing::Signer;
@@ -149,6 +151,10 @@ pub fn signer(key_file: Option<&std::path::Path>, dir: &std::path::Path) -> Resu
 /// Everything `local` needs.
 pub struct LocalOptions {
     pub functions: Vec<LocalFunction>,
+    /// FalKeys of the `-f` files: with any, every call needs one of them.
+    pub keys: Vec<KeyRecord>,
+    /// Keys required even with none declared.
+    pub require_auth: bool,
     pub store_url: String,
     pub store_replicas: u32,
     pub listen: Listen,
@@ -167,7 +173,24 @@ pub async fn run_local(opts: LocalOptions) -> Result<()> {
     // Loopback webhook targets are fine on one's own machine (as in `fal-sidecar run`).
     let policy = Arc::new(Policy::new(&opts.webhook_allow, true).map_err(Error::Scale)?);
     let registry = Registry::new();
-    let gw = Gateway::new(hub.clone(), opts.gateway.clone(), signer, policy, &registry)?;
+    let required = opts.require_auth || !opts.keys.is_empty();
+    if !required {
+        tracing::warn!(
+            listen = %opts.listen.run, queue_listen = %opts.listen.queue,
+            "no FalKey declared: every function is open to anyone who reaches these addresses (declare FalKeys in the -f files, or pass --require-auth)"
+        );
+    }
+    let ring = Arc::new(KeyRing::new());
+    ring.replace_all(opts.keys.clone());
+    let auth = Arc::new(Authorizer::new(ring, signer.clone(), hub.clone(), required));
+    let gw = Gateway::new(
+        hub.clone(),
+        opts.gateway.clone(),
+        signer,
+        policy,
+        auth,
+        &registry,
+    )?;
     for f in &opts.functions {
         gw.upsert_function(f.info.clone());
     }
@@ -246,7 +269,10 @@ pub async fn run_gateway(opts: GatewayOptions) -> Result<()> {
     let signer = signer(opts.signing_key.as_deref(), &opts.data_dir)?;
     let policy = Arc::new(Policy::new(&opts.webhook_allow, false).map_err(Error::Scale)?);
     let registry = Registry::new();
-    let gw = Gateway::new(hub, opts.gateway.clone(), signer, policy, &registry)?;
+    // A cluster gateway always checks keys: with no FalKey only public functions answer.
+    let ring = Arc::new(KeyRing::new());
+    let auth = Arc::new(Authorizer::new(ring, signer.clone(), hub.clone(), true));
+    let gw = Gateway::new(hub, opts.gateway.clone(), signer, policy, auth, &registry)?;
     let client = kube::Client::try_default().await.map_err(|e| {
         Error::Scale(format!(
             "connecting to the Kubernetes API (in-cluster or KUBECONFIG): {e}"
@@ -258,6 +284,9 @@ pub async fn run_gateway(opts: GatewayOptions) -> Result<()> {
         autoscaler: None,
         describe: None,
     });
+    // Ready only once the cluster's functions and keys are known.
+    gw.functions_synced
+        .store(false, std::sync::atomic::Ordering::Relaxed);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (quit_tx, quit_rx) = watch::channel(false);
     let served = serve_listeners(gw.clone(), admin, &opts.listen, stop_rx, quit_rx).await?;

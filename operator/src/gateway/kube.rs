@@ -50,6 +50,7 @@ pub async fn watch_functions(client: Client, gw: Arc<dyn FunctionSink>) {
                     gw.remove(&gone);
                 }
                 seen = init.clone();
+                gw.synced();
             }
             Err(e) => {
                 tracing::warn!(error = %e, "gateway: watching FalFunctions failed; retrying");

@@ -8,6 +8,10 @@
 //!   store's pub/sub at once.
 //! - The webhook outbox and the store's housekeeping keep running here, so retries and
 //!   start deadlines go on at zero replicas.
+//! - Every path that names a function is checked against the API keys first
+//!   ([`Authorizer`]: `Authorization: Key`, tokens of `/tokens/`, the function's auth
+//!   mode, the key's rate in the shared store); the queue API then keeps each request
+//!   to the tenant that submitted it.
 //!
 //! Where the functions and their replicas come from is not its business: the cluster
 //! (`kube.rs`: FalFunctions and EndpointSlices) or `fal-operator local` call
@@ -25,6 +29,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use fal_sidecar::api::proxy::{self, ConnState};
 use fal_sidecar::api::{self as api, error, json, ApiConfig, App};
+use fal_sidecar::auth::{Authorizer, Target};
 use fal_sidecar::job::now_ms;
 use fal_sidecar::metrics::Metrics as SidecarMetrics;
 use fal_sidecar::store::redis::{RedisHub, RedisStore};
@@ -272,12 +277,20 @@ pub struct Gateway {
     cfg: GatewayConfig,
     signer: Arc<Signer>,
     policy: Arc<Policy>,
+    /// Who may call (keys from the cluster's FalKeys or `local`'s files).
+    pub auth: Arc<Authorizer>,
     webhook_client: reqwest::Client,
     sidecar_metrics: Arc<SidecarMetrics>,
     pub metrics: GatewayMetrics,
     functions: RwLock<HashMap<String, Arc<Entry>>>,
     /// Moves when the set of functions changes.
     changed: watch::Sender<u64>,
+    /// Whether the first list of FalFunctions (in a cluster) has been read: until then
+    /// the gateway is not ready (it would answer 404 for functions that exist).
+    pub functions_synced: std::sync::atomic::AtomicBool,
+    /// Whether the first list of FalKeys has been read: until then it is not ready (it
+    /// would answer 401 for keys that exist).
+    pub keys_synced: std::sync::atomic::AtomicBool,
 }
 
 impl Gateway {
@@ -286,10 +299,13 @@ impl Gateway {
         cfg: GatewayConfig,
         signer: Arc<Signer>,
         policy: Arc<Policy>,
+        auth: Arc<Authorizer>,
         registry: &Registry,
     ) -> crate::Result<Arc<Gateway>> {
         let metrics =
             GatewayMetrics::new(registry).map_err(|e| crate::Error::Scale(e.to_string()))?;
+        auth.register(registry)
+            .map_err(|e| crate::Error::Scale(e.to_string()))?;
         let webhook_client = Deliverer::client(&policy, &cfg.delivery)
             .map_err(|e| crate::Error::Scale(format!("webhook client: {e}")))?;
         Ok(Arc::new(Gateway {
@@ -298,11 +314,14 @@ impl Gateway {
             cfg,
             signer,
             policy,
+            auth,
             webhook_client,
             sidecar_metrics: Arc::new(SidecarMetrics::new()),
             metrics,
             functions: RwLock::new(HashMap::new()),
             changed: watch::channel(0).0,
+            functions_synced: true.into(),
+            keys_synced: true.into(),
         }))
     }
 
@@ -558,6 +577,27 @@ impl Gateway {
     fn count(&self, entry: &Entry, kind: Kind) {
         entry.counters[kind as usize].inc();
     }
+
+    /// The key check of a request to `entry` (see [`Authorizer::check`]): refused with
+    /// 401/403/429, or admitted with its principal set and its credential removed.
+    #[allow(clippy::result_large_err)] // the error is the response itself
+    async fn admit(
+        &self,
+        entry: &Entry,
+        req: &mut Request<Incoming>,
+    ) -> Result<(), Response<Body>> {
+        let mode = entry.info.read().unwrap_or_else(|e| e.into_inner()).auth;
+        let (namespace, name) = entry.key.split_once('/').unwrap_or((&entry.key, ""));
+        let target = Target {
+            namespace,
+            name,
+            mode,
+        };
+        self.auth
+            .check(target, req)
+            .await
+            .map_err(|d| api::refused(&d))
+    }
 }
 
 impl crate::function::FunctionSink for Gateway {
@@ -566,6 +606,9 @@ impl crate::function::FunctionSink for Gateway {
     }
     fn remove(&self, key: &str) {
         self.remove_function(key)
+    }
+    fn synced(&self) {
+        self.functions_synced.store(true, Ordering::Relaxed);
     }
 }
 
@@ -621,11 +664,17 @@ pub async fn handle_run(
             Ok(e) => e,
             Err(r) => return r,
         };
+        if let Err(r) = gw.admit(&entry, &mut req).await {
+            return r;
+        }
         if is_queue_path(req.uri().path().trim_start_matches('/')) {
             gw.count(&entry, Kind::PerApp);
             return api::queue::handle_per_app(&entry.app, req, "").await;
         }
         return sync_call(&gw, entry, &conn, req).await;
+    }
+    if api::tokens::is_tokens_path(req.uri().path()) {
+        return api::tokens::handle(&gw.auth, req).await;
     }
     let path = req.uri().path().to_string();
     let Some((ns, name, rest)) = split_function(&path) else {
@@ -639,6 +688,9 @@ pub async fn handle_run(
         Ok(e) => e,
         Err(r) => return r,
     };
+    if let Err(r) = gw.admit(&entry, &mut req).await {
+        return r;
+    }
     if is_queue_path(rest) {
         gw.count(&entry, Kind::PerApp);
         let mount = format!("/{ns}/{name}");
@@ -655,7 +707,7 @@ pub async fn handle_run(
 pub async fn handle_queue(
     gw: Arc<Gateway>,
     _conn: Arc<ConnState>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<Body> {
     if req.uri().path() == "/.well-known/jwks.json" {
         return gw.jwks();
@@ -672,6 +724,9 @@ pub async fn handle_queue(
         Ok(e) => e,
         Err(r) => return r,
     };
+    if let Err(r) = gw.admit(&entry, &mut req).await {
+        return r;
+    }
     gw.count(&entry, Kind::Queue);
     if entry.replicas().is_empty() && req.method() == http::Method::POST {
         entry.mark_cold();
@@ -834,6 +889,7 @@ pub fn functions_json(admin: &Admin) -> serde_json::Value {
                 "minReplicas": info.bounds.min_replicas,
                 "maxReplicas": info.bounds.max_replicas,
                 "maxConcurrency": info.bounds.max_concurrency,
+                "auth": info.auth.as_str(),
                 "keepAlive": info.bounds.keep_alive.as_secs(),
                 "readyReplicas": e.replicas().len(),
                 "syncCalls": e.sync_calls(),
@@ -865,6 +921,16 @@ pub async fn handle_admin(
 ) -> Response<Body> {
     match req.uri().path() {
         "/healthz" => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        "/readyz" if !admin.gw.functions_synced.load(Ordering::Relaxed) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the first list of FalFunctions has not been read from the API server yet",
+            None,
+        ),
+        "/readyz" if !admin.gw.keys_synced.load(Ordering::Relaxed) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the first list of FalKeys has not been read from the API server yet",
+            None,
+        ),
         "/readyz" => match admin.gw.hub.ping().await {
             Ok(()) => json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
             Err(e) => error(

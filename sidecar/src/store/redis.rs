@@ -1644,7 +1644,7 @@ mod tests {
     }
 
     /// One standalone server per test process.
-    fn server_port() -> u16 {
+    pub(crate) fn server_port() -> u16 {
         static PORT: OnceLock<u16> = OnceLock::new();
         *PORT.get_or_init(|| spawn_server(&[]))
     }

@@ -63,3 +63,53 @@ impl RateLimiter for RedisHub {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{cluster_url, server_port};
+    use super::super::Subscribe;
+    use super::*;
+
+    async fn shared_budget(url: &str) {
+        // Two hubs: two gateway replicas on one store.
+        let a = RedisHub::connect(url, Subscribe::All).unwrap();
+        let b = RedisHub::connect(url, Subscribe::All).unwrap();
+        let rate = Rate::new(1.0, Some(3)).unwrap();
+        let key = format!("k-{}", uuid::Uuid::new_v4());
+        assert_eq!(a.rate_limit(&key, rate).await.unwrap(), None);
+        assert_eq!(b.rate_limit(&key, rate).await.unwrap(), None);
+        assert_eq!(a.rate_limit(&key, rate).await.unwrap(), None);
+        let wait = b
+            .rate_limit(&key, rate)
+            .await
+            .unwrap()
+            .expect("over the shared burst");
+        assert!(wait <= Duration::from_secs(1), "{wait:?}");
+        assert!(a.acquire(&key, rate).await.is_err(), "still over the rate");
+        // Another key has its own budget.
+        let other = format!("k-{}", uuid::Uuid::new_v4());
+        assert_eq!(a.rate_limit(&other, rate).await.unwrap(), None);
+        // After the wait one more passes.
+        tokio::time::sleep(wait + Duration::from_millis(20)).await;
+        assert_eq!(b.rate_limit(&key, rate).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn two_hubs_spend_one_budget() {
+        shared_budget(&format!("redis://127.0.0.1:{}/0", server_port())).await;
+    }
+
+    #[tokio::test]
+    async fn two_hubs_spend_one_budget_on_a_cluster() {
+        shared_budget(&cluster_url()).await;
+    }
+
+    #[tokio::test]
+    async fn a_dead_store_lets_calls_through() {
+        let hub = RedisHub::connect("redis://127.0.0.1:1/0", Subscribe::All).unwrap();
+        let rate = Rate::new(1.0, Some(1)).unwrap();
+        assert!(hub.rate_limit("k", rate).await.is_err());
+        assert!(hub.acquire("k", rate).await.is_ok());
+        assert!(hub.acquire("k", rate).await.is_ok());
+    }
+}
