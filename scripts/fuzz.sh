@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The long fuzzing campaign of the parsers (issue 10): request routing of the three
-# protocol generations and the gateway, the X-Fal-* submit options, the webhook URL
+# protocol generations and the gateway, the X-Fal-* submit options, credentials (Authorization, tokens), the webhook URL
 # guard. `cargo test` runs the same properties with 1024 cases each; this runs more.
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET]      (default 60; env FUZZ_SECONDS likewise)
@@ -8,7 +8,7 @@
 # 1. The proptest properties (sidecar/tests/fuzz_*.rs, operator/tests/fuzz_*.rs) with
 #    PROPTEST_CASES (default 200000; a few minutes in the test profile).
 # 2. With nightly and cargo-fuzz (`cargo install cargo-fuzz`), the libFuzzer targets of
-#    fuzz/ (routing, options, webhook_url), SECONDS_PER_TARGET each, corpus kept in
+#    fuzz/ (routing, options, webhook_url, authorization), SECONDS_PER_TARGET each, corpus kept in
 #    fuzz/corpus/. Without them this step is skipped with a notice.
 # A crash leaves its input in fuzz/artifacts/<target>/: reproduce it with
 # `cargo +nightly fuzz run <target> <file>`, then add it as a fixed-input test.
@@ -18,7 +18,7 @@ SECONDS_PER_TARGET=${1:-${FUZZ_SECONDS:-60}}
 export PROPTEST_CASES=${PROPTEST_CASES:-200000}
 
 echo "== proptest properties, $PROPTEST_CASES cases each"
-cargo test --locked -p fal-sidecar --test fuzz_routing --test fuzz_options --test fuzz_ssrf
+cargo test --locked -p fal-sidecar --test fuzz_routing --test fuzz_options --test fuzz_ssrf --test fuzz_auth
 cargo test --locked -p fal-operator --test fuzz_gateway_routing
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
