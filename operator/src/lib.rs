@@ -2,6 +2,7 @@
 //!
 //! Where things live:
 //! - [`crd`]: the `FalFunction` resource; [`catalog`]: machine types;
+//! - [`falkey`]: the `FalKey` resource (API keys); [`keycmd`]: `fal-operator key`;
 //! - [`deployment`], [`sidecar`], [`service`]: a FalFunction becomes objects (pure);
 //! - [`status`], [`conditions`]: what its status should say (pure);
 //! - [`render`]: the same objects from a manifest, without a cluster;
@@ -20,12 +21,16 @@ pub mod crd;
 pub mod deployment;
 pub mod diff;
 mod error;
+pub mod falkey;
 pub mod function;
 pub mod gateway;
+pub mod keycmd;
 pub mod labels;
 pub mod leader;
 pub mod local;
 pub mod metrics;
+#[cfg(test)]
+mod mock_api;
 pub mod render;
 pub mod serve;
 pub mod service;

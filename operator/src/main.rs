@@ -11,6 +11,7 @@ use fal_operator::catalog::MachineCatalog;
 use fal_operator::config::{self, OperatorConfig};
 use fal_operator::controller::{self, Context};
 use fal_operator::gateway::GatewayConfig;
+use fal_operator::keycmd;
 use fal_operator::local::LocalFunction;
 use fal_operator::metrics::{self, Metrics};
 use fal_operator::render;
@@ -29,8 +30,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print the FalFunction CRD as YAML (the content of crds/falfunctions.yaml).
-    Crd,
+    /// Print the CRDs (FalFunction, FalKey) as multi-document YAML: the files of crds/.
+    Crd {
+        /// Write crds/falfunctions.yaml and crds/falkeys.yaml into DIR instead.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Print the objects a FalFunction manifest becomes, without a cluster.
     Render {
         /// FalFunction manifest (multi-document YAML allowed); `-` reads stdin.
@@ -60,6 +65,59 @@ enum Command {
         /// Namespace of the Lease [default: POD_NAMESPACE].
         #[arg(long, env = "FAL_LEASE_NAMESPACE")]
         lease_namespace: Option<String>,
+    },
+    /// API keys (FalKey objects): create, list, revoke.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Make a key: the FalKey YAML on stdout (or created with --apply) and the one line
+    /// FAL_KEY=<keyId>:<secret> on stderr, the only place the secret ever appears.
+    Create {
+        /// Name of the FalKey.
+        name: String,
+        /// Namespace of the key: its requests belong to this tenant [default: the
+        /// kubeconfig context's namespace].
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Only this function, NAME (of the key's namespace) or NAMESPACE/NAME
+        /// (repeatable; default: every function the auth modes allow).
+        #[arg(long = "function", value_name = "FUNCTION")]
+        functions: Vec<String>,
+        /// Requests per second allowed with the key (default: unlimited).
+        #[arg(long)]
+        rps: Option<f64>,
+        /// Requests allowed at once above --rps [default: --rps rounded up].
+        #[arg(long, requires = "rps")]
+        burst: Option<i32>,
+        /// Expiry: a duration from now (30d, 12h) or an RFC 3339 time.
+        #[arg(long)]
+        expires: Option<String>,
+        /// Create the FalKey in the kubeconfig's cluster instead of printing it.
+        #[arg(long)]
+        apply: bool,
+    },
+    /// List keys: namespace, name, key id, functions, rate, expiry, disabled.
+    List {
+        /// Namespace [default: the kubeconfig context's namespace].
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Every namespace.
+        #[arg(short = 'A', long, conflicts_with = "namespace")]
+        all_namespaces: bool,
+    },
+    /// Delete a key (or with --disable keep it, refused): the gateway refuses it at once.
+    Revoke {
+        /// Name of the FalKey.
+        name: String,
+        /// Namespace [default: the kubeconfig context's namespace].
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Set spec.disabled: true instead of deleting.
+        #[arg(long)]
+        disable: bool,
     },
 }
 
@@ -253,8 +311,16 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Crd => {
+        Command::Crd { dir: None } => {
             print!("{}", render::crd_yaml()?);
+            Ok(())
+        }
+        Command::Crd { dir: Some(dir) } => {
+            for (file, yaml) in render::crd_files()? {
+                let path = dir.join(file);
+                std::fs::write(&path, yaml)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
             Ok(())
         }
         Command::Render { file, objects } => {
@@ -327,6 +393,91 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             });
             runtime()?.block_on(run_controller(catalog, config, metrics_addr, lease))
         }
+        Command::Key(cmd) => run_key(cmd),
+    }
+}
+
+/// A client of the kubeconfig's cluster and the namespace to use: `-n`, else the
+/// kubeconfig context's.
+async fn kube_client(namespace: Option<String>) -> anyhow::Result<(kube::Client, String)> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (KUBECONFIG or in-cluster)")?;
+    let ns = namespace.unwrap_or_else(|| client.default_namespace().to_string());
+    Ok((client, ns))
+}
+
+fn run_key(cmd: KeyCommand) -> anyhow::Result<()> {
+    match cmd {
+        KeyCommand::Create {
+            name,
+            namespace,
+            functions,
+            rps,
+            burst,
+            expires,
+            apply,
+        } => {
+            let opts = keycmd::CreateOptions {
+                name,
+                namespace,
+                functions,
+                requests_per_second: rps,
+                burst,
+                expires,
+            };
+            let key = keycmd::new_key(&opts, std::time::SystemTime::now(), &mut keycmd::os_random)?;
+            if apply {
+                let stored = runtime()?.block_on(async {
+                    let (client, ns) = kube_client(opts.namespace.clone()).await?;
+                    anyhow::Ok(keycmd::create(&client, &ns, &key.object).await?)
+                })?;
+                println!(
+                    "falkey.fal.serverless.dev/{} created in namespace {} (key id {})",
+                    opts.name,
+                    stored.metadata.namespace.unwrap_or_default(),
+                    key.object.spec.key_id
+                );
+            } else {
+                print!("{}", keycmd::to_yaml(&key.object)?);
+            }
+            // The only place the secret is ever written: stderr, so `> key.yaml` keeps
+            // it out of the file.
+            eprintln!("FAL_KEY={}", key.fal_key());
+            Ok(())
+        }
+        KeyCommand::List {
+            namespace,
+            all_namespaces,
+        } => runtime()?.block_on(async {
+            let (client, ns) = kube_client(namespace).await?;
+            let scope = (!all_namespaces).then_some(ns.as_str());
+            let keys = keycmd::list(&client, scope).await?;
+            if keys.is_empty() {
+                match scope {
+                    Some(ns) => eprintln!("No FalKeys in namespace {ns}."),
+                    None => eprintln!("No FalKeys in any namespace."),
+                }
+            } else {
+                print!("{}", keycmd::table(&keys, std::time::SystemTime::now()));
+            }
+            Ok(())
+        }),
+        KeyCommand::Revoke {
+            name,
+            namespace,
+            disable,
+        } => runtime()?.block_on(async {
+            let (client, ns) = kube_client(namespace).await?;
+            if disable {
+                keycmd::disable(&client, &ns, &name).await?;
+                println!("falkey.fal.serverless.dev/{name} disabled in namespace {ns}");
+            } else {
+                keycmd::delete(&client, &ns, &name).await?;
+                println!("falkey.fal.serverless.dev/{name} deleted from namespace {ns}");
+            }
+            Ok(())
+        }),
     }
 }
 
@@ -493,5 +644,65 @@ mod tests {
         assert_eq!(config.store_url, "redis://redis:6379");
         assert_eq!(config.gateway_domain.as_deref(), Some("fal.example.com"));
         assert_eq!(config.signing_key_secret, None);
+    }
+
+    #[test]
+    fn key_flags() {
+        let cli = Cli::try_parse_from([
+            "fal-operator",
+            "key",
+            "create",
+            "ci",
+            "-n",
+            "team-a",
+            "--function",
+            "echo",
+            "--function",
+            "ml/sdxl",
+            "--rps",
+            "2.5",
+            "--burst",
+            "5",
+            "--expires",
+            "30d",
+            "--apply",
+        ])
+        .unwrap();
+        let Command::Key(KeyCommand::Create {
+            name,
+            namespace,
+            functions,
+            rps,
+            burst,
+            expires,
+            apply,
+        }) = cli.command
+        else {
+            panic!("parsed the wrong subcommand");
+        };
+        assert_eq!(
+            (name.as_str(), namespace.as_deref()),
+            ("ci", Some("team-a"))
+        );
+        assert_eq!(functions, ["echo", "ml/sdxl"]);
+        assert_eq!(
+            (rps, burst, expires.as_deref(), apply),
+            (Some(2.5), Some(5), Some("30d"), true)
+        );
+        assert!(
+            Cli::try_parse_from(["fal-operator", "key", "create", "ci", "--burst", "5"]).is_err(),
+            "--burst needs --rps"
+        );
+        assert!(Cli::try_parse_from(["fal-operator", "key", "list", "-A", "-n", "x"]).is_err());
+        let cli =
+            Cli::try_parse_from(["fal-operator", "key", "revoke", "ci", "--disable"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Key(KeyCommand::Revoke {
+                disable: true,
+                namespace: None,
+                ..
+            })
+        ));
     }
 }

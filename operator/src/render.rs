@@ -8,6 +8,7 @@ use serde_yaml::Value;
 use crate::catalog::MachineCatalog;
 use crate::config::OperatorConfig;
 use crate::crd::{FalFunction, GROUP, VERSION};
+use crate::falkey::FalKey;
 use crate::validate::validate_spec;
 use crate::{Error, Result};
 
@@ -15,12 +16,31 @@ use crate::{Error, Result};
 /// default context).
 pub const DEFAULT_NAMESPACE: &str = "default";
 
-/// The CRD as YAML: the content of `crds/falfunctions.yaml`.
+/// Every CRD with the file under `crds/` holding it (the same files are in the chart).
+pub fn crd_files() -> Result<Vec<(&'static str, String)>> {
+    let yaml = |crd, what: &str| {
+        serde_yaml::to_string(&crd).map_err(|source| Error::Yaml {
+            context: format!("serializing the {what} CRD"),
+            source,
+        })
+    };
+    Ok(vec![
+        (
+            "falfunctions.yaml",
+            yaml(FalFunction::crd(), "FalFunction")?,
+        ),
+        ("falkeys.yaml", yaml(FalKey::crd(), "FalKey")?),
+    ])
+}
+
+/// Every CRD as multi-document YAML: what `fal-operator crd` prints, the files of
+/// `crds/` one after the other.
 pub fn crd_yaml() -> Result<String> {
-    serde_yaml::to_string(&FalFunction::crd()).map_err(|source| Error::Yaml {
-        context: "serializing the CRD".into(),
-        source,
-    })
+    Ok(crd_files()?
+        .into_iter()
+        .map(|(_, yaml)| yaml)
+        .collect::<Vec<_>>()
+        .join("---\n"))
 }
 
 /// Field names of `spec`, from the CRD schema (generated once: it is the slow part).
@@ -169,12 +189,33 @@ mod tests {
     }
 
     #[test]
-    fn committed_crd_is_up_to_date() {
-        let committed = include_str!("../../crds/falfunctions.yaml");
-        assert!(
-            committed == crd_yaml().unwrap(),
-            "crds/falfunctions.yaml is stale: run `cargo run -p fal-operator -- crd > crds/falfunctions.yaml`"
+    fn committed_crds_are_up_to_date() {
+        let committed = [
+            (
+                "falfunctions.yaml",
+                include_str!("../../crds/falfunctions.yaml"),
+            ),
+            ("falkeys.yaml", include_str!("../../crds/falkeys.yaml")),
+        ];
+        let generated = crd_files().unwrap();
+        assert_eq!(
+            generated.iter().map(|(f, _)| *f).collect::<Vec<_>>(),
+            committed.iter().map(|(f, _)| *f).collect::<Vec<_>>()
         );
+        for ((file, text), (_, want)) in committed.iter().zip(&generated) {
+            assert!(
+                text == want,
+                "crds/{file} is stale: run `cargo run -p fal-operator -- crd --dir crds` \
+                 and copy crds/*.yaml to charts/fal-serverless/crds/"
+            );
+        }
+        let all = crd_yaml().unwrap();
+        let docs = docs(&all);
+        let kinds: Vec<_> = docs
+            .iter()
+            .map(|d| d["spec"]["names"]["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["FalFunction", "FalKey"]);
     }
 
     #[test]

@@ -141,11 +141,14 @@ def test_custom_catalog_renders_valid_objects(render, tmp_path):
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
 
 
-def test_crd_is_valid_and_up_to_date(run_operator, crd):
+def test_crds_are_valid_and_up_to_date(run_operator, crd, falkey_crd):
     proc = run_operator("crd")
     assert proc.returncode == 0, proc.stderr
-    assert yaml.safe_load(proc.stdout) == crd, "crds/falfunctions.yaml is stale"
-    k8s_validate(crd)
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d is not None]
+    assert docs == [crd, falkey_crd], \
+        "crds/*.yaml are stale: cargo run -p fal-operator -- crd --dir crds"
+    for doc in docs:
+        k8s_validate(doc)
 
 
 def test_rbac_manifest_is_valid():
