@@ -3,7 +3,8 @@
 //! Where things live:
 //! - [`crd`]: the `FalFunction` resource; [`catalog`]: machine types;
 //! - [`falkey`]: the `FalKey` resource (API keys); [`keycmd`]: `fal-operator key`;
-//! - [`deployment`], [`sidecar`], [`service`]: a FalFunction becomes objects (pure);
+//! - [`deployment`], [`sidecar`], [`service`], [`networkpolicy`]: a FalFunction becomes
+//!   objects (pure);
 //! - [`status`], [`conditions`]: what its status should say (pure);
 //! - [`render`]: the same objects from a manifest, without a cluster;
 //! - [`controller`]: the thin reconcile loop around all of the above;
@@ -31,6 +32,7 @@ pub mod local;
 pub mod metrics;
 #[cfg(test)]
 mod mock_api;
+pub mod networkpolicy;
 pub mod render;
 pub mod serve;
 pub mod service;

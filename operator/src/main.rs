@@ -1,5 +1,6 @@
 //! `fal-operator`: config → runtime → serve. The work lives in the library.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use fal_operator::catalog::MachineCatalog;
-use fal_operator::config::{self, OperatorConfig};
+use fal_operator::config::{self, NetworkPolicyConfig, OperatorConfig};
 use fal_operator::controller::{self, Context};
 use fal_operator::gateway::GatewayConfig;
 use fal_operator::keycmd;
@@ -263,11 +264,51 @@ struct ObjectArgs {
     /// Secret (in each function's namespace) holding the webhook signing key.
     #[arg(long, env = config::ENV_SIGNING_KEY_SECRET)]
     signing_key_secret: Option<String>,
+    /// Give every function a NetworkPolicy: its pods admit only the gateway (and
+    /// --metrics-namespace on the metrics port). false: none, and the ones made are removed.
+    #[arg(long, env = config::ENV_NETWORK_POLICY, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    network_policy: bool,
+    /// Namespace of the gateway pods [default: POD_NAMESPACE, else fal-system].
+    #[arg(long, env = config::ENV_GATEWAY_NAMESPACE)]
+    gateway_namespace: Option<String>,
+    /// Labels of the gateway pods, KEY=VALUE[,KEY=VALUE…].
+    #[arg(long, env = config::ENV_GATEWAY_POD_LABELS, default_value = config::DEFAULT_GATEWAY_POD_LABELS, value_parser = config::parse_labels)]
+    gateway_pod_labels: BTreeMap<String, String>,
+    /// Namespace allowed to scrape the sidecars' metrics port (Prometheus's).
+    #[arg(long, env = config::ENV_METRICS_NAMESPACE)]
+    metrics_namespace: Option<String>,
 }
 
 impl ObjectArgs {
-    fn load(self) -> anyhow::Result<(MachineCatalog, OperatorConfig)> {
+    /// `pod_namespace`: this process's POD_NAMESPACE, the default gateway namespace.
+    fn load(
+        self,
+        pod_namespace: Option<String>,
+    ) -> anyhow::Result<(MachineCatalog, OperatorConfig)> {
         let catalog = MachineCatalog::load(self.catalog.as_deref())?;
+        let network_policy = if self.network_policy {
+            let gateway_namespace = self
+                .gateway_namespace
+                .or(pod_namespace)
+                .filter(|ns| !ns.is_empty())
+                .unwrap_or_else(|| config::DEFAULT_GATEWAY_NAMESPACE.to_string());
+            let metrics_namespace = self.metrics_namespace.filter(|ns| !ns.is_empty());
+            for (flag, ns) in [
+                ("--gateway-namespace", Some(&gateway_namespace)),
+                ("--metrics-namespace", metrics_namespace.as_ref()),
+            ] {
+                if let Some(ns) = ns.filter(|ns| !fal_sidecar::auth::keys::is_label(ns)) {
+                    anyhow::bail!("{flag}: {ns:?} is not a namespace name");
+                }
+            }
+            Some(NetworkPolicyConfig {
+                gateway_namespace,
+                gateway_pod_labels: self.gateway_pod_labels,
+                metrics_namespace,
+            })
+        } else {
+            None
+        };
         let config = OperatorConfig {
             sidecar_image: self.sidecar_image,
             store_url: self.store_url,
@@ -275,6 +316,7 @@ impl ObjectArgs {
             gateway_domain: self.gateway_domain,
             signing_key_secret: self.signing_key_secret,
             store_replicas: self.store_replicas,
+            network_policy,
         };
         Ok((catalog, config))
     }
@@ -324,7 +366,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Render { file, objects } => {
-            let (catalog, config) = objects.load()?;
+            let (catalog, config) = objects.load(pod_namespace())?;
             let (text, origin) = read_input(&file)?;
             print!("{}", render::render(&text, &origin, &catalog, &config)?);
             Ok(())
@@ -384,7 +426,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             lease_namespace,
         } => {
             init_tracing();
-            let (catalog, config) = objects.load()?;
+            let (catalog, config) = objects.load(pod_namespace())?;
             let lease = leader_elect.then(|| {
                 let ns = lease_namespace
                     .or_else(|| std::env::var("POD_NAMESPACE").ok())
@@ -395,6 +437,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Key(cmd) => run_key(cmd),
     }
+}
+
+fn pod_namespace() -> Option<String> {
+    std::env::var("POD_NAMESPACE").ok()
 }
 
 /// A client of the kubeconfig's cluster and the namespace to use: `-n`, else the
@@ -638,12 +684,67 @@ mod tests {
         };
         assert_eq!(metrics_addr, "127.0.0.1:9000".parse().unwrap());
         assert!(!leader_elect);
-        let (catalog, config) = objects.load().unwrap();
+        let (catalog, config) = objects.load(Some("fal-ns".into())).unwrap();
         assert!(catalog.get("GPU-T4").is_some());
         assert_eq!(config.sidecar_image, "reg/sidecar:1");
         assert_eq!(config.store_url, "redis://redis:6379");
         assert_eq!(config.gateway_domain.as_deref(), Some("fal.example.com"));
         assert_eq!(config.signing_key_secret, None);
+        let np = config.network_policy.unwrap();
+        assert_eq!(np.gateway_namespace, "fal-ns", "POD_NAMESPACE by default");
+        assert_eq!(
+            np.gateway_pod_labels,
+            config::parse_labels(config::DEFAULT_GATEWAY_POD_LABELS).unwrap()
+        );
+        assert_eq!(np.metrics_namespace, None);
+    }
+
+    fn objects(args: &[&str]) -> anyhow::Result<OperatorConfig> {
+        let cli =
+            Cli::try_parse_from([&["fal-operator", "render", "-f", "x.yaml"], args].concat())?;
+        let Command::Render { objects, .. } = cli.command else {
+            panic!("parsed the wrong subcommand");
+        };
+        Ok(objects.load(None)?.1)
+    }
+
+    #[test]
+    fn network_policy_flags() {
+        let np = objects(&[]).unwrap().network_policy.unwrap();
+        assert_eq!(np.gateway_namespace, "fal-system");
+        let np = objects(&[
+            "--gateway-namespace",
+            "gw",
+            "--gateway-pod-labels",
+            "app=gw,tier=edge",
+            "--metrics-namespace",
+            "monitoring",
+        ])
+        .unwrap()
+        .network_policy
+        .unwrap();
+        assert_eq!(np.gateway_namespace, "gw");
+        assert_eq!(np.gateway_pod_labels.len(), 2);
+        assert_eq!(np.metrics_namespace.as_deref(), Some("monitoring"));
+        // The chart passes an empty value when no metrics namespace is set.
+        let np = objects(&["--metrics-namespace", ""])
+            .unwrap()
+            .network_policy;
+        assert_eq!(np.unwrap().metrics_namespace, None);
+        for off in [
+            &["--network-policy=false"][..],
+            &["--network-policy", "false"],
+        ] {
+            assert_eq!(objects(off).unwrap().network_policy, None);
+        }
+        assert!(objects(&["--network-policy"])
+            .unwrap()
+            .network_policy
+            .is_some());
+        let err = objects(&["--gateway-pod-labels", "nolabel"]).unwrap_err();
+        assert!(err.to_string().contains("KEY=VALUE"), "{err}");
+        let err = objects(&["--metrics-namespace", "Mon"]).unwrap_err();
+        assert!(err.to_string().contains("--metrics-namespace"), "{err}");
     }
 
     #[test]

@@ -144,8 +144,8 @@ fn to_yaml<T: serde::Serialize>(value: &T) -> Result<String> {
 }
 
 /// The objects the controller would apply for every FalFunction in `text`, as
-/// multi-document YAML (Deployment, then Service, per function). Owner references are
-/// absent: they need the uid the apiserver assigns.
+/// multi-document YAML (Deployment, Service, then NetworkPolicy unless they are off, per
+/// function). Owner references are absent: they need the uid the apiserver assigns.
 pub fn render(
     text: &str,
     origin: &str,
@@ -156,6 +156,9 @@ pub fn render(
     for ff in parse_manifests(text, origin)? {
         docs.push(to_yaml(&ff.deployment(catalog, cfg)?)?);
         docs.push(to_yaml(&ff.service()?)?);
+        if let Some(np) = &cfg.network_policy {
+            docs.push(to_yaml(&ff.network_policy(np)?)?);
+        }
     }
     Ok(docs
         .into_iter()
@@ -219,10 +222,12 @@ mod tests {
     }
 
     #[test]
-    fn seed_example_renders_a_gpu_deployment_and_service() {
+    fn seed_example_renders_a_gpu_deployment_service_and_network_policy() {
         let out = render_default(SEED).unwrap();
         let docs = docs(&out);
-        assert_eq!(docs.len(), 2);
+        assert_eq!(docs.len(), 3);
+        assert_eq!(docs[2]["kind"], "NetworkPolicy");
+        assert_eq!(docs[2]["apiVersion"], "networking.k8s.io/v1");
         let d: Deployment = serde_yaml::from_value(docs[0].clone()).unwrap();
         let s: Service = serde_yaml::from_value(docs[1].clone()).unwrap();
         let pod = d.spec.unwrap().template.spec.unwrap();
@@ -244,7 +249,21 @@ mod tests {
     fn cpu_example_renders_without_gpu() {
         let out = render_default(CPU).unwrap();
         assert!(!out.contains("nvidia.com/gpu"), "{out}");
-        assert_eq!(docs(&out).len(), 2);
+        assert_eq!(docs(&out).len(), 3);
+    }
+
+    #[test]
+    fn network_policies_off_render_none() {
+        let cfg = OperatorConfig {
+            network_policy: None,
+            ..OperatorConfig::default()
+        };
+        let out = render(CPU, "cpu.yaml", &MachineCatalog::builtin(), &cfg).unwrap();
+        let kinds: Vec<_> = docs(&out)
+            .iter()
+            .map(|d| d["kind"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(kinds, ["Deployment", "Service"]);
     }
 
     #[test]
@@ -261,7 +280,17 @@ mod tests {
             .iter()
             .map(|d| d["kind"].as_str().unwrap().to_string())
             .collect();
-        assert_eq!(kinds, ["Deployment", "Service", "Deployment", "Service"]);
+        assert_eq!(
+            kinds,
+            [
+                "Deployment",
+                "Service",
+                "NetworkPolicy",
+                "Deployment",
+                "Service",
+                "NetworkPolicy"
+            ]
+        );
     }
 
     fn err(text: &str) -> String {
