@@ -1,6 +1,8 @@
 //! Operator configuration shared by `controller` and `render`. A plain struct so tests
 //! fill it directly; `main.rs` builds it from flags and their environment variables.
 
+use std::collections::BTreeMap;
+
 /// Image of the injected sidecar when `--sidecar-image` is not given.
 pub const DEFAULT_SIDECAR_IMAGE: &str = "ghcr.io/fal-serverless-k8s/fal-sidecar:0.1.0";
 /// Store the sidecars use when `--store-url` is not given: the embedded file store in
@@ -25,6 +27,22 @@ pub const ENV_GATEWAY_DOMAIN: &str = "FAL_GATEWAY_DOMAIN";
 pub const ENV_SIGNING_KEY_SECRET: &str = "FAL_SIGNING_KEY_SECRET";
 /// Environment variable equivalent of `--metrics-addr`.
 pub const ENV_METRICS_ADDR: &str = "FAL_OPERATOR_METRICS_ADDR";
+/// Environment variable equivalent of `--network-policy`.
+pub const ENV_NETWORK_POLICY: &str = "FAL_NETWORK_POLICY";
+/// Environment variable equivalent of `--gateway-namespace`.
+pub const ENV_GATEWAY_NAMESPACE: &str = "FAL_GATEWAY_NAMESPACE";
+/// Environment variable equivalent of `--gateway-pod-labels`.
+pub const ENV_GATEWAY_POD_LABELS: &str = "FAL_GATEWAY_POD_LABELS";
+/// Environment variable equivalent of `--metrics-namespace`.
+pub const ENV_METRICS_NAMESPACE: &str = "FAL_METRICS_NAMESPACE";
+
+/// Namespace of the gateway when neither `--gateway-namespace` nor `POD_NAMESPACE`
+/// says (the chart's documented release namespace).
+pub const DEFAULT_GATEWAY_NAMESPACE: &str = "fal-system";
+/// Labels of the gateway pods the Helm chart runs (its selector without the release
+/// name, which the chart passes itself).
+pub const DEFAULT_GATEWAY_POD_LABELS: &str =
+    "app.kubernetes.io/name=fal-serverless,app.kubernetes.io/component=gateway";
 
 /// What the desired objects depend on besides the FalFunction and the catalog.
 #[derive(Clone, Debug, PartialEq)]
@@ -47,6 +65,63 @@ pub struct OperatorConfig {
     /// `FAL_SIDECAR_STORE_REPLICAS` of every sidecar: Redis replicas that must confirm a
     /// write before it is acknowledged (0: not set).
     pub store_replicas: u32,
+    /// Who may reach a function's pods (see [`crate::networkpolicy`]). `None`: no
+    /// NetworkPolicy is rendered, and the controller removes the ones it made.
+    pub network_policy: Option<NetworkPolicyConfig>,
+}
+
+/// Where the traffic a function's pods admit comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NetworkPolicyConfig {
+    /// Namespace of the gateway pods.
+    pub gateway_namespace: String,
+    /// Labels every gateway pod carries.
+    pub gateway_pod_labels: BTreeMap<String, String>,
+    /// Namespace allowed to scrape the sidecars' metrics port (Prometheus), if any.
+    pub metrics_namespace: Option<String>,
+}
+
+impl Default for NetworkPolicyConfig {
+    fn default() -> Self {
+        NetworkPolicyConfig {
+            gateway_namespace: DEFAULT_GATEWAY_NAMESPACE.to_string(),
+            gateway_pod_labels: parse_labels(DEFAULT_GATEWAY_POD_LABELS)
+                .expect("the default gateway labels parse"),
+            metrics_namespace: None,
+        }
+    }
+}
+
+/// `KEY=VALUE[,KEY=VALUE…]`, as `--gateway-pod-labels` takes it. Keys and values follow
+/// the Kubernetes label syntax closely enough to catch typos (`=` missing, spaces).
+pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').ok_or_else(|| {
+            format!(
+                "{pair:?} is not KEY=VALUE (write labels like app.kubernetes.io/component=gateway)"
+            )
+        })?;
+        let key_ok = !k.is_empty()
+            && k.len() <= 316
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+        let value_ok = v.len() <= 63
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !key_ok || !value_ok {
+            return Err(format!(
+                "{pair:?} is not a Kubernetes label (KEY=VALUE of letters, digits, '-', '_', '.', and '/' in the key)"
+            ));
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    if out.is_empty() {
+        return Err(
+            "no labels given: the gateway pods must be selected by at least one label".into(),
+        );
+    }
+    Ok(out)
 }
 
 impl Default for OperatorConfig {
@@ -58,6 +133,25 @@ impl Default for OperatorConfig {
             gateway_domain: None,
             signing_key_secret: None,
             store_replicas: 0,
+            network_policy: Some(NetworkPolicyConfig::default()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_parse_and_errors_say_what_to_write() {
+        let l = parse_labels(DEFAULT_GATEWAY_POD_LABELS).unwrap();
+        assert_eq!(l["app.kubernetes.io/component"], "gateway");
+        assert_eq!(l.len(), 2);
+        assert_eq!(parse_labels(" a=b , c=, ").unwrap().len(), 2);
+        assert!(parse_labels("a").unwrap_err().contains("KEY=VALUE"));
+        assert!(parse_labels("a=b c")
+            .unwrap_err()
+            .contains("not a Kubernetes label"));
+        assert!(parse_labels("").unwrap_err().contains("no labels"));
     }
 }

@@ -1,8 +1,8 @@
 //! The reconcile loop: a thin shell around the pure builders.
 //!
-//! One reconcile: build the desired Deployment and Service (pure), read the live ones,
-//! server-side apply only what differs, then write the status if it changed and emit
-//! events for what happened. Spec errors (unknown machine type, bad values) leave the
+//! One reconcile: build the desired Deployment, Service and NetworkPolicy (pure), read
+//! the live ones, server-side apply only what differs, then write the status if it
+//! changed and emit events for what happened. Spec errors (unknown machine type, bad values) leave the
 //! running objects alone, set the conditions and raise a Warning event.
 
 use std::collections::HashMap;
@@ -12,9 +12,10 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
@@ -236,8 +237,14 @@ async fn apply(ff: &FalFunction, ctx: &Context) -> Result<Action> {
     };
     let desired = identity(ff)
         .and_then(|_| validate_spec(&ff.spec))
-        .and_then(|()| Ok((ff.deployment(&ctx.catalog, cfg)?, ff.service()?)));
-    let (desired_deployment, desired_service) = match desired {
+        .and_then(|()| {
+            let policy = match &cfg.network_policy {
+                Some(np) => Some(ff.network_policy(np)?),
+                None => None,
+            };
+            Ok((ff.deployment(&ctx.catalog, cfg)?, ff.service()?, policy))
+        });
+    let (desired_deployment, desired_service, desired_policy) = match desired {
         Ok(objects) => objects,
         Err(err) if err.is_spec_error() => {
             let status = next_status(ff, machine.as_deref(), Err(&err), cfg, &now);
@@ -280,6 +287,32 @@ async fn apply(ff: &FalFunction, ctx: &Context) -> Result<Action> {
         ctx.metrics.wrote("apply_service");
     }
 
+    let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
+    let live = policies.get_opt(&name).await?;
+    let (policy_written, policy_removed) = match &desired_policy {
+        Some(desired) => {
+            let (_, written) = apply_if_changed(&policies, &name, desired, live).await?;
+            if written {
+                ctx.metrics.wrote("apply_network_policy");
+            }
+            (written, false)
+        }
+        // Policies are off: remove the one this function got while they were on, or
+        // its pods would stay closed to everything but the gateway.
+        None => match live.filter(|p| controlled_by(&p.metadata, ff)) {
+            Some(_) => {
+                match policies.delete(&name, &DeleteParams::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+                ctx.metrics.wrote("delete_network_policy");
+                (false, true)
+            }
+            None => (false, false),
+        },
+    };
+
     let was_ready = ff
         .status
         .as_ref()
@@ -299,16 +332,26 @@ async fn apply(ff: &FalFunction, ctx: &Context) -> Result<Action> {
     let ready = find(&status.conditions, ConditionType::Ready).cloned();
     write_status(ctx, ff, status).await?;
 
+    let written = [
+        (deployment_written || created, "Deployment"),
+        (service_written || created, "Service"),
+        (
+            policy_written || (created && desired_policy.is_some()),
+            "NetworkPolicy",
+        ),
+    ];
+    let kinds: Vec<&str> = written.iter().filter(|w| w.0).map(|w| w.1).collect();
     if created {
-        let note = format!("created Deployment and Service {name}");
+        let note = format!("created {} {name}", and_list(&kinds));
         ctx.publish(ff, EventType::Normal, "Created", note).await;
-    } else if deployment_written || service_written {
-        let what = match (deployment_written, service_written) {
-            (true, true) => "Deployment and Service",
-            (true, false) => "Deployment",
-            _ => "Service",
-        };
-        let note = format!("applied changes to {what} {name}");
+    } else if !kinds.is_empty() {
+        let note = format!("applied changes to {} {name}", and_list(&kinds));
+        ctx.publish(ff, EventType::Normal, "Updated", note).await;
+    }
+    if policy_removed {
+        let note = format!(
+            "deleted NetworkPolicy {name}: network policies are off (--network-policy=false)"
+        );
         ctx.publish(ff, EventType::Normal, "Updated", note).await;
     }
     if let Some(ready) = ready {
@@ -322,6 +365,27 @@ async fn apply(ff: &FalFunction, ctx: &Context) -> Result<Action> {
         }
     }
     Ok(Action::requeue(RESYNC))
+}
+
+/// Whether `meta` names `ff` as its controller (so the object is ours to delete).
+fn controlled_by(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ff: &FalFunction,
+) -> bool {
+    let uid = ff.metadata.uid.as_deref();
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
+}
+
+/// `A`, `A and B`, `A, B and C`.
+fn and_list(items: &[&str]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+    }
 }
 
 /// Tells the user how to install the CRD when the API does not know FalFunctions.
@@ -342,11 +406,17 @@ pub async fn check_crd_installed(client: &Client) -> Result<(), String> {
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
     let functions: Api<FalFunction> = Api::all(client.clone());
-    // Only our own Deployments and Services are cached, not every one in the cluster.
+    // Only our own Deployments, Services and NetworkPolicies are cached, not every one
+    // in the cluster.
     let owned = watcher::Config::default().labels(MANAGED_SELECTOR);
-    Controller::new(functions, watcher::Config::default().any_semantic())
+    let mut controller = Controller::new(functions, watcher::Config::default().any_semantic())
         .owns(Api::<Deployment>::all(client.clone()), owned.clone())
-        .owns(Api::<Service>::all(client), owned)
+        .owns(Api::<Service>::all(client.clone()), owned.clone());
+    if ctx.config.network_policy.is_some() {
+        // An edited or deleted policy is put back at once, not at the next resync.
+        controller = controller.owns(Api::<NetworkPolicy>::all(client), owned);
+    }
+    controller
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

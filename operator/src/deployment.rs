@@ -550,6 +550,7 @@ mod tests {
             gateway_domain: None,
             signing_key_secret: Some("fal-webhook-key".into()),
             store_replicas: 0,
+            network_policy: None,
         };
         let d = ff(FalFunctionSpec::with_image("a:1"))
             .deployment(&MachineCatalog::builtin(), &cfg)

@@ -41,6 +41,10 @@ pub enum Error {
     #[error("store: {0}")]
     Store(#[from] fal_sidecar::store::StoreError),
 
+    /// A `fal-operator key` command could not do its job (the message says what to do).
+    #[error("{0}")]
+    Key(String),
+
     /// An object could not be converted to or from JSON.
     #[error("JSON conversion failed: {0}")]
     Json(#[from] serde_json::Error),
@@ -61,6 +65,7 @@ impl Error {
             Error::Json(_) => "json",
             Error::Scale(_) => "scale",
             Error::Store(_) => "store",
+            Error::Key(_) => "key",
         }
     }
 

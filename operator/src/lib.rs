@@ -2,7 +2,9 @@
 //!
 //! Where things live:
 //! - [`crd`]: the `FalFunction` resource; [`catalog`]: machine types;
-//! - [`deployment`], [`sidecar`], [`service`]: a FalFunction becomes objects (pure);
+//! - [`falkey`]: the `FalKey` resource (API keys); [`keycmd`]: `fal-operator key`;
+//! - [`deployment`], [`sidecar`], [`service`], [`networkpolicy`]: a FalFunction becomes
+//!   objects (pure);
 //! - [`status`], [`conditions`]: what its status should say (pure);
 //! - [`render`]: the same objects from a manifest, without a cluster;
 //! - [`controller`]: the thin reconcile loop around all of the above;
@@ -20,12 +22,17 @@ pub mod crd;
 pub mod deployment;
 pub mod diff;
 mod error;
+pub mod falkey;
 pub mod function;
 pub mod gateway;
+pub mod keycmd;
 pub mod labels;
 pub mod leader;
 pub mod local;
 pub mod metrics;
+#[cfg(test)]
+mod mock_api;
+pub mod networkpolicy;
 pub mod render;
 pub mod serve;
 pub mod service;

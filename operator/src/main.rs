@@ -1,5 +1,6 @@
 //! `fal-operator`: config → runtime → serve. The work lives in the library.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,9 +9,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use fal_operator::catalog::MachineCatalog;
-use fal_operator::config::{self, OperatorConfig};
+use fal_operator::config::{self, NetworkPolicyConfig, OperatorConfig};
 use fal_operator::controller::{self, Context};
 use fal_operator::gateway::GatewayConfig;
+use fal_operator::keycmd;
 use fal_operator::local::LocalFunction;
 use fal_operator::metrics::{self, Metrics};
 use fal_operator::render;
@@ -29,8 +31,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print the FalFunction CRD as YAML (the content of crds/falfunctions.yaml).
-    Crd,
+    /// Print the CRDs (FalFunction, FalKey) as multi-document YAML: the files of crds/.
+    Crd {
+        /// Write crds/falfunctions.yaml and crds/falkeys.yaml into DIR instead.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Print the objects a FalFunction manifest becomes, without a cluster.
     Render {
         /// FalFunction manifest (multi-document YAML allowed); `-` reads stdin.
@@ -60,6 +66,59 @@ enum Command {
         /// Namespace of the Lease [default: POD_NAMESPACE].
         #[arg(long, env = "FAL_LEASE_NAMESPACE")]
         lease_namespace: Option<String>,
+    },
+    /// API keys (FalKey objects): create, list, revoke.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Make a key: the FalKey YAML on stdout (or created with --apply) and the one line
+    /// FAL_KEY=<keyId>:<secret> on stderr, the only place the secret ever appears.
+    Create {
+        /// Name of the FalKey.
+        name: String,
+        /// Namespace of the key: its requests belong to this tenant [default: the
+        /// kubeconfig context's namespace].
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Only this function, NAME (of the key's namespace) or NAMESPACE/NAME
+        /// (repeatable; default: every function the auth modes allow).
+        #[arg(long = "function", value_name = "FUNCTION")]
+        functions: Vec<String>,
+        /// Requests per second allowed with the key (default: unlimited).
+        #[arg(long)]
+        rps: Option<f64>,
+        /// Requests allowed at once above --rps [default: --rps rounded up].
+        #[arg(long, requires = "rps")]
+        burst: Option<i32>,
+        /// Expiry: a duration from now (30d, 12h) or an RFC 3339 time.
+        #[arg(long)]
+        expires: Option<String>,
+        /// Create the FalKey in the kubeconfig's cluster instead of printing it.
+        #[arg(long)]
+        apply: bool,
+    },
+    /// List keys: namespace, name, key id, functions, rate, expiry, disabled.
+    List {
+        /// Namespace [default: the kubeconfig context's namespace].
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Every namespace.
+        #[arg(short = 'A', long, conflicts_with = "namespace")]
+        all_namespaces: bool,
+    },
+    /// Delete a key (or with --disable keep it, refused): the gateway refuses it at once.
+    Revoke {
+        /// Name of the FalKey.
+        name: String,
+        /// Namespace [default: the kubeconfig context's namespace].
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Set spec.disabled: true instead of deleting.
+        #[arg(long)]
+        disable: bool,
     },
 }
 
@@ -210,11 +269,51 @@ struct ObjectArgs {
     /// Secret (in each function's namespace) holding the webhook signing key.
     #[arg(long, env = config::ENV_SIGNING_KEY_SECRET)]
     signing_key_secret: Option<String>,
+    /// Give every function a NetworkPolicy: its pods admit only the gateway (and
+    /// --metrics-namespace on the metrics port). false: none, and the ones made are removed.
+    #[arg(long, env = config::ENV_NETWORK_POLICY, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    network_policy: bool,
+    /// Namespace of the gateway pods [default: POD_NAMESPACE, else fal-system].
+    #[arg(long, env = config::ENV_GATEWAY_NAMESPACE)]
+    gateway_namespace: Option<String>,
+    /// Labels of the gateway pods, KEY=VALUE[,KEY=VALUE…].
+    #[arg(long, env = config::ENV_GATEWAY_POD_LABELS, default_value = config::DEFAULT_GATEWAY_POD_LABELS, value_parser = config::parse_labels)]
+    gateway_pod_labels: BTreeMap<String, String>,
+    /// Namespace allowed to scrape the sidecars' metrics port (Prometheus's).
+    #[arg(long, env = config::ENV_METRICS_NAMESPACE)]
+    metrics_namespace: Option<String>,
 }
 
 impl ObjectArgs {
-    fn load(self) -> anyhow::Result<(MachineCatalog, OperatorConfig)> {
+    /// `pod_namespace`: this process's POD_NAMESPACE, the default gateway namespace.
+    fn load(
+        self,
+        pod_namespace: Option<String>,
+    ) -> anyhow::Result<(MachineCatalog, OperatorConfig)> {
         let catalog = MachineCatalog::load(self.catalog.as_deref())?;
+        let network_policy = if self.network_policy {
+            let gateway_namespace = self
+                .gateway_namespace
+                .or(pod_namespace)
+                .filter(|ns| !ns.is_empty())
+                .unwrap_or_else(|| config::DEFAULT_GATEWAY_NAMESPACE.to_string());
+            let metrics_namespace = self.metrics_namespace.filter(|ns| !ns.is_empty());
+            for (flag, ns) in [
+                ("--gateway-namespace", Some(&gateway_namespace)),
+                ("--metrics-namespace", metrics_namespace.as_ref()),
+            ] {
+                if let Some(ns) = ns.filter(|ns| !fal_sidecar::auth::keys::is_label(ns)) {
+                    anyhow::bail!("{flag}: {ns:?} is not a namespace name");
+                }
+            }
+            Some(NetworkPolicyConfig {
+                gateway_namespace,
+                gateway_pod_labels: self.gateway_pod_labels,
+                metrics_namespace,
+            })
+        } else {
+            None
+        };
         let config = OperatorConfig {
             sidecar_image: self.sidecar_image,
             store_url: self.store_url,
@@ -222,6 +321,7 @@ impl ObjectArgs {
             gateway_domain: self.gateway_domain,
             signing_key_secret: self.signing_key_secret,
             store_replicas: self.store_replicas,
+            network_policy,
         };
         Ok((catalog, config))
     }
@@ -258,12 +358,20 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Crd => {
+        Command::Crd { dir: None } => {
             print!("{}", render::crd_yaml()?);
             Ok(())
         }
+        Command::Crd { dir: Some(dir) } => {
+            for (file, yaml) in render::crd_files()? {
+                let path = dir.join(file);
+                std::fs::write(&path, yaml)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(())
+        }
         Command::Render { file, objects } => {
-            let (catalog, config) = objects.load()?;
+            let (catalog, config) = objects.load(pod_namespace())?;
             let (text, origin) = read_input(&file)?;
             print!("{}", render::render(&text, &origin, &catalog, &config)?);
             Ok(())
@@ -328,7 +436,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             lease_namespace,
         } => {
             init_tracing();
-            let (catalog, config) = objects.load()?;
+            let (catalog, config) = objects.load(pod_namespace())?;
             let lease = leader_elect.then(|| {
                 let ns = lease_namespace
                     .or_else(|| std::env::var("POD_NAMESPACE").ok())
@@ -337,6 +445,95 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             });
             runtime()?.block_on(run_controller(catalog, config, metrics_addr, lease))
         }
+        Command::Key(cmd) => run_key(cmd),
+    }
+}
+
+fn pod_namespace() -> Option<String> {
+    std::env::var("POD_NAMESPACE").ok()
+}
+
+/// A client of the kubeconfig's cluster and the namespace to use: `-n`, else the
+/// kubeconfig context's.
+async fn kube_client(namespace: Option<String>) -> anyhow::Result<(kube::Client, String)> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (KUBECONFIG or in-cluster)")?;
+    let ns = namespace.unwrap_or_else(|| client.default_namespace().to_string());
+    Ok((client, ns))
+}
+
+fn run_key(cmd: KeyCommand) -> anyhow::Result<()> {
+    match cmd {
+        KeyCommand::Create {
+            name,
+            namespace,
+            functions,
+            rps,
+            burst,
+            expires,
+            apply,
+        } => {
+            let opts = keycmd::CreateOptions {
+                name,
+                namespace,
+                functions,
+                requests_per_second: rps,
+                burst,
+                expires,
+            };
+            let key = keycmd::new_key(&opts, std::time::SystemTime::now(), &mut keycmd::os_random)?;
+            if apply {
+                let stored = runtime()?.block_on(async {
+                    let (client, ns) = kube_client(opts.namespace.clone()).await?;
+                    anyhow::Ok(keycmd::create(&client, &ns, &key.object).await?)
+                })?;
+                println!(
+                    "falkey.fal.serverless.dev/{} created in namespace {} (key id {})",
+                    opts.name,
+                    stored.metadata.namespace.unwrap_or_default(),
+                    key.object.spec.key_id
+                );
+            } else {
+                print!("{}", keycmd::to_yaml(&key.object)?);
+            }
+            // The only place the secret is ever written: stderr, so `> key.yaml` keeps
+            // it out of the file.
+            eprintln!("FAL_KEY={}", key.fal_key());
+            Ok(())
+        }
+        KeyCommand::List {
+            namespace,
+            all_namespaces,
+        } => runtime()?.block_on(async {
+            let (client, ns) = kube_client(namespace).await?;
+            let scope = (!all_namespaces).then_some(ns.as_str());
+            let keys = keycmd::list(&client, scope).await?;
+            if keys.is_empty() {
+                match scope {
+                    Some(ns) => eprintln!("No FalKeys in namespace {ns}."),
+                    None => eprintln!("No FalKeys in any namespace."),
+                }
+            } else {
+                print!("{}", keycmd::table(&keys, std::time::SystemTime::now()));
+            }
+            Ok(())
+        }),
+        KeyCommand::Revoke {
+            name,
+            namespace,
+            disable,
+        } => runtime()?.block_on(async {
+            let (client, ns) = kube_client(namespace).await?;
+            if disable {
+                keycmd::disable(&client, &ns, &name).await?;
+                println!("falkey.fal.serverless.dev/{name} disabled in namespace {ns}");
+            } else {
+                keycmd::delete(&client, &ns, &name).await?;
+                println!("falkey.fal.serverless.dev/{name} deleted from namespace {ns}");
+            }
+            Ok(())
+        }),
     }
 }
 
@@ -497,11 +694,126 @@ mod tests {
         };
         assert_eq!(metrics_addr, "127.0.0.1:9000".parse().unwrap());
         assert!(!leader_elect);
-        let (catalog, config) = objects.load().unwrap();
+        let (catalog, config) = objects.load(Some("fal-ns".into())).unwrap();
         assert!(catalog.get("GPU-T4").is_some());
         assert_eq!(config.sidecar_image, "reg/sidecar:1");
         assert_eq!(config.store_url, "redis://redis:6379");
         assert_eq!(config.gateway_domain.as_deref(), Some("fal.example.com"));
         assert_eq!(config.signing_key_secret, None);
+        let np = config.network_policy.unwrap();
+        assert_eq!(np.gateway_namespace, "fal-ns", "POD_NAMESPACE by default");
+        assert_eq!(
+            np.gateway_pod_labels,
+            config::parse_labels(config::DEFAULT_GATEWAY_POD_LABELS).unwrap()
+        );
+        assert_eq!(np.metrics_namespace, None);
+    }
+
+    fn objects(args: &[&str]) -> anyhow::Result<OperatorConfig> {
+        let cli =
+            Cli::try_parse_from([&["fal-operator", "render", "-f", "x.yaml"], args].concat())?;
+        let Command::Render { objects, .. } = cli.command else {
+            panic!("parsed the wrong subcommand");
+        };
+        Ok(objects.load(None)?.1)
+    }
+
+    #[test]
+    fn network_policy_flags() {
+        let np = objects(&[]).unwrap().network_policy.unwrap();
+        assert_eq!(np.gateway_namespace, "fal-system");
+        let np = objects(&[
+            "--gateway-namespace",
+            "gw",
+            "--gateway-pod-labels",
+            "app=gw,tier=edge",
+            "--metrics-namespace",
+            "monitoring",
+        ])
+        .unwrap()
+        .network_policy
+        .unwrap();
+        assert_eq!(np.gateway_namespace, "gw");
+        assert_eq!(np.gateway_pod_labels.len(), 2);
+        assert_eq!(np.metrics_namespace.as_deref(), Some("monitoring"));
+        // The chart passes an empty value when no metrics namespace is set.
+        let np = objects(&["--metrics-namespace", ""])
+            .unwrap()
+            .network_policy;
+        assert_eq!(np.unwrap().metrics_namespace, None);
+        for off in [
+            &["--network-policy=false"][..],
+            &["--network-policy", "false"],
+        ] {
+            assert_eq!(objects(off).unwrap().network_policy, None);
+        }
+        assert!(objects(&["--network-policy"])
+            .unwrap()
+            .network_policy
+            .is_some());
+        let err = objects(&["--gateway-pod-labels", "nolabel"]).unwrap_err();
+        assert!(err.to_string().contains("KEY=VALUE"), "{err}");
+        let err = objects(&["--metrics-namespace", "Mon"]).unwrap_err();
+        assert!(err.to_string().contains("--metrics-namespace"), "{err}");
+    }
+
+    #[test]
+    fn key_flags() {
+        let cli = Cli::try_parse_from([
+            "fal-operator",
+            "key",
+            "create",
+            "ci",
+            "-n",
+            "team-a",
+            "--function",
+            "echo",
+            "--function",
+            "ml/sdxl",
+            "--rps",
+            "2.5",
+            "--burst",
+            "5",
+            "--expires",
+            "30d",
+            "--apply",
+        ])
+        .unwrap();
+        let Command::Key(KeyCommand::Create {
+            name,
+            namespace,
+            functions,
+            rps,
+            burst,
+            expires,
+            apply,
+        }) = cli.command
+        else {
+            panic!("parsed the wrong subcommand");
+        };
+        assert_eq!(
+            (name.as_str(), namespace.as_deref()),
+            ("ci", Some("team-a"))
+        );
+        assert_eq!(functions, ["echo", "ml/sdxl"]);
+        assert_eq!(
+            (rps, burst, expires.as_deref(), apply),
+            (Some(2.5), Some(5), Some("30d"), true)
+        );
+        assert!(
+            Cli::try_parse_from(["fal-operator", "key", "create", "ci", "--burst", "5"]).is_err(),
+            "--burst needs --rps"
+        );
+        assert!(Cli::try_parse_from(["fal-operator", "key", "list", "-A", "-n", "x"]).is_err());
+        let cli =
+            Cli::try_parse_from(["fal-operator", "key", "revoke", "ci", "--disable"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Key(KeyCommand::Revoke {
+                disable: true,
+                namespace: None,
+                ..
+            })
+        ));
     }
 }

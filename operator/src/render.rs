@@ -8,6 +8,7 @@ use serde_yaml::Value;
 use crate::catalog::MachineCatalog;
 use crate::config::OperatorConfig;
 use crate::crd::{FalFunction, GROUP, VERSION};
+use crate::falkey::FalKey;
 use crate::validate::validate_spec;
 use crate::{Error, Result};
 use fal_sidecar::auth::keys::KeyRecord;
@@ -16,12 +17,31 @@ use fal_sidecar::auth::keys::KeyRecord;
 /// default context).
 pub const DEFAULT_NAMESPACE: &str = "default";
 
-/// The CRD as YAML: the content of `crds/falfunctions.yaml`.
+/// Every CRD with the file under `crds/` holding it (the same files are in the chart).
+pub fn crd_files() -> Result<Vec<(&'static str, String)>> {
+    let yaml = |crd, what: &str| {
+        serde_yaml::to_string(&crd).map_err(|source| Error::Yaml {
+            context: format!("serializing the {what} CRD"),
+            source,
+        })
+    };
+    Ok(vec![
+        (
+            "falfunctions.yaml",
+            yaml(FalFunction::crd(), "FalFunction")?,
+        ),
+        ("falkeys.yaml", yaml(FalKey::crd(), "FalKey")?),
+    ])
+}
+
+/// Every CRD as multi-document YAML: what `fal-operator crd` prints, the files of
+/// `crds/` one after the other.
 pub fn crd_yaml() -> Result<String> {
-    serde_yaml::to_string(&FalFunction::crd()).map_err(|source| Error::Yaml {
-        context: "serializing the CRD".into(),
-        source,
-    })
+    Ok(crd_files()?
+        .into_iter()
+        .map(|(_, yaml)| yaml)
+        .collect::<Vec<_>>()
+        .join("---\n"))
 }
 
 /// Field names of `spec`, from the CRD schema (generated once: it is the slow part).
@@ -156,8 +176,8 @@ fn to_yaml<T: serde::Serialize>(value: &T) -> Result<String> {
 }
 
 /// The objects the controller would apply for every FalFunction in `text`, as
-/// multi-document YAML (Deployment, then Service, per function). Owner references are
-/// absent: they need the uid the apiserver assigns.
+/// multi-document YAML (Deployment, Service, then NetworkPolicy unless they are off, per
+/// function). Owner references are absent: they need the uid the apiserver assigns.
 pub fn render(
     text: &str,
     origin: &str,
@@ -168,6 +188,9 @@ pub fn render(
     for ff in parse_manifests(text, origin)? {
         docs.push(to_yaml(&ff.deployment(catalog, cfg)?)?);
         docs.push(to_yaml(&ff.service()?)?);
+        if let Some(np) = &cfg.network_policy {
+            docs.push(to_yaml(&ff.network_policy(np)?)?);
+        }
     }
     Ok(docs
         .into_iter()
@@ -201,19 +224,42 @@ mod tests {
     }
 
     #[test]
-    fn committed_crd_is_up_to_date() {
-        let committed = include_str!("../../crds/falfunctions.yaml");
-        assert!(
-            committed == crd_yaml().unwrap(),
-            "crds/falfunctions.yaml is stale: run `cargo run -p fal-operator -- crd > crds/falfunctions.yaml`"
+    fn committed_crds_are_up_to_date() {
+        let committed = [
+            (
+                "falfunctions.yaml",
+                include_str!("../../crds/falfunctions.yaml"),
+            ),
+            ("falkeys.yaml", include_str!("../../crds/falkeys.yaml")),
+        ];
+        let generated = crd_files().unwrap();
+        assert_eq!(
+            generated.iter().map(|(f, _)| *f).collect::<Vec<_>>(),
+            committed.iter().map(|(f, _)| *f).collect::<Vec<_>>()
         );
+        for ((file, text), (_, want)) in committed.iter().zip(&generated) {
+            assert!(
+                text == want,
+                "crds/{file} is stale: run `cargo run -p fal-operator -- crd --dir crds` \
+                 and copy crds/*.yaml to charts/fal-serverless/crds/"
+            );
+        }
+        let all = crd_yaml().unwrap();
+        let docs = docs(&all);
+        let kinds: Vec<_> = docs
+            .iter()
+            .map(|d| d["spec"]["names"]["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["FalFunction", "FalKey"]);
     }
 
     #[test]
-    fn seed_example_renders_a_gpu_deployment_and_service() {
+    fn seed_example_renders_a_gpu_deployment_service_and_network_policy() {
         let out = render_default(SEED).unwrap();
         let docs = docs(&out);
-        assert_eq!(docs.len(), 2);
+        assert_eq!(docs.len(), 3);
+        assert_eq!(docs[2]["kind"], "NetworkPolicy");
+        assert_eq!(docs[2]["apiVersion"], "networking.k8s.io/v1");
         let d: Deployment = serde_yaml::from_value(docs[0].clone()).unwrap();
         let s: Service = serde_yaml::from_value(docs[1].clone()).unwrap();
         let pod = d.spec.unwrap().template.spec.unwrap();
@@ -235,7 +281,21 @@ mod tests {
     fn cpu_example_renders_without_gpu() {
         let out = render_default(CPU).unwrap();
         assert!(!out.contains("nvidia.com/gpu"), "{out}");
-        assert_eq!(docs(&out).len(), 2);
+        assert_eq!(docs(&out).len(), 3);
+    }
+
+    #[test]
+    fn network_policies_off_render_none() {
+        let cfg = OperatorConfig {
+            network_policy: None,
+            ..OperatorConfig::default()
+        };
+        let out = render(CPU, "cpu.yaml", &MachineCatalog::builtin(), &cfg).unwrap();
+        let kinds: Vec<_> = docs(&out)
+            .iter()
+            .map(|d| d["kind"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(kinds, ["Deployment", "Service"]);
     }
 
     #[test]
@@ -252,7 +312,17 @@ mod tests {
             .iter()
             .map(|d| d["kind"].as_str().unwrap().to_string())
             .collect();
-        assert_eq!(kinds, ["Deployment", "Service", "Deployment", "Service"]);
+        assert_eq!(
+            kinds,
+            [
+                "Deployment",
+                "Service",
+                "NetworkPolicy",
+                "Deployment",
+                "Service",
+                "NetworkPolicy"
+            ]
+        );
     }
 
     fn err(text: &str) -> String {

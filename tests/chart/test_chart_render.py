@@ -531,10 +531,13 @@ def test_chart_version_is_the_crates_version():
     assert chart_meta()["appVersion"] == cargo_version("operator") == cargo_version("sidecar")
 
 
-def test_chart_crd_is_the_generated_crd():
-    assert (CHART / "crds" / "falfunctions.yaml").read_bytes() == \
-        (ROOT / "crds" / "falfunctions.yaml").read_bytes(), \
-        "charts/fal-serverless/crds/falfunctions.yaml differs: cp crds/falfunctions.yaml charts/fal-serverless/crds/"
+def test_chart_crds_are_the_generated_crds():
+    names = sorted(p.name for p in (ROOT / "crds").glob("*.yaml"))
+    assert names == ["falfunctions.yaml", "falkeys.yaml"]
+    assert sorted(p.name for p in (CHART / "crds").iterdir()) == names
+    for name in names:
+        assert (CHART / "crds" / name).read_bytes() == (ROOT / "crds" / name).read_bytes(), \
+            f"charts/fal-serverless/crds/{name} differs: cp crds/{name} charts/fal-serverless/crds/"
 
 
 def test_default_images_are_the_ones_images_sh_and_the_operator_use():

@@ -68,3 +68,9 @@ def render(run_operator):
 def crd():
     with open(ROOT / "crds" / "falfunctions.yaml") as f:
         return yaml.safe_load(f)
+
+
+@pytest.fixture(scope="session")
+def falkey_crd():
+    with open(ROOT / "crds" / "falkeys.yaml") as f:
+        return yaml.safe_load(f)

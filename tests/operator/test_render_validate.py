@@ -50,7 +50,7 @@ def test_validator_is_strict_and_catches_errors():
 @pytest.mark.parametrize("example", GOOD_EXAMPLES)
 def test_examples_render_to_valid_objects(render, example):
     objs = render(example)
-    assert [o["kind"] for o in objs] == ["Deployment", "Service"]
+    assert [o["kind"] for o in objs] == ["Deployment", "Service", "NetworkPolicy"]
     for obj in objs:
         k8s_validate(obj)
     (pod,) = pods(objs)
@@ -141,11 +141,14 @@ def test_custom_catalog_renders_valid_objects(render, tmp_path):
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
 
 
-def test_crd_is_valid_and_up_to_date(run_operator, crd):
+def test_crds_are_valid_and_up_to_date(run_operator, crd, falkey_crd):
     proc = run_operator("crd")
     assert proc.returncode == 0, proc.stderr
-    assert yaml.safe_load(proc.stdout) == crd, "crds/falfunctions.yaml is stale"
-    k8s_validate(crd)
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d is not None]
+    assert docs == [crd, falkey_crd], \
+        "crds/*.yaml are stale: cargo run -p fal-operator -- crd --dir crds"
+    for doc in docs:
+        k8s_validate(doc)
 
 
 def test_rbac_manifest_is_valid():
@@ -244,4 +247,38 @@ def test_render_reads_stdin(run_operator):
     text = (ROOT / "examples/cpu-app.yaml").read_text()
     proc = run_operator("render", "-f", "-", input_text=text)
     assert proc.returncode == 0, proc.stderr
-    assert [d["kind"] for d in yaml.safe_load_all(proc.stdout)] == ["Deployment", "Service"]
+    assert [d["kind"] for d in yaml.safe_load_all(proc.stdout)] == \
+        ["Deployment", "Service", "NetworkPolicy"]
+
+
+def test_network_policy_admits_the_gateway_and_the_metrics_namespace(render):
+    objs = render("examples/cpu-app.yaml", "--gateway-namespace", "fal-gw",
+                  "--gateway-pod-labels", "app.kubernetes.io/component=gateway,tier=edge",
+                  "--metrics-namespace", "monitoring")
+    (policy,) = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    k8s_validate(policy)
+    (dep,) = [o for o in objs if o["kind"] == "Deployment"]
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["metadata"]["labels"] == dep["metadata"]["labels"]
+    gateway, metrics = spec["ingress"]
+    assert gateway == {
+        "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "fal-gw"}},
+                  "podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway",
+                                                  "tier": "edge"}}}],
+        "ports": [{"port": 9080, "protocol": "TCP"}],
+    }
+    assert metrics == {
+        "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        "ports": [{"port": 9090, "protocol": "TCP"}],
+    }
+    sidecar = dep["spec"]["template"]["spec"]["initContainers"][0]
+    ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    assert (ports["http"], ports["metrics"]) == (9080, 9090), "the policy opens the sidecar's ports"
+
+
+def test_network_policy_off_renders_none(render):
+    objs = render("examples/cpu-app.yaml", "--network-policy=false")
+    assert [o["kind"] for o in objs] == ["Deployment", "Service"]

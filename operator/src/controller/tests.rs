@@ -1,11 +1,12 @@
-//! Reconcile scenarios against a mocked apiserver (the `tower_test::mock::pair` pattern
-//! of kube-rs controller-rs): a real `kube::Client` over a mock service; each scenario
-//! lists every API call it expects (method, path and query, body) and answers it like
-//! the apiserver would. A request beyond the script, or a missing one, fails the test.
+//! Reconcile scenarios against a scripted apiserver ([`crate::mock_api`]): each
+//! scenario lists every API call it expects (method, path and query, body) and answers
+//! it like the apiserver would. A request beyond the script, or a missing one, fails.
 
 use super::*;
 use crate::conditions::ConditionType;
+use crate::config::NetworkPolicyConfig;
 use crate::crd::FalFunctionSpec;
+use crate::mock_api::{finished, mock_client, not_found, Call};
 use http::{Request, Response, StatusCode};
 use k8s_openapi::api::apps::v1::DeploymentStatus;
 use kube::client::Body;
@@ -24,39 +25,9 @@ fn time(secs: i64) -> Time {
     Time(Timestamp::from_second(secs).unwrap())
 }
 
-type Responder = Box<dyn FnOnce(Value) -> (StatusCode, Value) + Send>;
-
-/// One expected API call.
-struct Call {
-    method: http::Method,
-    uri: String,
-    respond: Responder,
-}
-
-impl Call {
-    fn new(
-        method: http::Method,
-        uri: impl Into<String>,
-        respond: impl FnOnce(Value) -> (StatusCode, Value) + Send + 'static,
-    ) -> Self {
-        Call {
-            method,
-            uri: uri.into(),
-            respond: Box::new(respond),
-        }
-    }
-}
-
-fn not_found() -> (StatusCode, Value) {
-    (
-        StatusCode::NOT_FOUND,
-        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-               "message": "not found", "reason": "NotFound", "code": 404}),
-    )
-}
-
 const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/team-a/deployments/app";
 const SERVICE: &str = "/api/v1/namespaces/team-a/services/app";
+const POLICY: &str = "/apis/networking.k8s.io/v1/namespaces/team-a/networkpolicies/app";
 const STATUS: &str = "/apis/fal.serverless.dev/v1alpha1/namespaces/team-a/falfunctions/app/status";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/team-a/events";
 const APPLY: &str = "?&force=true&fieldManager=fal-operator";
@@ -68,54 +39,20 @@ struct Harness {
 
 /// Starts a mock apiserver that plays `calls` in order.
 fn harness(catalog: MachineCatalog, calls: Vec<Call>) -> Harness {
-    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, "default");
+    harness_with(catalog, OperatorConfig::default(), calls)
+}
+
+fn harness_with(catalog: MachineCatalog, config: OperatorConfig, calls: Vec<Call>) -> Harness {
+    let (client, server) = mock_client(calls);
     let metrics = Metrics::new(&Registry::new()).unwrap();
     let ctx = Arc::new(Context::with_clock(
         client,
         catalog,
-        OperatorConfig::default(),
+        config,
         metrics,
         Some("test".into()),
         fixed_now,
     ));
-    let server = tokio::spawn(async move {
-        let mut seen = Vec::new();
-        for call in calls {
-            let (request, send) = handle.next_request().await.unwrap_or_else(|| {
-                panic!("expected {} {} but no request came", call.method, call.uri)
-            });
-            let line = format!("{} {}", request.method(), request.uri());
-            assert_eq!(
-                (request.method(), request.uri().to_string()),
-                (&call.method, call.uri.clone()),
-                "unexpected request (seen so far: {seen:?})"
-            );
-            seen.push(line);
-            let bytes = request.into_body().collect_bytes().await.unwrap();
-            let body = if bytes.is_empty() {
-                Value::Null
-            } else {
-                serde_json::from_slice(&bytes).unwrap()
-            };
-            let (status, reply) = (call.respond)(body);
-            send.send_response(
-                Response::builder()
-                    .status(status)
-                    .body(Body::from(serde_json::to_vec(&reply).unwrap()))
-                    .unwrap(),
-            );
-        }
-        // Nothing more may arrive: the mock ends when every client clone is dropped.
-        if let Some((request, _)) = handle.next_request().await {
-            panic!(
-                "unexpected extra request {} {} (seen: {seen:?})",
-                request.method(),
-                request.uri()
-            );
-        }
-        seen
-    });
     Harness { ctx, server }
 }
 
@@ -126,10 +63,7 @@ impl Harness {
         let metrics = self.ctx.metrics.clone();
         // Drop every client clone so the mock apiserver sees the end of the script.
         drop(self.ctx);
-        let seen = tokio::time::timeout(Duration::from_secs(10), self.server)
-            .await
-            .expect("mock apiserver did not finish")
-            .expect("mock apiserver assertion failed");
+        let seen = finished(self.server).await;
         (result, seen, metrics)
     }
 }
@@ -177,6 +111,43 @@ fn live_service(ff: &FalFunction) -> Value {
     v
 }
 
+fn desired_policy(ff: &FalFunction) -> Value {
+    let np = ff.network_policy(&NetworkPolicyConfig::default()).unwrap();
+    serde_json::to_value(np).unwrap()
+}
+
+/// What the apiserver stores for an applied NetworkPolicy.
+fn live_policy(ff: &FalFunction) -> Value {
+    let mut v = desired_policy(ff);
+    v["metadata"]["uid"] = json!("np-uid");
+    v["metadata"]["resourceVersion"] = json!("8");
+    v["metadata"]["generation"] = json!(1);
+    v
+}
+
+/// The policy is there as built: one read.
+fn policy_unchanged(ff: &FalFunction) -> Call {
+    let live = live_policy(ff);
+    Call::new(http::Method::GET, POLICY, move |_| (StatusCode::OK, live))
+}
+
+/// No policy yet: a read, then exactly the built one applied.
+fn policy_created(ff: &FalFunction) -> [Call; 2] {
+    let want = desired_policy(ff);
+    [
+        Call::new(http::Method::GET, POLICY, |_| not_found()),
+        Call::new(
+            http::Method::PATCH,
+            format!("{POLICY}{APPLY}"),
+            move |body| {
+                assert_eq!(body, want, "applies exactly the built NetworkPolicy");
+                assert_eq!(body["metadata"]["ownerReferences"][0]["uid"], "3f1c-uid");
+                echo_with(|b| b["metadata"]["uid"] = json!("np-uid"))(body)
+            },
+        ),
+    ]
+}
+
 /// The apiserver answers an apply with the applied object plus server-set fields.
 fn echo_with(
     extra: impl FnOnce(&mut Value) + Send + 'static,
@@ -214,6 +185,7 @@ async fn create_path_applies_objects_then_status_then_event() {
     let ff = function(FalFunctionSpec::with_image("reg/app:1"));
     let want_deployment = serde_json::to_value(desired_deployment(&ff)).unwrap();
     let want_service = serde_json::to_value(ff.service().unwrap()).unwrap();
+    let [get_policy, apply_policy] = policy_created(&ff);
     let calls = vec![
         Call::new(http::Method::GET, DEPLOYMENT, |_| not_found()),
         Call::new(
@@ -244,6 +216,8 @@ async fn create_path_applies_objects_then_status_then_event() {
                 echo_with(|b| b["spec"]["clusterIP"] = json!("10.96.0.15"))(body)
             },
         ),
+        get_policy,
+        apply_policy,
         Call::new(http::Method::PATCH, format!("{STATUS}{APPLY}"), |body| {
             let status = status_of(&body);
             assert_eq!(status.observed_generation, Some(1));
@@ -271,7 +245,10 @@ async fn create_path_applies_objects_then_status_then_event() {
         Call::new(http::Method::POST, format!("{EVENTS}?"), |body| {
             assert_eq!(body["type"], "Normal");
             assert_eq!(body["reason"], "Created");
-            assert_eq!(body["note"], "created Deployment and Service app");
+            assert_eq!(
+                body["note"],
+                "created Deployment, Service and NetworkPolicy app"
+            );
             assert_eq!(body["regarding"]["kind"], "FalFunction");
             assert_eq!(body["regarding"]["name"], "app");
             assert_eq!(body["reportingController"], "fal-operator");
@@ -282,10 +259,11 @@ async fn create_path_applies_objects_then_status_then_event() {
         .reconcile(ff)
         .await;
     assert_eq!(result.unwrap(), Action::requeue(RESYNC));
-    assert_eq!(seen.len(), 6);
+    assert_eq!(seen.len(), 8);
     let writes = |w: &str| metrics.writes.with_label_values(&[w]).get();
     assert_eq!(writes("apply_deployment"), 1);
     assert_eq!(writes("apply_service"), 1);
+    assert_eq!(writes("apply_network_policy"), 1);
     assert_eq!(writes("status"), 1);
     assert_eq!(writes("scale"), 0, "the default of 1 is already right");
 }
@@ -296,6 +274,7 @@ async fn create_with_min_replicas_sets_start_replicas_through_scale_once() {
     spec.min_replicas = 2;
     spec.max_replicas = 4;
     let ff = function(spec);
+    let [get_policy, apply_policy] = policy_created(&ff);
     let calls = vec![
         Call::new(http::Method::GET, DEPLOYMENT, |_| not_found()),
         Call::new(
@@ -325,6 +304,8 @@ async fn create_with_min_replicas_sets_start_replicas_through_scale_once() {
             format!("{SERVICE}{APPLY}"),
             echo_with(|_| {}),
         ),
+        get_policy,
+        apply_policy,
         Call::new(http::Method::PATCH, format!("{STATUS}{APPLY}"), |body| {
             let status = status_of(&body);
             let (_, _, msg) = condition(&status, ConditionType::Ready);
@@ -362,6 +343,7 @@ fn steady_function() -> FalFunction {
 async fn unchanged_path_only_reads() {
     let ff = steady_function();
     let (deployment, service) = (live_deployment(&ff, 1, 1), live_service(&ff));
+    let policy = policy_unchanged(&ff);
     let calls = vec![
         Call::new(http::Method::GET, DEPLOYMENT, move |_| {
             (StatusCode::OK, deployment)
@@ -369,6 +351,7 @@ async fn unchanged_path_only_reads() {
         Call::new(http::Method::GET, SERVICE, move |_| {
             (StatusCode::OK, service)
         }),
+        policy,
     ];
     let (result, seen, metrics) = harness(MachineCatalog::builtin(), calls)
         .reconcile(ff)
@@ -376,7 +359,11 @@ async fn unchanged_path_only_reads() {
     assert_eq!(result.unwrap(), Action::requeue(RESYNC));
     assert_eq!(
         seen,
-        [format!("GET {DEPLOYMENT}"), format!("GET {SERVICE}")]
+        [
+            format!("GET {DEPLOYMENT}"),
+            format!("GET {SERVICE}"),
+            format!("GET {POLICY}")
+        ]
     );
     assert_eq!(metrics.writes.with_label_values(&["status"]).get(), 0);
 }
@@ -394,6 +381,7 @@ async fn unchanged_objects_with_new_readiness_write_only_status_and_ready_event(
         &time(EARLIER),
     ));
     let (deployment, service) = (live_deployment(&ff, 1, 1), live_service(&ff));
+    let policy = policy_unchanged(&ff);
     let calls = vec![
         Call::new(http::Method::GET, DEPLOYMENT, move |_| {
             (StatusCode::OK, deployment)
@@ -401,6 +389,7 @@ async fn unchanged_objects_with_new_readiness_write_only_status_and_ready_event(
         Call::new(http::Method::GET, SERVICE, move |_| {
             (StatusCode::OK, service)
         }),
+        policy,
         Call::new(http::Method::PATCH, format!("{STATUS}{APPLY}"), |body| {
             let status = status_of(&body);
             assert_eq!((status.replicas, status.ready_replicas), (1, 1));
@@ -436,6 +425,7 @@ async fn update_path_reapplies_only_what_changed() {
     let mut ff = steady_function();
     // Live objects match image 1; the user moved to image 2 (generation 2).
     let (deployment, service) = (live_deployment(&ff, 3, 3), live_service(&ff));
+    let policy = policy_unchanged(&ff);
     ff.spec.image = "reg/app:2".into();
     ff.metadata.generation = Some(2);
     let want = serde_json::to_value(desired_deployment(&ff)).unwrap();
@@ -465,6 +455,7 @@ async fn update_path_reapplies_only_what_changed() {
         Call::new(http::Method::GET, SERVICE, move |_| {
             (StatusCode::OK, service)
         }),
+        policy,
         Call::new(http::Method::PATCH, format!("{STATUS}{APPLY}"), |body| {
             let status = status_of(&body);
             assert_eq!(status.observed_generation, Some(2));
@@ -500,6 +491,7 @@ async fn drifted_service_is_repaired() {
     let deployment = live_deployment(&ff, 1, 1);
     let mut service = live_service(&ff);
     service["spec"]["ports"][0]["port"] = json!(8000); // someone edited it
+    let policy = policy_unchanged(&ff);
     let calls = vec![
         Call::new(http::Method::GET, DEPLOYMENT, move |_| {
             (StatusCode::OK, deployment)
@@ -511,6 +503,7 @@ async fn drifted_service_is_repaired() {
             assert_eq!(body["spec"]["ports"][0]["port"], 80);
             (StatusCode::OK, body)
         }),
+        policy,
         Call::new(http::Method::POST, format!("{EVENTS}?"), |body| {
             assert_eq!(body["note"], "applied changes to Service app");
             event_reply(body)
@@ -628,6 +621,7 @@ async fn catalog_override_reaches_the_applied_deployment() {
         MachineCatalog::from_yaml("machineTypes: {XS: {cpu: 100m, memory: 128Mi}}", "test")
             .unwrap();
     let ff = function(FalFunctionSpec::with_image("reg/app:1"));
+    let [get_policy, apply_policy] = policy_created(&ff);
     let calls = vec![
         Call::new(http::Method::GET, DEPLOYMENT, |_| not_found()),
         Call::new(
@@ -646,6 +640,8 @@ async fn catalog_override_reaches_the_applied_deployment() {
             format!("{SERVICE}{APPLY}"),
             echo_with(|_| {}),
         ),
+        get_policy,
+        apply_policy,
         Call::new(
             http::Method::PATCH,
             format!("{STATUS}{APPLY}"),
@@ -710,3 +706,5 @@ async fn installed_crd_passes_the_check() {
     check_crd_installed(&client).await.unwrap();
     server.await.unwrap();
 }
+
+mod network_policy;
