@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fal_sidecar::auth::keys::{KeyRecord, KeyRing};
+use fal_sidecar::auth::ratelimit::Leased;
 use fal_sidecar::auth::Authorizer;
 use fal_sidecar::server::{self, ConnLimits};
 use fal_sidecar::store::redis::{RedisHub, Subscribe};
@@ -166,7 +167,7 @@ pub struct LocalOptions {
 
 /// `fal-operator local`: gateway + autoscaler + local replicas until SIGTERM, then
 /// every replica drained and stopped.
-pub async fn run_local(opts: LocalOptions) -> Result<()> {
+pub async fn run_local(mut opts: LocalOptions) -> Result<()> {
     let hub = connect_store(&opts.store_url, opts.store_replicas).await?;
     let signer = signer(None, &opts.state_dir)?;
     let signing_key = opts.state_dir.join("webhook-signing.key");
@@ -181,8 +182,14 @@ pub async fn run_local(opts: LocalOptions) -> Result<()> {
         );
     }
     let ring = Arc::new(KeyRing::new());
-    ring.replace_all(opts.keys.clone());
-    let auth = Arc::new(Authorizer::new(ring, signer.clone(), hub.clone(), required));
+    ring.replace_all(std::mem::take(&mut opts.keys));
+    fal_sidecar::runtime::release_freed_memory();
+    let auth = Arc::new(Authorizer::new(
+        ring,
+        signer.clone(),
+        Arc::new(Leased::new(hub.clone())),
+        required,
+    ));
     let gw = Gateway::new(
         hub.clone(),
         opts.gateway.clone(),
@@ -271,7 +278,12 @@ pub async fn run_gateway(opts: GatewayOptions) -> Result<()> {
     let registry = Registry::new();
     // A cluster gateway always checks keys: with no FalKey only public functions answer.
     let ring = Arc::new(KeyRing::new());
-    let auth = Arc::new(Authorizer::new(ring, signer.clone(), hub.clone(), true));
+    let auth = Arc::new(Authorizer::new(
+        ring,
+        signer.clone(),
+        Arc::new(Leased::new(hub.clone())),
+        true,
+    ));
     let gw = Gateway::new(hub, opts.gateway.clone(), signer, policy, auth, &registry)?;
     let client = kube::Client::try_default().await.map_err(|e| {
         Error::Scale(format!(
@@ -287,16 +299,20 @@ pub async fn run_gateway(opts: GatewayOptions) -> Result<()> {
     // Ready only once the cluster's functions and keys are known.
     gw.functions_synced
         .store(false, std::sync::atomic::Ordering::Relaxed);
+    gw.keys_synced
+        .store(false, std::sync::atomic::Ordering::Relaxed);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (quit_tx, quit_rx) = watch::channel(false);
     let served = serve_listeners(gw.clone(), admin, &opts.listen, stop_rx, quit_rx).await?;
     let functions = tokio::spawn(gateway::kube::watch_functions(client.clone(), gw.clone()));
+    let keys = tokio::spawn(gateway::kube::watch_keys(client.clone(), gw.clone()));
     let endpoints = tokio::spawn(gateway::kube::watch_endpoints(client, gw.clone()));
     tracing::info!(listen = %opts.listen.run, queue_listen = %opts.listen.queue, admin_listen = %opts.listen.admin, "fal-operator gateway ready");
     terminated().await?;
     let _ = stop_tx.send(true);
     let _ = quit_tx.send(true);
     functions.abort();
+    keys.abort();
     endpoints.abort();
     served.join().await;
     Ok(())

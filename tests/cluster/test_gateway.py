@@ -1,14 +1,37 @@
 """The hook for the gateway and scale-to-zero suites: the controller and the gateway,
 each as its own ServiceAccount, sharing Redis with the pods. A warm sync call and a
 queue submit through the gateway reach a pod at its own address (picked from the
-function's EndpointSlices)."""
+function's EndpointSlices), with an API key (a FalKey the gateway watches); disabling,
+deleting or re-creating the FalKey takes effect within 2 s; `spec.auth: public` opens
+the function."""
 
 from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+import uuid
 
 import httpx
 
 from kube import Cluster, free_ports, wait_until
 from test_operator import RBAC_DENIAL
+
+
+def falkey(name: str, namespace: str) -> tuple[dict, str]:
+    key_id, secret = str(uuid.uuid4()), secrets.token_hex(32)
+    return ({"apiVersion": "fal.serverless.dev/v1alpha1", "kind": "FalKey",
+             "metadata": {"name": name, "namespace": namespace},
+             "spec": {"keyId": key_id, "secretSha256": hashlib.sha256(secret.encode()).hexdigest()}},
+            f"{key_id}:{secret}")
+
+
+def refused_within(call, status: int, seconds: float, what: str) -> float:
+    """Polls `call()` until it answers `status`; how long it took (bounded by `seconds`)."""
+    t0 = time.monotonic()
+    wait_until(lambda: call().status_code == status, seconds, what, interval=0.02)
+    return time.monotonic() - t0
 
 
 def test_warm_calls_through_the_gateway(cluster: Cluster, crds, make_operator, node_redis,
@@ -21,32 +44,62 @@ def test_warm_calls_through_the_gateway(cluster: Cluster, crds, make_operator, n
         "--data-dir", str(tmp_path / "gateway"),
         subcommand="gateway", service_account="fal-gateway")
     name = "gw-app"
-    cluster.apply({
+    key_doc, fal_key = falkey("ci", namespace)
+    cluster.apply(key_doc)
+    function = {
         "apiVersion": "fal.serverless.dev/v1alpha1",
         "kind": "FalFunction",
         "metadata": {"name": name, "namespace": namespace},
         "spec": {"image": "example/app:1", "command": ["python3", "app.py"],
                  "machineType": "XS", "minReplicas": 1, "maxReplicas": 1,
                  "readinessPath": "/health"},
-    })
+    }
+    cluster.apply(function)
     ip = cluster.pod_address(namespace, name, timeout=120)
     wait_until(lambda: ip in cluster.ready_endpoints(namespace, name), 60, "the pod in the EndpointSlices")
+    key = {"Authorization": f"Key {fal_key}"}
     with httpx.Client(timeout=30) as http:
-        def healthy():
+        def ready():
             assert gateway.running(), f"the gateway exited ({gateway.proc.returncode}), see its log"
-            return http.get(f"http://127.0.0.1:{admin}/healthz").status_code == 200
+            return http.get(f"http://127.0.0.1:{admin}/readyz").status_code == 200
 
-        wait_until(healthy, 30, "the gateway's /healthz")
+        # Ready means the FalFunctions and the FalKeys are known: the first call works.
+        wait_until(ready, 30, "the gateway's /readyz")
+        sync = f"http://127.0.0.1:{run}/{namespace}/{name}/test"
         r = wait_until(lambda: (lambda r: r.status_code == 200 and r)(
-            http.post(f"http://127.0.0.1:{run}/{namespace}/{name}/test", json={"via": "gateway"})),
+            http.post(sync, json={"via": "gateway"}, headers=key)),
             60, "a sync call through the gateway")
         assert r.json()["input"] == {"via": "gateway"}, r.text
-        sub = http.post(f"http://127.0.0.1:{queue}/{namespace}/{name}/test", json={"q": 1})
+        sub = http.post(f"http://127.0.0.1:{queue}/{namespace}/{name}/test", json={"q": 1}, headers=key)
         assert sub.status_code in (200, 202), sub.text
         rid = sub.json()["request_id"]
-        wait_until(lambda: http.get(f"http://127.0.0.1:{queue}/{namespace}/{name}/requests/{rid}/status")
-                   .json().get("status") == "COMPLETED", 60, f"request {rid}")
-        res = http.get(f"http://127.0.0.1:{queue}/{namespace}/{name}/requests/{rid}")
+        wait_until(lambda: http.get(f"http://127.0.0.1:{queue}/{namespace}/{name}/requests/{rid}/status",
+                                    headers=key).json().get("status") == "COMPLETED", 60, f"request {rid}")
+        res = http.get(f"http://127.0.0.1:{queue}/{namespace}/{name}/requests/{rid}", headers=key)
         assert res.status_code == 200 and res.json()["input"] == {"q": 1}, res.text
+
+        # No key: 401 (the function is private by default).
+        r = http.post(sync, json={})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Key", r.text
+
+        # Revocation through the API server: disable, enable, delete, each seen in < 2 s.
+        call = lambda: http.post(sync, json={}, headers=key)  # noqa: E731
+        took = {}
+        cluster.kubectl("patch", "falkey", "ci", "-n", namespace, "--type", "merge",
+                        "-p", json.dumps({"spec": {"disabled": True}}))
+        took["disabled"] = refused_within(call, 401, 2.0, "the disabled key to be refused")
+        assert "disabled" in call().json()["detail"]
+        cluster.kubectl("patch", "falkey", "ci", "-n", namespace, "--type", "merge",
+                        "-p", json.dumps({"spec": {"disabled": False}}))
+        took["enabled"] = refused_within(call, 200, 2.0, "the re-enabled key to work")
+        cluster.kubectl("delete", "falkey", "ci", "-n", namespace)
+        took["deleted"] = refused_within(call, 401, 2.0, "the deleted key to be refused")
+        assert "unknown key id" in call().json()["detail"]
+        print(f"revocation seen by the gateway after: {took}")
+
+        # spec.auth: public opens the function without a key.
+        function["spec"]["auth"] = "public"
+        cluster.apply(function)
+        refused_within(lambda: http.post(sync, json={}), 200, 10.0, "the public function to answer")
     for proc in (controller, gateway):
         assert not RBAC_DENIAL.findall(proc.log()), proc.log()[-3000:]

@@ -126,7 +126,9 @@ def zero_function(cluster: Cluster, crds, make_operator, node_redis, namespace, 
         "metadata": {"name": name, "namespace": namespace},
         "spec": {"image": "example/app:1", "command": ["python3", "app.py"],
                  "machineType": "XS", "minReplicas": 0, "maxReplicas": 1,
-                 "keepAlive": KEEP_ALIVE, "readinessPath": "/health"},
+                 "keepAlive": KEEP_ALIVE, "readinessPath": "/health",
+                 # Scale to zero is the subject here; keys are test_gateway.py's.
+                 "auth": "public"},
     })
     fn = Function(cluster, namespace, name, controller, gateway, run, queue, admin)
     try:

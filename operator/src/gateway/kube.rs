@@ -13,6 +13,7 @@ use kube::{Api, Client, ResourceExt};
 
 use super::Gateway;
 use crate::crd::FalFunction;
+use crate::falkey::FalKey;
 use crate::function::{FunctionInfo, FunctionSink};
 use crate::labels::{FUNCTION_LABEL, MANAGED_SELECTOR};
 use crate::sidecar::HTTP_PORT_NAME;
@@ -54,6 +55,51 @@ pub async fn watch_functions(client: Client, gw: Arc<dyn FunctionSink>) {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "gateway: watching FalFunctions failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Keeps the gateway's key ring in step with the cluster's FalKeys: a created, changed,
+/// disabled or deleted key takes effect as soon as its watch event arrives. A FalKey
+/// the gateway cannot read (a bad spec the CRD's rules let through) is left out of the
+/// ring, so its key is refused.
+pub async fn watch_keys(client: Client, gw: Arc<Gateway>) {
+    let api: Api<FalKey> = Api::all(client);
+    let ring = gw.auth.ring().clone();
+    let mut staged = Vec::new();
+    let record = |fk: &FalKey| match fk.record() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(falkey = %format!("{}/{}", fk.namespace().unwrap_or_default(), fk.name_any()), error = %e, "gateway: ignoring a FalKey (its key is refused)");
+            None
+        }
+    };
+    let mut events = watcher::watcher(api, watcher::Config::default()).boxed();
+    while let Some(ev) = events.next().await {
+        match ev {
+            Ok(Event::Apply(fk)) => match record(&fk) {
+                Some(r) => ring.upsert(r),
+                None => ring.remove(&fk.namespace().unwrap_or_default(), &fk.name_any()),
+            },
+            Ok(Event::Delete(fk)) => {
+                ring.remove(&fk.namespace().unwrap_or_default(), &fk.name_any())
+            }
+            Ok(Event::Init) => staged.clear(),
+            Ok(Event::InitApply(fk)) => staged.extend(record(&fk)),
+            Ok(Event::InitDone) => {
+                ring.replace_all(std::mem::take(&mut staged));
+                fal_sidecar::runtime::release_freed_memory();
+                if !gw
+                    .keys_synced
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::info!(keys = ring.len(), "gateway: FalKeys loaded");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "gateway: watching FalKeys failed; retrying");
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         }

@@ -1,14 +1,15 @@
 //! Per-key rate limits in the shared store: every gateway replica spends one budget.
-//! One Lua call per request of a rate-limited key (`rate_limit.lua`, GCRA on the
-//! server's clock); keys without a limit never reach Redis.
+//! A [`Leased`](crate::auth::ratelimit::Leased) limiter takes tokens here in batches
+//! (`rate_limit.lua`, GCRA on the server's clock); keys without a limit never reach
+//! Redis.
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use redis::{Script, Value};
 
-use super::{int_of, RedisHub};
-use crate::auth::ratelimit::{Rate, RateLimiter};
+use super::{array, int_of, RedisHub};
+use crate::auth::ratelimit::{Rate, TokenSource};
 
 fn script() -> &'static Script {
     static S: OnceLock<Script> = OnceLock::new();
@@ -21,46 +22,47 @@ pub fn rate_key(key_id: &str) -> String {
 }
 
 impl RedisHub {
-    /// One GCRA step for `key_id`: `None` when the request may go, else the wait.
-    pub async fn rate_limit(
+    /// Up to `want` GCRA steps for `key_id` at once: the tokens granted (≥ 1), or the
+    /// wait until one would be.
+    pub async fn rate_take(
         &self,
         key_id: &str,
         rate: Rate,
-    ) -> super::StoreResult<Option<Duration>> {
+        want: u64,
+    ) -> super::StoreResult<Result<u64, Duration>> {
         let mut inv = script().prepare_invoke();
         inv.key(rate_key(key_id))
             .arg(rate.interval_us())
-            .arg(rate.burst());
+            .arg(rate.burst())
+            .arg(want);
         let inv = &inv;
         let v: Value = self
             .guard(|mut c| async move { inv.invoke_async::<Value>(&mut c).await })
             .await?;
-        Ok(match int_of(&v) {
-            Some(us) if us > 0 => Some(Duration::from_micros(us as u64)),
-            _ => None,
+        let v = array(v)?;
+        let (granted, wait) = (
+            v.first().and_then(int_of).unwrap_or(0),
+            v.get(1).and_then(int_of).unwrap_or(0),
+        );
+        Ok(if granted > 0 {
+            Ok(granted as u64)
+        } else {
+            Err(Duration::from_micros(wait.max(1) as u64))
         })
     }
 }
 
 #[async_trait::async_trait]
-impl RateLimiter for RedisHub {
-    async fn acquire(&self, key_id: &str, rate: Rate) -> Result<(), Duration> {
-        match self.rate_limit(key_id, rate).await {
-            Ok(None) => Ok(()),
-            Ok(Some(wait)) => Err(wait),
-            Err(e) => {
-                // Counting is down with the store: let the call through (its own store
-                // work fails clearly if it needs the store), and say so now and then.
-                static LAST: std::sync::Mutex<Option<std::time::Instant>> =
-                    std::sync::Mutex::new(None);
-                let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-                if last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                    tracing::warn!(error = %e, "rate limits are not counted while the store is unavailable");
-                    *last = Some(std::time::Instant::now());
-                }
-                Ok(())
-            }
-        }
+impl TokenSource for std::sync::Arc<RedisHub> {
+    async fn take(
+        &self,
+        key_id: &str,
+        rate: Rate,
+        want: u64,
+    ) -> Result<Result<u64, Duration>, String> {
+        self.rate_take(key_id, rate, want)
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -69,6 +71,7 @@ mod tests {
     use super::super::tests::{cluster_url, server_port};
     use super::super::Subscribe;
     use super::*;
+    use crate::auth::ratelimit::{Leased, RateLimiter};
 
     async fn shared_budget(url: &str) {
         // Two hubs: two gateway replicas on one store.
@@ -76,22 +79,26 @@ mod tests {
         let b = RedisHub::connect(url, Subscribe::All).unwrap();
         let rate = Rate::new(1.0, Some(3)).unwrap();
         let key = format!("k-{}", uuid::Uuid::new_v4());
-        assert_eq!(a.rate_limit(&key, rate).await.unwrap(), None);
-        assert_eq!(b.rate_limit(&key, rate).await.unwrap(), None);
-        assert_eq!(a.rate_limit(&key, rate).await.unwrap(), None);
+        assert_eq!(a.rate_take(&key, rate, 1).await.unwrap(), Ok(1));
+        assert_eq!(b.rate_take(&key, rate, 1).await.unwrap(), Ok(1));
+        assert_eq!(a.rate_take(&key, rate, 1).await.unwrap(), Ok(1));
         let wait = b
-            .rate_limit(&key, rate)
+            .rate_take(&key, rate, 1)
             .await
             .unwrap()
-            .expect("over the shared burst");
+            .expect_err("over the shared burst");
         assert!(wait <= Duration::from_secs(1), "{wait:?}");
-        assert!(a.acquire(&key, rate).await.is_err(), "still over the rate");
-        // Another key has its own budget.
+        let leased = Leased::new(a.clone());
+        assert!(
+            leased.acquire(&key, rate).await.is_err(),
+            "still over the rate"
+        );
+        // Another key has its own budget; a batch takes what fits.
         let other = format!("k-{}", uuid::Uuid::new_v4());
-        assert_eq!(a.rate_limit(&other, rate).await.unwrap(), None);
+        assert_eq!(a.rate_take(&other, rate, 10).await.unwrap(), Ok(3));
         // After the wait one more passes.
         tokio::time::sleep(wait + Duration::from_millis(20)).await;
-        assert_eq!(b.rate_limit(&key, rate).await.unwrap(), None);
+        assert_eq!(b.rate_take(&key, rate, 1).await.unwrap(), Ok(1));
     }
 
     #[tokio::test]
@@ -108,8 +115,9 @@ mod tests {
     async fn a_dead_store_lets_calls_through() {
         let hub = RedisHub::connect("redis://127.0.0.1:1/0", Subscribe::All).unwrap();
         let rate = Rate::new(1.0, Some(1)).unwrap();
-        assert!(hub.rate_limit("k", rate).await.is_err());
-        assert!(hub.acquire("k", rate).await.is_ok());
-        assert!(hub.acquire("k", rate).await.is_ok());
+        assert!(hub.rate_take("k", rate, 1).await.is_err());
+        let leased = Leased::new(hub);
+        assert!(leased.acquire("k", rate).await.is_ok());
+        assert!(leased.acquire("k", rate).await.is_ok());
     }
 }
