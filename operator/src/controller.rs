@@ -2,8 +2,9 @@
 //!
 //! One reconcile: build the desired Deployment, Service and NetworkPolicy (pure), read
 //! the live ones, server-side apply only what differs, then write the status if it
-//! changed and emit events for what happened. Spec errors (unknown machine type, bad values) leave the
-//! running objects alone, set the conditions and raise a Warning event.
+//! changed and emit events for what happened. Spec errors (unknown machine type, bad
+//! values) leave the running objects alone, set the conditions and raise a Warning
+//! event.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -287,31 +288,8 @@ async fn apply(ff: &FalFunction, ctx: &Context) -> Result<Action> {
         ctx.metrics.wrote("apply_service");
     }
 
-    let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
-    let live = policies.get_opt(&name).await?;
-    let (policy_written, policy_removed) = match &desired_policy {
-        Some(desired) => {
-            let (_, written) = apply_if_changed(&policies, &name, desired, live).await?;
-            if written {
-                ctx.metrics.wrote("apply_network_policy");
-            }
-            (written, false)
-        }
-        // Policies are off: remove the one this function got while they were on, or
-        // its pods would stay closed to everything but the gateway.
-        None => match live.filter(|p| controlled_by(&p.metadata, ff)) {
-            Some(_) => {
-                match policies.delete(&name, &DeleteParams::default()).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(s)) if s.code == 404 => {}
-                    Err(e) => return Err(e.into()),
-                }
-                ctx.metrics.wrote("delete_network_policy");
-                (false, true)
-            }
-            None => (false, false),
-        },
-    };
+    let (policy_written, policy_removed) =
+        network_policy(ctx, ff, &namespace, &name, desired_policy.as_ref()).await?;
 
     let was_ready = ff
         .status
@@ -365,6 +343,38 @@ async fn apply(ff: &FalFunction, ctx: &Context) -> Result<Action> {
         }
     }
     Ok(Action::requeue(RESYNC))
+}
+
+/// Applies the function's NetworkPolicy if it differs; with policies off (`desired`
+/// `None`) deletes the one the function controls. Returns (applied, deleted).
+async fn network_policy(
+    ctx: &Context,
+    ff: &FalFunction,
+    namespace: &str,
+    name: &str,
+    desired: Option<&NetworkPolicy>,
+) -> Result<(bool, bool)> {
+    let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), namespace);
+    let live = policies.get_opt(name).await?;
+    if let Some(desired) = desired {
+        let (_, written) = apply_if_changed(&policies, name, desired, live).await?;
+        if written {
+            ctx.metrics.wrote("apply_network_policy");
+        }
+        return Ok((written, false));
+    }
+    // Policies are off: remove the one this function got while they were on, or its
+    // pods would stay closed to everything but the gateway. Anyone else's stays.
+    if !live.is_some_and(|p| controlled_by(&p.metadata, ff)) {
+        return Ok((false, false));
+    }
+    match policies.delete(name, &DeleteParams::default()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    ctx.metrics.wrote("delete_network_policy");
+    Ok((false, true))
 }
 
 /// Whether `meta` names `ff` as its controller (so the object is ours to delete).

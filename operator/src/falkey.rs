@@ -76,9 +76,9 @@ pub struct FalKeySpec {
 
     /// Only these functions may be called with the key (at most 256). An entry `name`
     /// is a function of the key's own namespace; `namespace/name` is a function of
-    /// another namespace, which must have `spec.auth: shared`. Unset: every function the
-    /// functions' auth modes allow (private ones of this namespace, shared ones
-    /// everywhere).
+    /// another namespace, whose `spec.auth` must be `shared` (a private function admits
+    /// keys of its own namespace only). Unset: every function the functions' auth modes
+    /// allow (private ones of this namespace, shared ones everywhere).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 256), inner(length(max = 127)))]
     #[x_kube(validation = Rule::new("self.all(f, f.matches('^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(/[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)?$'))").message("functions entries must be NAME (a function of the key's namespace) or NAMESPACE/NAME, each part a DNS label: lowercase letters, digits and '-', at most 63"))]

@@ -135,7 +135,7 @@ pub fn new_key(
     if let Some(ns) = opts.namespace.as_deref().filter(|ns| !is_label(ns)) {
         return Err(Error::invalid(
             "--namespace",
-            format!("{ns:?} is not a namespace name"),
+            format!("{ns:?} is not a namespace name (lowercase letters, digits and '-')"),
         ));
     }
     if opts.functions.len() > MAX_FUNCTIONS {
@@ -271,13 +271,16 @@ pub fn table(keys: &[FalKey], now: SystemTime) -> String {
     out
 }
 
-/// What went wrong with an API call, and what to do about it.
+/// What went wrong with an API call, and what to do about it. `namespace` is `*` for
+/// a list of every namespace.
 fn api_error(err: kube::Error, what: &str, namespace: &str, name: &str) -> Error {
+    let subject = match (what, namespace) {
+        ("listing", "*") => "FalKeys of every namespace".to_string(),
+        ("listing", ns) => format!("FalKeys in namespace {ns}"),
+        (_, ns) => format!("FalKey {ns}/{name}"),
+    };
     let kube::Error::Api(status) = &err else {
-        return Error::Key(format!(
-            "{what} FalKey {namespace}/{name}: {}",
-            error_chain(&err)
-        ));
+        return Error::Key(format!("{what} {subject}: {}", error_chain(&err)));
     };
     let message = match status.code {
         404 if what == "listing" || what == "creating" => format!(
@@ -293,14 +296,11 @@ fn api_error(err: kube::Error, what: &str, namespace: &str, name: &str) -> Error
              first (fal-operator key revoke {name} -n {namespace})"
         ),
         403 => format!(
-            "{what} FalKey {namespace}/{name} is not allowed for your kubeconfig's user \
-             (it needs that verb on falkeys.fal.serverless.dev): {}",
+            "{what} {subject} is not allowed for your kubeconfig's user (it needs that verb \
+             on falkeys.fal.serverless.dev): {}",
             status.message
         ),
-        _ => format!(
-            "{what} FalKey {namespace}/{name}: the apiserver said: {}",
-            status.message
-        ),
+        _ => format!("{what} {subject}: the apiserver said: {}", status.message),
     };
     Error::Key(message)
 }
@@ -331,7 +331,7 @@ pub async fn list(client: &Client, namespace: Option<&str>) -> Result<Vec<FalKey
         let page = api
             .list(&params)
             .await
-            .map_err(|e| api_error(e, "listing", namespace.unwrap_or("*"), "*"))?;
+            .map_err(|e| api_error(e, "listing", namespace.unwrap_or("*"), ""))?;
         out.extend(page.items);
         match page.metadata.continue_.filter(|c| !c.is_empty()) {
             Some(token) => params = params.continue_token(&token),

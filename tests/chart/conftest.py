@@ -52,6 +52,13 @@ VARIANTS = {
         "operator": {"leaderElection": {"enabled": False}},
         "functionNamespaces": [],
     },
+    "metrics-namespace": {
+        "networkPolicy": {"metricsNamespace": "monitoring"},
+        "monitoring": {"serviceMonitor": {"enabled": True}},
+    },
+    "no-network-policy": {
+        "networkPolicy": {"enabled": False},
+    },
     "catalog": {
         "catalog": {"machineTypes": {
             "GPU-RTX4090": {"cpu": "8", "memory": "48Gi", "gpus": 1,

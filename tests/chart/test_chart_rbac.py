@@ -35,6 +35,12 @@ PERMISSIONS = {
     (CONTROLLER, "cluster", "", "services", "watch"): ".owns(Service) watch",
     (CONTROLLER, "cluster", "", "services", "create"): "server-side apply creates",
     (CONTROLLER, "cluster", "", "services", "patch"): "server-side apply updates",
+    (CONTROLLER, "cluster", "networking.k8s.io", "networkpolicies", "get"): "owned NetworkPolicy read",
+    (CONTROLLER, "cluster", "networking.k8s.io", "networkpolicies", "list"): ".owns(NetworkPolicy) watch, initial list",
+    (CONTROLLER, "cluster", "networking.k8s.io", "networkpolicies", "watch"): ".owns(NetworkPolicy) watch",
+    (CONTROLLER, "cluster", "networking.k8s.io", "networkpolicies", "create"): "server-side apply creates",
+    (CONTROLLER, "cluster", "networking.k8s.io", "networkpolicies", "patch"): "server-side apply updates",
+    (CONTROLLER, "cluster", "networking.k8s.io", "networkpolicies", "delete"): "--network-policy=false removes the one a function controls",
     (CONTROLLER, "cluster", "", "pods", "list"): "autoscaler: a function's replicas (no watch)",
     (CONTROLLER, "cluster", "", "pods", "patch"): "pod-deletion-cost on busy replicas",
     (CONTROLLER, "cluster", "events.k8s.io", "events", "create"): "Recorder: Normal/Warning events",
@@ -44,6 +50,8 @@ PERMISSIONS = {
     (CONTROLLER, "namespace", "coordination.k8s.io", "leases", "update"): "leader election: renew/take over",
     (GATEWAY, "cluster", "fal.serverless.dev", "falfunctions", "list"): "route table watcher, initial list",
     (GATEWAY, "cluster", "fal.serverless.dev", "falfunctions", "watch"): "route table watcher",
+    (GATEWAY, "cluster", "fal.serverless.dev", "falkeys", "list"): "API key watcher, initial list",
+    (GATEWAY, "cluster", "fal.serverless.dev", "falkeys", "watch"): "API key watcher (only secret hashes)",
     (GATEWAY, "cluster", "discovery.k8s.io", "endpointslices", "list"): "ready pods, initial list",
     (GATEWAY, "cluster", "discovery.k8s.io", "endpointslices", "watch"): "ready pods of a function",
 }
@@ -51,6 +59,8 @@ PERMISSIONS = {
 # Rust type → (apiGroup, resource) for the kinds the code may build an Api<K> for.
 KINDS = {
     "FalFunction": ("fal.serverless.dev", "falfunctions"),
+    "FalKey": ("fal.serverless.dev", "falkeys"),
+    "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
     "Deployment": ("apps", "deployments"),
     "Service": ("", "services"),
     "Pod": ("", "pods"),
@@ -96,15 +106,30 @@ def test_rbac_is_exactly_the_calls_the_code_makes(template, variant):
     assert PERMISSIONS.keys() - granted == set(), "a call the code makes is not granted"
 
 
+# The one delete: with --network-policy=false the controller removes the policy a
+# function controls (garbage collection would keep it as long as the function lives).
+DELETABLE = {"networkpolicies"}
+
+
 def test_no_wildcards_no_secrets_no_deletes(template):
     for obj in by_kind(template(), "ClusterRole") + by_kind(template(), "Role"):
         for rule in obj["rules"]:
             for field in ("apiGroups", "resources", "verbs"):
                 assert "*" not in rule[field], rule
             assert "secrets" not in rule["resources"], "no Secret is read through the API"
-            assert "delete" not in rule["verbs"] and "deletecollection" not in rule["verbs"], \
-                "owner references garbage-collect; nothing is deleted"
+            assert "deletecollection" not in rule["verbs"]
+            if "delete" in rule["verbs"]:
+                assert set(rule["resources"]) <= DELETABLE, \
+                    "owner references garbage-collect; nothing else is deleted"
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
+
+
+def test_gateway_reads_falkeys_but_never_secrets(template):
+    gateway = {(g, r, v) for (sa, _, g, r, v) in grants(template()) if sa == GATEWAY}
+    assert ("fal.serverless.dev", "falkeys", "watch") in gateway
+    assert not {v for (_, r, v) in gateway if r == "falkeys"} - {"list", "watch"}, \
+        "the gateway only reads keys"
+    assert not [g for g in gateway if g[1] in ("secrets", "falkeys/status")], gateway
 
 
 def test_lease_rights_are_namespaced_and_named(template):

@@ -112,6 +112,8 @@ BAD_VALUES = [
     ({"functionNamespaces": ["Default"]}, ["functionNamespaces"]),
     ({"gateway": {"domain": "https://fal.example.com"}}, ["gateway.domain"]),
     ({"gateway": {"scheme": "ftp"}}, ["gateway.scheme"]),
+    ({"networkPolicy": {"metricsNamespace": "Monitoring"}}, ["networkPolicy.metricsNamespace"]),
+    ({"networkPolicy": {"enabled": "yes"}}, ["networkPolicy.enabled", "boolean"]),
     # Checks the schema cannot express: refused by the templates, naming the setting.
     ({"redis": {"enabled": False}}, ["store", "store.url", "store.existingSecret"]),
     ({"store": {"url": "redis://ext:6379/0"}}, ["store", "redis.enabled=false"]),
@@ -166,6 +168,14 @@ def test_notes_show_how_to_call_a_function(helm, tmp_path):
     assert "curl -X POST $RUN/default/seed-app/test" in notes
     assert "fal_client.submit" in notes and "QUEUE_URL_FORMAT" in notes
     assert "kubectl apply --server-side -f charts/fal-serverless/crds/" in notes
+
+
+def test_notes_warn_when_the_network_policy_closes_metrics(helm, tmp_path):
+    warning = "set networkPolicy.metricsNamespace"
+    for variant, warned in [("monitoring", True), ("metrics-namespace", False), ("defaults", False)]:
+        work = tmp_path / variant
+        work.mkdir()
+        assert (warning in render_notes(helm, work, VARIANTS[variant])) == warned, variant
 
 
 def test_ingress_notes_use_the_hosts(helm, tmp_path):
@@ -418,6 +428,38 @@ def test_operator_deployment(template):
         "fal-serverless-catalog"
     probe_port = c["readinessProbe"]["httpGet"]["port"]
     assert probe_port in [p["name"] for p in c["ports"]]
+    assert env["FAL_NETWORK_POLICY"]["value"] == "true"
+    assert env["FAL_GATEWAY_NAMESPACE"]["value"] == NAMESPACE
+    assert "FAL_METRICS_NAMESPACE" not in env
+
+
+@pytest.mark.parametrize("release,values,prefix", [
+    (RELEASE, {}, "fal-serverless"),
+    ("prod", {"nameOverride": "fal"}, "prod-fal"),
+])
+def test_operator_network_policy_settings_select_the_gateway_pods(template, release, values, prefix):
+    """FAL_GATEWAY_POD_LABELS is exactly the gateway Deployment's selector: every gateway
+    pod of this release matches it, no other pod of the chart does."""
+    objs = template(values, release=release)
+    operator = one(objs, "Deployment", f"{prefix}-operator")
+    gateway = one(objs, "Deployment", f"{prefix}-gateway")
+    env = env_of(operator["spec"]["template"]["spec"]["containers"][0])
+    labels = dict(kv.split("=", 1) for kv in env["FAL_GATEWAY_POD_LABELS"]["value"].split(","))
+    assert labels == gateway["spec"]["selector"]["matchLabels"]
+    assert labels["app.kubernetes.io/instance"] == release
+    for obj, _ in pod_specs(objs):
+        matches = labels.items() <= obj["spec"]["template"]["metadata"]["labels"].items()
+        assert matches == (obj is gateway), obj["metadata"]["name"]
+
+
+def test_network_policy_values_reach_the_operator(template):
+    env = env_of(one(template(VARIANTS["metrics-namespace"]), "Deployment",
+                     "fal-serverless-operator")["spec"]["template"]["spec"]["containers"][0])
+    assert env["FAL_METRICS_NAMESPACE"]["value"] == "monitoring"
+    env = env_of(one(template(VARIANTS["no-network-policy"]), "Deployment",
+                     "fal-serverless-operator")["spec"]["template"]["spec"]["containers"][0])
+    assert env["FAL_NETWORK_POLICY"]["value"] == "false"
+    assert not {"FAL_GATEWAY_NAMESPACE", "FAL_GATEWAY_POD_LABELS", "FAL_METRICS_NAMESPACE"} & env.keys()
 
 
 def test_ha_variant(template):
@@ -618,6 +660,13 @@ def test_function_pods_find_every_secret_they_reference(template, variant, tmp_p
         for ctr in pod["containers"] + pod.get("initContainers", []):
             for e in ctr.get("env", []):
                 assert "redis://" not in e.get("value", ""), "the store URL leaked into the pod spec"
+        # The NetworkPolicy the operator renders with the chart's settings admits this
+        # release's gateway pods, in the release namespace.
+        policy = next(d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "NetworkPolicy")
+        (peer,) = policy["spec"]["ingress"][0]["from"]
+        gateway = one(objs, "Deployment", "fal-serverless-gateway")["spec"]["template"]["metadata"]
+        assert peer["podSelector"]["matchLabels"].items() <= gateway["labels"].items()
+        assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": NAMESPACE}
 
 
 def test_catalog_configmap_is_a_catalog_the_operator_loads(template, tmp_path):

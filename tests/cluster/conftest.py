@@ -8,7 +8,7 @@ or, with a cluster already up (`scripts/cluster.sh up`):  python -m pytest tests
 
 Fixtures for later suites (the gateway, scale to zero):
   cluster                 Cluster: kubectl/json/apply, pod_address(), node_ip(), pod_log()
-  crds, operator_rbac     the CRD and the project's RBAC applied
+  crds, operator_rbac     the CRDs (FalFunction, FalKey) and the project's RBAC applied
   make_operator(*args, subcommand="controller", service_account=…)
                           a fal-operator process authenticated as a ServiceAccount
   namespace               a fresh namespace per test, deleted afterwards
@@ -86,7 +86,7 @@ def cluster() -> Cluster:
 def crds(cluster: Cluster):
     cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
     cluster.kubectl("wait", "--for", "condition=Established", "--timeout", "60s",
-                    "crd/falfunctions.fal.serverless.dev")
+                    "crd/falfunctions.fal.serverless.dev", "crd/falkeys.fal.serverless.dev")
     return REPO / "crds"
 
 

@@ -75,10 +75,12 @@ def test_seed_app_lifecycle(cluster: Cluster, crds, operator):
         ff = cluster.json("get", "falfunction", name, "-n", ns)
         uid = ff["metadata"]["uid"]
 
-        # Deployment and Service, applied server-side by fal-operator, owned by the FalFunction.
+        # Deployment, Service and NetworkPolicy, applied server-side by fal-operator, owned
+        # by the FalFunction.
         dep = wait_until(lambda: cluster.get("deployment", name, ns), 60, "the Deployment")
         svc = wait_until(lambda: cluster.get("service", name, ns), 60, "the Service")
-        for obj in (dep, svc):
+        policy = wait_until(lambda: cluster.get("networkpolicy", name, ns), 60, "the NetworkPolicy")
+        for obj in (dep, svc, policy):
             assert applied_by_operator(obj), obj["metadata"].get("managedFields")
             owner = obj["metadata"]["ownerReferences"][0]
             assert (owner["kind"], owner["uid"], owner.get("controller")) == ("FalFunction", uid, True)
@@ -86,6 +88,12 @@ def test_seed_app_lifecycle(cluster: Cluster, crds, operator):
         assert [c["name"] for c in pod_spec["initContainers"]] == ["fal-sidecar"]
         assert pod_spec["containers"][0]["image"] == "ghcr.io/fal-serverless-k8s/seed-app:0.1.0"
         assert {p["targetPort"] for p in svc["spec"]["ports"]} >= {"http", "queue"}, svc["spec"]["ports"]
+        # Only the gateway pods (of fal-system, the operator's default) reach the run port.
+        assert policy["spec"]["podSelector"]["matchLabels"] == {FUNCTION_LABEL: name}
+        (rule,) = policy["spec"]["ingress"]
+        assert rule["ports"] == [{"port": 9080, "protocol": "TCP"}]
+        (peer,) = rule["from"]
+        assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "fal-system"}
 
         # The GPU-T4 pod lands on the test node (GPU capacity, T4 labels) and gets Ready.
         ip = cluster.pod_address(ns, name, timeout=120)
@@ -151,12 +159,14 @@ def test_seed_app_lifecycle(cluster: Cluster, crds, operator):
 
     # Deleting the FalFunction garbage-collects everything it owned.
     def collected():
-        left = [kind for kind in ("deployment", "service") if cluster.get(kind, name, ns)]
+        left = [kind for kind in ("deployment", "service", "networkpolicy")
+                if cluster.get(kind, name, ns)]
         rs = cluster.json("get", "replicasets", "-n", ns, "-l", f"{FUNCTION_LABEL}={name}")["items"]
         pods = cluster.pods(ns, name)
         return not left and not rs and not pods
 
-    wait_until(collected, 120, "the Deployment, ReplicaSets, pods and Service to be collected")
+    wait_until(collected, 120,
+               "the Deployment, ReplicaSets, pods, Service and NetworkPolicy to be collected")
     denials = RBAC_DENIAL.findall(operator.log())
     assert not denials, f"the operator hit RBAC denials: {denials}"
 

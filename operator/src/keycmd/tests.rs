@@ -408,6 +408,11 @@ async fn list_reads_every_page_of_one_namespace_or_all() {
         Call::new(http::Method::GET, format!("{KEYS}?&limit=500"), |_| {
             status(StatusCode::NOT_FOUND, "NotFound", "404 page not found")
         }),
+        Call::new(
+            http::Method::GET,
+            "/apis/fal.serverless.dev/v1alpha1/falkeys?&limit=500",
+            |_| status(StatusCode::FORBIDDEN, "Forbidden", "cannot list resource"),
+        ),
     ];
     let (client, server) = mock_client(calls);
     let names: Vec<_> = list(&client, Some("team-a"))
@@ -422,8 +427,13 @@ async fn list_reads_every_page_of_one_namespace_or_all() {
     assert_eq!(all[0].namespace().as_deref(), Some("team-z"));
     let err = list(&client, Some("team-a")).await.unwrap_err().to_string();
     assert!(err.contains("kubectl apply -f crds/falkeys.yaml"), "{err}");
+    let err = list(&client, None).await.unwrap_err().to_string();
+    assert!(
+        err.starts_with("listing FalKeys of every namespace is not allowed"),
+        "{err}"
+    );
     drop(client);
-    assert_eq!(finished(server).await.len(), 4);
+    assert_eq!(finished(server).await.len(), 5);
 }
 
 #[tokio::test]
