@@ -87,6 +87,20 @@ spec:
   readinessPath: /health
 EOF
 
+# An API key of the function's namespace (the function is private by default): only the
+# secret's sha256 goes into the cluster.
+"${K[@]}" wait --for condition=established --timeout=60s crd/falkeys.fal.serverless.dev
+FAL_KEY_ID=$(python3 -c 'import uuid; print(uuid.uuid4())')
+FAL_KEY_SECRET=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
+FAL_KEY_SHA=$(printf %s "$FAL_KEY_SECRET" | sha256sum | cut -d' ' -f1)
+"${K[@]}" apply -f - <<EOF
+apiVersion: fal.serverless.dev/v1alpha1
+kind: FalKey
+metadata: {name: kind-e2e, namespace: default}
+spec: {keyId: "$FAL_KEY_ID", secretSha256: "$FAL_KEY_SHA"}
+EOF
+AUTH="Authorization: Key $FAL_KEY_ID:$FAL_KEY_SECRET"
+
 "${K[@]}" -n "$NS" port-forward "svc/$RELEASE-gateway" 18080:80 18081:8081 >/dev/null 2>&1 &
 PF_PID=$!
 for _ in $(seq 60); do
@@ -94,22 +108,25 @@ for _ in $(seq 60); do
     sleep 1
 done
 
+echo "kind-e2e: no key, 401"
+[[ "$(curl -sS -o /dev/null -w '%{http_code}' -X POST http://127.0.0.1:18080/default/seed-app/test -d '{}')" == 401 ]]
+
 echo "kind-e2e: sync call through the gateway (wakes the function from zero)"
-out=$(curl -fsS --max-time 300 -X POST http://127.0.0.1:18080/default/seed-app/test \
+out=$(curl -fsS --max-time 300 -H "$AUTH" -X POST http://127.0.0.1:18080/default/seed-app/test \
     -H 'content-type: application/json' -d '{"prompt": "kind"}')
 echo "$out"
 grep -q '"prompt": *"kind"' <<<"$out"
 
 echo "kind-e2e: queue submit, status, result through the queue host"
-submit=$(curl -fsS -X POST http://127.0.0.1:18081/default/seed-app/test -d '{"n": 1}')
+submit=$(curl -fsS -H "$AUTH" -X POST http://127.0.0.1:18081/default/seed-app/test -d '{"n": 1}')
 id=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["request_id"])' <<<"$submit")
 for _ in $(seq 120); do
-    status=$(curl -fsS "http://127.0.0.1:18081/default/seed-app/requests/$id/status")
+    status=$(curl -fsS -H "$AUTH" "http://127.0.0.1:18081/default/seed-app/requests/$id/status")
     grep -q COMPLETED <<<"$status" && break
     sleep 1
 done
 grep -q COMPLETED <<<"$status"
-curl -fsS "http://127.0.0.1:18081/default/seed-app/requests/$id" | grep -q '"n": *1'
+curl -fsS -H "$AUTH" "http://127.0.0.1:18081/default/seed-app/requests/$id" | grep -q '"n": *1'
 
 "${K[@]}" wait --for=condition=Ready falfunction/seed-app -n default --timeout=60s
 [[ "$("${K[@]}" -n default get deploy seed-app -o jsonpath='{.status.readyReplicas}')" == 1 ]]
