@@ -288,3 +288,19 @@ def test_one_rate_budget_across_two_gateways(make_local):
     assert one.http.get(paths[0], headers=key_header(free_key)).status_code == 404
     time.sleep(wait)
     assert two.http.get(paths[1], headers=key_header(slow_key)).status_code == 404
+
+
+def test_open_without_keys_and_closed_with_require_auth(make_local):
+    """No FalKey: local stays open and says so in one warning line; --require-auth
+    closes it (only public functions answer)."""
+    open_ = make_local([function("echo", "team-a", minReplicas=1)])
+    open_.wait_ready("team-a/echo", 1)
+    assert open_.http.post(f"{open_.run_url}/team-a/echo/test", json={}).status_code == 200
+    warnings = [line for line in open_.log_tail(400).splitlines() if "no FalKey declared" in line]
+    assert len(warnings) == 1, open_.log_tail()
+    closed = make_local([function("echo", "team-a", minReplicas=1),
+                         function("pub", "team-a", minReplicas=1, auth="public")], "--require-auth")
+    closed.wait_ready("team-a/pub", 1)
+    assert_refused(closed.http.post(f"{closed.run_url}/team-a/echo/test", json={}), 401, "needs an API key")
+    assert closed.http.post(f"{closed.run_url}/team-a/pub/test", json={}).status_code == 200
+    assert "no FalKey declared" not in closed.log_tail(400)
