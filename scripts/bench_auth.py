@@ -18,7 +18,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gateway import NGINX_TMPL, REPO, accepts, free_port, get_json, wait  # noqa: E402
+from bench_gateway import NGINX_TMPL, REPO, Procs, accepts, free_port, get_json, wait  # noqa: E402
 
 
 def wrk(url: str, duration: int, conns: int, header: str | None) -> float:
@@ -69,13 +68,8 @@ def main():
     a = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="fal-bench-auth."))
-    procs: list[subprocess.Popen] = []
-
-    def spawn(cmd, **kw):
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True, **kw)
-        procs.append(p)
-        return p
+    procs = Procs()
+    spawn = procs.spawn
 
     try:
         redis_port = free_port()
@@ -168,18 +162,8 @@ targets: with a key ≥ 0.95×, with a rate limit ≥ 0.90×
 | **difference** | **{big - none:.1f}** (target ≤ 10 MB) |
 """)
     finally:
-        for p in reversed(procs):
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        procs.stop()
         shutil.rmtree(work, ignore_errors=True)
-
 
 if __name__ == "__main__":
     main()

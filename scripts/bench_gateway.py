@@ -121,6 +121,32 @@ def wrk(url: str, duration: int, conns: int, script: str | None = None) -> tuple
     return rps, lat("50"), lat("99")
 
 
+class Procs:
+    """The processes of one benchmark run, each in its own session (a local's replicas
+    go with it); stop() ends them all."""
+
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+
+    def spawn(self, cmd, **kw) -> subprocess.Popen:
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True, **kw)
+        self.procs.append(p)
+        return p
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
 def median3(runs):
     return tuple(statistics.median(r[i] for r in runs) for i in range(3))
 
@@ -137,25 +163,11 @@ def main():
     a = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="fal-bench-gw."))
-    procs: list[subprocess.Popen] = []
-
-    def spawn(cmd, **kw):
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True, **kw)
-        procs.append(p)
-        return p
+    procs = Procs()
+    spawn = procs.spawn
 
     def cleanup():
-        for p in reversed(procs):
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        procs.stop()
         shutil.rmtree(work, ignore_errors=True)
 
     try:

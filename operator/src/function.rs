@@ -69,15 +69,9 @@ pub trait FunctionSink: Send + Sync + 'static {
 }
 
 /// RFC 1123 label: what namespaces and FalFunction names are. Anything else in a
-/// request path is refused before it can name a store key.
-pub fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
+/// request path is refused before it can name a store key. (The key ring checks
+/// `functions` entries of FalKeys with the same rule.)
+pub use fal_sidecar::auth::keys::is_label as is_dns_label;
 
 #[cfg(test)]
 mod tests {
