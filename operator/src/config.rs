@@ -33,6 +33,10 @@ pub const ENV_NETWORK_POLICY: &str = "FAL_NETWORK_POLICY";
 pub const ENV_GATEWAY_NAMESPACE: &str = "FAL_GATEWAY_NAMESPACE";
 /// Environment variable equivalent of `--gateway-pod-labels`.
 pub const ENV_GATEWAY_POD_LABELS: &str = "FAL_GATEWAY_POD_LABELS";
+/// Environment variable equivalent of `--gateway-url`.
+pub const ENV_GATEWAY_URL: &str = "FAL_GATEWAY_URL";
+/// Environment variable equivalent of `--gateway-queue-url`.
+pub const ENV_GATEWAY_QUEUE_URL: &str = "FAL_GATEWAY_QUEUE_URL";
 /// Environment variable equivalent of `--metrics-namespace`.
 pub const ENV_METRICS_NAMESPACE: &str = "FAL_METRICS_NAMESPACE";
 
@@ -59,6 +63,10 @@ pub struct OperatorConfig {
     /// `https://` prefix). Status URLs point there; without it they point at the
     /// function's in-cluster Service.
     pub gateway_domain: Option<String>,
+    /// In-cluster base URLs of the gateway's run host and queue host (its Service):
+    /// status URLs point there when there is no public domain. Function pods admit only
+    /// the gateway, so the function's own Service is no address for other clients.
+    pub gateway_urls: Option<(String, String)>,
     /// Name of a Secret (in the function's namespace) holding the webhook signing key
     /// under the key `signing-key`; mounted into the sidecar when set.
     pub signing_key_secret: Option<String>,
@@ -131,6 +139,7 @@ impl Default for OperatorConfig {
             store_url: DEFAULT_STORE_URL.to_string(),
             store_secret: None,
             gateway_domain: None,
+            gateway_urls: None,
             signing_key_secret: None,
             store_replicas: 0,
             network_policy: Some(NetworkPolicyConfig::default()),

@@ -548,6 +548,7 @@ mod tests {
             store_url: "redis://redis.fal-system:6379/0".into(),
             store_secret: None,
             gateway_domain: None,
+            gateway_urls: None,
             signing_key_secret: Some("fal-webhook-key".into()),
             store_replicas: 0,
             network_policy: None,

@@ -269,6 +269,13 @@ struct ObjectArgs {
     /// Secret (in each function's namespace) holding the webhook signing key.
     #[arg(long, env = config::ENV_SIGNING_KEY_SECRET)]
     signing_key_secret: Option<String>,
+    /// In-cluster URL of the gateway's run host (its Service), for status URLs when
+    /// there is no --gateway-domain (e.g. http://fal-gateway.fal-system.svc.cluster.local).
+    #[arg(long, env = config::ENV_GATEWAY_URL, requires = "gateway_queue_url")]
+    gateway_url: Option<String>,
+    /// In-cluster URL of the gateway's queue host (…svc.cluster.local:8081).
+    #[arg(long, env = config::ENV_GATEWAY_QUEUE_URL, requires = "gateway_url")]
+    gateway_queue_url: Option<String>,
     /// Give every function a NetworkPolicy: its pods admit only the gateway (and
     /// --metrics-namespace on the metrics port). false: none, and the ones made are removed.
     #[arg(long, env = config::ENV_NETWORK_POLICY, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
@@ -319,6 +326,7 @@ impl ObjectArgs {
             store_url: self.store_url,
             store_secret: self.store_secret,
             gateway_domain: self.gateway_domain,
+            gateway_urls: self.gateway_url.zip(self.gateway_queue_url),
             signing_key_secret: self.signing_key_secret,
             store_replicas: self.store_replicas,
             network_policy,

@@ -14,8 +14,18 @@ use crate::Error;
 ///
 /// Behind the gateway (`--gateway-domain fal.example.com`): `https://fal.example.com/ns/name`
 /// and `https://queue.fal.example.com/ns/name`, the fal.run / queue.fal.run layout.
-/// Without a gateway: the function's in-cluster Service.
+/// Without a domain: the gateway's in-cluster Service (`--gateway-url`,
+/// `--gateway-queue-url`), else the function's own Service.
 pub fn urls(namespace: &str, name: &str, cfg: &OperatorConfig) -> (String, String) {
+    if let (None, Some((run, queue))) = (
+        cfg.gateway_domain.as_deref().filter(|d| !d.is_empty()),
+        &cfg.gateway_urls,
+    ) {
+        return (
+            format!("{}/{namespace}/{name}", run.trim_end_matches('/')),
+            format!("{}/{namespace}/{name}", queue.trim_end_matches('/')),
+        );
+    }
     match cfg.gateway_domain.as_deref().filter(|d| !d.is_empty()) {
         Some(domain) => {
             let (scheme, host) = match domain.split_once("://") {
@@ -191,6 +201,17 @@ mod tests {
             (
                 "http://app.ns.svc.cluster.local".to_string(),
                 "http://app.ns.svc.cluster.local:8081".to_string()
+            )
+        );
+        cfg.gateway_urls = Some((
+            "http://gw.fal-system.svc.cluster.local/".into(),
+            "http://gw.fal-system.svc.cluster.local:8081".into(),
+        ));
+        assert_eq!(
+            urls("ns", "app", &cfg),
+            (
+                "http://gw.fal-system.svc.cluster.local/ns/app".to_string(),
+                "http://gw.fal-system.svc.cluster.local:8081/ns/app".to_string()
             )
         );
         cfg.gateway_domain = Some("fal.example.com".into());

@@ -165,7 +165,8 @@ def render_notes(helm, tmp_path, values):
 def test_notes_show_how_to_call_a_function(helm, tmp_path):
     notes = render_notes(helm, tmp_path, {})
     assert "port-forward svc/fal-serverless-gateway" in notes
-    assert "curl -X POST $RUN/default/seed-app/test" in notes
+    assert 'curl -H "Authorization: Key $FAL_KEY" -X POST $RUN/default/seed-app/test' in notes
+    assert "fal-operator key create" in notes
     assert "fal_client.submit" in notes and "QUEUE_URL_FORMAT" in notes
     assert "kubectl apply --server-side -f charts/fal-serverless/crds/" in notes
 
@@ -533,6 +534,17 @@ def test_ingress_variant(template):
            for name in ("fal-serverless-operator", "fal-serverless-gateway")}
     assert env["fal-serverless-gateway"]["FAL_GATEWAY_DOMAIN"]["value"] == "fal.example.com"
     assert env["fal-serverless-operator"]["FAL_GATEWAY_DOMAIN"]["value"] == "https://fal.example.com"
+
+
+def test_status_urls_name_the_gateway_service_without_a_domain(template):
+    """Function pods admit only the gateway (NetworkPolicy): status URLs must name the
+    gateway's Service (operator/src/status.rs turns these into the URLs)."""
+    objs = template({})
+    env = env_of(one(objs, "Deployment", "fal-serverless-operator")["spec"]["template"]["spec"]["containers"][0])
+    host = f"fal-serverless-gateway.{NAMESPACE}.svc.cluster.local"
+    ports = {p["name"]: p["port"] for p in one(objs, "Service", "fal-serverless-gateway")["spec"]["ports"]}
+    assert env["FAL_GATEWAY_URL"]["value"] == f"http://{host}:{ports['http']}"
+    assert env["FAL_GATEWAY_QUEUE_URL"]["value"] == f"http://{host}:{ports['queue']}"
 
 
 def test_monitoring_variant(template):
