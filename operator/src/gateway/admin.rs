@@ -1,0 +1,113 @@
+//! The gateway's admin listener: `/metrics`, `/healthz`, `/readyz` (ready once the
+//! cluster's functions and keys are known and the store answers), `/functions`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use fal_sidecar::api::proxy::ConnState;
+use fal_sidecar::api::{error, json};
+use fal_sidecar::upstream::Body;
+use http::{HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use prometheus::Registry;
+
+use super::Gateway;
+
+/// Extra per-function detail for `/functions` (local mode: its replica processes).
+pub type Describe = Box<dyn Fn(&str) -> serde_json::Value + Send + Sync>;
+
+/// The state of the admin listener.
+pub struct Admin {
+    pub gw: Arc<Gateway>,
+    /// The process's own metrics (gateway, autoscaler).
+    pub registry: Registry,
+    /// `local` and the controller add the autoscaler's view to `/functions`.
+    pub autoscaler: Option<Arc<crate::autoscale::Autoscaler>>,
+    /// `local` adds its replicas (starting, ready, draining) to `/functions`.
+    pub describe: Option<Describe>,
+}
+
+/// `/functions`: each function's bounds, replicas and load as this process sees them.
+pub fn functions_json(admin: &Admin) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = admin
+        .gw
+        .entries()
+        .iter()
+        .map(|e| {
+            let info = e.info();
+            let mut v = serde_json::json!({
+                "function": e.key,
+                "minReplicas": info.bounds.min_replicas,
+                "maxReplicas": info.bounds.max_replicas,
+                "maxConcurrency": info.bounds.max_concurrency,
+                "auth": info.auth.as_str(),
+                "keepAlive": info.bounds.keep_alive.as_secs(),
+                "readyReplicas": e.replicas().len(),
+                "syncCalls": e.sync_calls(),
+                "heldCalls": e.held_calls(),
+            });
+            if let Some(snap) = admin.autoscaler.as_ref().and_then(|a| a.snapshot(&e.key)) {
+                v["replicas"] = snap.replicas.into();
+                v["desiredReplicas"] = snap.desired.into();
+                v["load"] = serde_json::json!({
+                    "queued": snap.queued, "running": snap.running, "sync": snap.sync,
+                    "lastActivityMs": snap.last_activity_ms,
+                });
+            }
+            if let Some(describe) = &admin.describe {
+                v["local"] = describe(&e.key);
+            }
+            v
+        })
+        .collect();
+    serde_json::Value::Array(list)
+}
+
+/// The admin listener: `/metrics`, `/healthz`, `/readyz` (the store answers),
+/// `/functions`.
+pub async fn handle_admin(
+    admin: Arc<Admin>,
+    _conn: Arc<ConnState>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    match req.uri().path() {
+        "/healthz" => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        "/readyz" if !admin.gw.functions_synced.load(Ordering::Relaxed) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the first list of FalFunctions has not been read from the API server yet",
+            None,
+        ),
+        "/readyz" if !admin.gw.keys_synced.load(Ordering::Relaxed) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the first list of FalKeys has not been read from the API server yet",
+            None,
+        ),
+        "/readyz" => match admin.gw.hub.ping().await {
+            Ok(()) => json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
+            Err(e) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("the store is unavailable: {e}"),
+                None,
+            ),
+        },
+        "/functions" => json(StatusCode::OK, &functions_json(&admin)),
+        "/metrics" => {
+            use prometheus::Encoder;
+            let mut buf = Vec::new();
+            let enc = prometheus::TextEncoder::new();
+            let _ = enc.encode(&admin.registry.gather(), &mut buf);
+            let _ = enc.encode(&admin.gw.sidecar_metrics.registry.gather(), &mut buf);
+            let mut r = Response::new(Body::full(buf));
+            r.headers_mut().insert(
+                "content-type",
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "admin paths are /metrics, /healthz, /readyz and /functions",
+            None,
+        ),
+    }
+}
