@@ -37,6 +37,9 @@ pub const ENV_GATEWAY_POD_LABELS: &str = "FAL_GATEWAY_POD_LABELS";
 pub const ENV_GATEWAY_URL: &str = "FAL_GATEWAY_URL";
 /// Environment variable equivalent of `--gateway-queue-url`.
 pub const ENV_GATEWAY_QUEUE_URL: &str = "FAL_GATEWAY_QUEUE_URL";
+/// Environment variable equivalent of the controller's `--webhook-allow` (the same
+/// variable the gateway reads: one allow-list for every webhook sender).
+pub const ENV_WEBHOOK_ALLOW: &str = "FAL_WEBHOOK_ALLOW";
 /// Environment variable equivalent of `--metrics-namespace`.
 pub const ENV_METRICS_NAMESPACE: &str = "FAL_METRICS_NAMESPACE";
 
@@ -73,6 +76,10 @@ pub struct OperatorConfig {
     /// `FAL_SIDECAR_STORE_REPLICAS` of every sidecar: Redis replicas that must confirm a
     /// write before it is acknowledged (0: not set).
     pub store_replicas: u32,
+    /// Webhook targets allowed despite the SSRF guard (CIDRs, IPs, host names), given to
+    /// every sidecar as the gateway has them: sidecars and the gateway deliver from one
+    /// outbox, so a sidecar with a narrower list would burn attempts the gateway allows.
+    pub webhook_allow: Vec<String>,
     /// Who may reach a function's pods (see [`crate::networkpolicy`]). `None`: no
     /// NetworkPolicy is rendered, and the controller removes the ones it made.
     pub network_policy: Option<NetworkPolicyConfig>,
@@ -142,6 +149,7 @@ impl Default for OperatorConfig {
             gateway_urls: None,
             signing_key_secret: None,
             store_replicas: 0,
+            webhook_allow: Vec::new(),
             network_policy: Some(NetworkPolicyConfig::default()),
         }
     }

@@ -551,6 +551,7 @@ mod tests {
             gateway_urls: None,
             signing_key_secret: Some("fal-webhook-key".into()),
             store_replicas: 0,
+            webhook_allow: vec!["hooks.internal".into(), "10.0.0.0/8".into()],
             network_policy: None,
         };
         let d = ff(FalFunctionSpec::with_image("a:1"))
@@ -561,6 +562,11 @@ mod tests {
         assert_eq!(sc.image.as_deref(), Some("reg/sidecar:dev"));
         let env = env_of(sc);
         assert_eq!(env["FAL_SIDECAR_STORE"], "redis://redis.fal-system:6379/0");
+        // The gateway's webhook allow-list: both deliver from one outbox.
+        assert_eq!(
+            env["FAL_SIDECAR_WEBHOOK_ALLOW"],
+            "hooks.internal,10.0.0.0/8"
+        );
         assert_eq!(
             env["FAL_SIDECAR_SIGNING_KEY"],
             format!("{SIGNING_KEY_DIR}/{SIGNING_KEY_ITEM}")

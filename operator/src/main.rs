@@ -286,6 +286,10 @@ struct ObjectArgs {
     /// Labels of the gateway pods, KEY=VALUE[,KEY=VALUE…].
     #[arg(long, env = config::ENV_GATEWAY_POD_LABELS, default_value = config::DEFAULT_GATEWAY_POD_LABELS, value_parser = config::parse_labels)]
     gateway_pod_labels: BTreeMap<String, String>,
+    /// Webhook targets every sidecar may call despite the SSRF guard (CIDR, IP or host
+    /// name; the gateway's --webhook-allow list: both deliver from one outbox).
+    #[arg(long = "webhook-allow", env = config::ENV_WEBHOOK_ALLOW, value_delimiter = ',')]
+    webhook_allow: Vec<String>,
     /// Namespace allowed to scrape the sidecars' metrics port (Prometheus's).
     #[arg(long, env = config::ENV_METRICS_NAMESPACE)]
     metrics_namespace: Option<String>,
@@ -329,6 +333,7 @@ impl ObjectArgs {
             gateway_urls: self.gateway_url.zip(self.gateway_queue_url),
             signing_key_secret: self.signing_key_secret,
             store_replicas: self.store_replicas,
+            webhook_allow: self.webhook_allow,
             network_policy,
         };
         Ok((catalog, config))

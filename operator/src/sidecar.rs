@@ -129,6 +129,12 @@ pub fn sidecar_container(
             cfg.store_replicas.to_string(),
         ));
     }
+    if !cfg.webhook_allow.is_empty() {
+        env.push(self::env(
+            "FAL_SIDECAR_WEBHOOK_ALLOW",
+            cfg.webhook_allow.join(","),
+        ));
+    }
     if let Some(timeout) = spec.request_timeout {
         env.push(self::env(
             "FAL_SIDECAR_REQUEST_TIMEOUT",

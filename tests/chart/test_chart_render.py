@@ -536,6 +536,18 @@ def test_ingress_variant(template):
     assert env["fal-serverless-operator"]["FAL_GATEWAY_DOMAIN"]["value"] == "https://fal.example.com"
 
 
+def test_sidecars_get_the_gateways_webhook_allow_list(template):
+    """Sidecars and the gateway deliver webhooks from one outbox: the operator passes
+    gateway.webhookAllow on to every sidecar (FAL_WEBHOOK_ALLOW of the controller)."""
+    objs = template({"gateway": {"webhookAllow": ["198.18.0.0/15", "hooks.internal"]}})
+    env = {name: env_of(one(objs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0])
+           for name in ("fal-serverless-operator", "fal-serverless-gateway")}
+    for name in env:
+        assert env[name]["FAL_WEBHOOK_ALLOW"]["value"] == "198.18.0.0/15,hooks.internal", name
+    assert "FAL_WEBHOOK_ALLOW" not in env_of(one(template({}), "Deployment", "fal-serverless-operator")
+                                             ["spec"]["template"]["spec"]["containers"][0])
+
+
 def test_status_urls_name_the_gateway_service_without_a_domain(template):
     """Function pods admit only the gateway (NetworkPolicy): status URLs must name the
     gateway's Service (operator/src/status.rs turns these into the URLs)."""
