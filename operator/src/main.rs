@@ -147,6 +147,9 @@ struct GatewayFlags {
     /// How long results are kept (seconds, or 1h, 30m…).
     #[arg(long, env = "FAL_RETENTION", default_value = "3600", value_parser = fal_sidecar::config::secs)]
     retention: Duration,
+    /// Close a WebSocket after this long without a byte either way (seconds) [default: never].
+    #[arg(long, env = "FAL_WEBSOCKET_IDLE_TIMEOUT", value_parser = fal_sidecar::config::secs)]
+    websocket_idle_timeout: Option<Duration>,
     /// Delays between webhook attempts (comma-separated seconds).
     #[arg(long, env = "FAL_WEBHOOK_RETRY_DELAYS", default_value = "15,60,120,300,600,900,1200,1500,2700", value_parser = fal_sidecar::config::secs_list)]
     webhook_retry_delays: fal_sidecar::config::DelayList,
@@ -160,6 +163,7 @@ impl GatewayFlags {
             max_body_bytes: self.max_body_bytes,
             max_queue: self.max_queue,
             retention: self.retention,
+            websocket_idle_timeout: self.websocket_idle_timeout,
             ..GatewayConfig::default()
         };
         c.delivery.retry_delays = self.webhook_retry_delays.0.clone();

@@ -251,6 +251,8 @@ pub async fn run_local(mut opts: LocalOptions) -> Result<()> {
     let _ = scaling.await;
     scaler.shutdown(Duration::from_secs(150)).await;
     let _ = stop_tx.send(true);
+    gw.drain_sockets(tokio::time::Instant::now() + Duration::from_secs(30))
+        .await;
     served.join().await;
     tracing::info!("stopped");
     Ok(())
@@ -310,6 +312,8 @@ pub async fn run_gateway(opts: GatewayOptions) -> Result<()> {
     tracing::info!(listen = %opts.listen.run, queue_listen = %opts.listen.queue, admin_listen = %opts.listen.admin, "fal-operator gateway ready");
     terminated().await?;
     let _ = stop_tx.send(true);
+    gw.drain_sockets(tokio::time::Instant::now() + Duration::from_secs(30))
+        .await;
     let _ = quit_tx.send(true);
     functions.abort();
     keys.abort();

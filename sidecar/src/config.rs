@@ -188,7 +188,10 @@ pub struct Common {
     /// Ed25519 webhook signing key (32 bytes raw, hex or base64); generated in the data dir when omitted.
     #[arg(long, env = "FAL_SIDECAR_SIGNING_KEY")]
     pub signing_key: Option<PathBuf>,
-    /// On SIGTERM, how long in-flight requests get to finish.
+    /// Close a WebSocket after this long without a byte either way [default: never].
+    #[arg(long, env = "FAL_SIDECAR_WEBSOCKET_IDLE_TIMEOUT", value_parser = secs)]
+    pub websocket_idle_timeout: Option<Duration>,
+    /// On SIGTERM, how long in-flight requests (and open WebSockets) get to finish.
     #[arg(long, env = "FAL_SIDECAR_DRAIN_TIMEOUT", default_value = "30", value_parser = secs)]
     pub drain_timeout: Duration,
 }

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub queued: IntGauge,
     pub in_flight: IntGauge,
     pub oldest_wait_seconds: IntGauge,
+    pub websockets_open: IntGauge,
+    pub websocket_upgrades: IntCounterVec,
 }
 
 impl Metrics {
@@ -129,6 +131,21 @@ impl Metrics {
                 IntGauge::new(
                     "fal_queue_oldest_wait_seconds",
                     "Age of the oldest queued request",
+                )
+                .unwrap(),
+            ),
+            websockets_open: reg(
+                &r,
+                IntGauge::new("fal_websockets_open", "WebSockets spliced to the app now").unwrap(),
+            ),
+            websocket_upgrades: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "fal_websocket_upgrades_total",
+                        "WebSocket handshakes by outcome (upgraded, refused by the app, unavailable, failed)",
+                    ),
+                    &["outcome"],
                 )
                 .unwrap(),
             ),

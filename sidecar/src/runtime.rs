@@ -263,6 +263,9 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
             retention: common.retention,
             owner: common.owner.clone(),
             request_timeout: common.request_timeout,
+            // A WebSocket takes a slot of --max-concurrency (0: API only, no cap here).
+            max_sockets: (common.max_concurrency > 0).then_some(common.max_concurrency),
+            socket_idle_timeout: common.websocket_idle_timeout,
         },
         metrics.clone(),
     ));
@@ -419,6 +422,7 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
     }
 
     // Drain: fail readiness, stop accepting and claiming, let running requests finish.
+    let deadline = tokio::time::Instant::now() + drain;
     app.draining.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     let _ = claim_stop_tx.send(true);
@@ -433,6 +437,11 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
         let _ = abandon_tx.send(true);
         let _ = workers_task.await;
     }
+    // Open WebSockets run until the drain deadline, then are cut.
+    while app.sockets.open() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.sockets.cut_all();
     while servers.join_next().await.is_some() {}
     let _ =
         tokio::task::spawn_blocking(move || run_threads.into_iter().for_each(|t| drop(t.join())))

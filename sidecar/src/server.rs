@@ -10,7 +10,6 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -141,7 +140,9 @@ pub async fn serve<S, F, Fut>(
     F: Fn(Arc<S>, Arc<ConnState>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
+    // Every connection task holds a clone of `live`; the drain waits until all are
+    // dropped. (hyper-util's GracefulShutdown cannot watch a connection with upgrades.)
+    let (live, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -190,15 +191,35 @@ pub async fn serve<S, F, Fut>(
                 })
             }
         });
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
+        // With upgrades: a WebSocket handshake hands the connection over to a splice
+        // (`api::websocket`), which tracks and drains it from then on.
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .with_upgrades();
+        let (live, mut stop) = (live.clone(), stop.clone());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let _live = live;
+            tokio::pin!(conn);
+            let done = tokio::select! {
+                r = conn.as_mut() => Some(r),
+                _ = wait_true(&mut stop) => None,
+            };
+            // Draining: finish the request in flight, then close (idle ones at once).
+            let r = match done {
+                Some(r) => r,
+                None => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = r {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
+    drop(live);
+    if tokio::time::timeout(drain, all_closed.recv())
         .await
         .is_err()
     {

@@ -68,6 +68,8 @@ pub struct GatewayConfig {
     /// Claims of one request before it completes as lost (the replicas' setting).
     pub max_attempts: u32,
     pub delivery: DeliveryConfig,
+    /// A WebSocket with no byte either way for this long is closed [default: never].
+    pub websocket_idle_timeout: Option<Duration>,
 }
 
 impl Default for GatewayConfig {
@@ -84,6 +86,7 @@ impl Default for GatewayConfig {
                 attempt_timeout: Duration::from_secs(15),
                 idle_poll: MAINTENANCE_INTERVAL,
             },
+            websocket_idle_timeout: None,
         }
     }
 }
@@ -94,6 +97,7 @@ pub struct GatewayMetrics {
     pub requests: IntCounterVec,
     pub held: IntGaugeVec,
     pub cold_start: Histogram,
+    pub websockets: IntGaugeVec,
 }
 
 impl GatewayMetrics {
@@ -121,6 +125,14 @@ impl GatewayMetrics {
                 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
             ]),
         )?;
+        let websockets = IntGaugeVec::new(
+            Opts::new(
+                "fal_gateway_websockets_open",
+                "WebSockets open through the gateway, by function",
+            ),
+            &["function"],
+        )?;
+        r.register(Box::new(websockets.clone()))?;
         r.register(Box::new(requests.clone()))?;
         r.register(Box::new(held.clone()))?;
         r.register(Box::new(cold_start.clone()))?;
@@ -128,6 +140,7 @@ impl GatewayMetrics {
             requests,
             held,
             cold_start,
+            websockets,
         })
     }
 }
@@ -244,6 +257,8 @@ impl Drop for SlotGuard {
         if let Some(r) = &self.replica {
             r.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
+        // keepAlive counts from the end of a call (a WebSocket's close, too).
+        self.entry.last_sync_ms.store(now_ms(), Ordering::Relaxed);
         self.entry.sync.fetch_sub(1, Ordering::AcqRel);
         self.entry.capacity.notify_waiters();
     }
@@ -369,7 +384,7 @@ impl Gateway {
         }
         let store = self.hub.store(&key, self.cfg.max_attempts);
         let dyn_store: Arc<dyn Store> = store.clone();
-        let app = Arc::new(App::new(
+        let mut app = App::new(
             dyn_store.clone(),
             None,
             self.signer.clone(),
@@ -380,9 +395,17 @@ impl Gateway {
                 retention: self.cfg.retention,
                 owner: info.namespace.clone(),
                 request_timeout: None,
+                // Replica slots are counted here, per function (`try_acquire`).
+                max_sockets: None,
+                socket_idle_timeout: self.cfg.websocket_idle_timeout,
             },
             self.sidecar_metrics.clone(),
+        );
+        app.sockets = Arc::new(api::websocket::Sockets::new(
+            self.metrics.websockets.with_label_values(&[key.as_str()]),
+            self.sidecar_metrics.websocket_upgrades.clone(),
         ));
+        let app = Arc::new(app);
         // Webhooks and housekeeping go on here whatever the replica count (one loop
         // for every function: see `run_maintenance`).
         let deliverer = Arc::new(Deliverer::with_client(
@@ -429,6 +452,7 @@ impl Gateway {
         if let Some(e) = gone {
             e.capacity.notify_waiters();
             let _ = self.metrics.held.remove_label_values(&[key]);
+            let _ = self.metrics.websockets.remove_label_values(&[key]);
             for kind in ["sync", "queue", "per_app"] {
                 let _ = self.metrics.requests.remove_label_values(&[key, kind]);
             }
@@ -505,6 +529,23 @@ impl Gateway {
                 _ = tokio::time::sleep(MAINTENANCE_INTERVAL) => {}
                 _ = fal_sidecar::server::wait_true(&mut stop) => return,
             }
+        }
+    }
+
+    /// Lets the WebSockets open through this gateway run until `deadline`, then cuts
+    /// them (a stopping gateway: its listeners no longer take new ones).
+    pub async fn drain_sockets(&self, deadline: tokio::time::Instant) {
+        let open = || {
+            self.entries()
+                .iter()
+                .map(|e| e.app.sockets.open())
+                .sum::<usize>()
+        };
+        while open() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for e in self.entries() {
+            e.app.sockets.cut_all();
         }
     }
 
@@ -769,6 +810,12 @@ async fn sync_call(
         },
     };
     slot.replica = Some(replica.clone());
+    if api::websocket::is_upgrade(req.headers()) {
+        // The socket holds its replica slot (and counts as a sync call for the
+        // autoscaler) until it closes.
+        return api::websocket::forward(&entry.app, &replica.upstream, req, Some(Box::new(slot)))
+            .await;
+    }
     let resp = proxy::forward(&entry.app, conn, &replica.upstream, req).await;
     let (parts, body) = resp.into_parts();
     let body = Tracked {

@@ -5,6 +5,7 @@ pub mod options;
 pub mod proxy;
 pub mod queue;
 pub mod tokens;
+pub mod websocket;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -32,6 +33,11 @@ pub struct ApiConfig {
     pub owner: String,
     /// Longest a direct call waits for the app's response head.
     pub request_timeout: Option<Duration>,
+    /// WebSockets one replica keeps open at most (503 past it); `None`: no cap here
+    /// (the gateway counts replica slots itself).
+    pub max_sockets: Option<usize>,
+    /// A WebSocket with no byte either way for this long is closed.
+    pub socket_idle_timeout: Option<Duration>,
 }
 
 /// Everything a request handler needs.
@@ -51,6 +57,8 @@ pub struct App {
     pub app_health: std::sync::OnceLock<crate::supervisor::AppHealth>,
     /// Set with `fal-sidecar run --keys`: the key check in front of this function.
     pub gate: std::sync::OnceLock<Gate>,
+    /// Open WebSockets (a gateway gives each function its own).
+    pub sockets: Arc<websocket::Sockets>,
     jwks: Bytes,
 }
 
@@ -116,7 +124,12 @@ impl App {
         metrics: Arc<Metrics>,
     ) -> App {
         let jwks = Bytes::from(signer.jwks().to_string());
+        let sockets = Arc::new(websocket::Sockets::new(
+            metrics.websockets_open.clone(),
+            metrics.websocket_upgrades.clone(),
+        ));
         App {
+            sockets,
             store,
             upstream,
             signer,
@@ -175,6 +188,9 @@ async fn forward_to_app(
     req: Request<Incoming>,
 ) -> Response<Body> {
     match &app.upstream {
+        Some(up) if websocket::is_upgrade(req.headers()) => {
+            websocket::forward(app, up, req, None).await
+        }
         Some(up) => proxy::forward(app, conn, up, req).await,
         None => error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -292,8 +308,9 @@ pub async fn handle_admin(
         }
         "/drain" => drain(&app).await,
         // What this replica runs right now: a scaler removes the idlest replica first.
+        // Open WebSockets count as running: a socket is a call in progress.
         "/load" => {
-            let running = app.drain.get().map_or(0, |d| d.running.count());
+            let running = app.drain.get().map_or(0, |d| d.running.count()) + app.sockets.open();
             json(
                 StatusCode::OK,
                 &serde_json::json!({"running": running, "draining": app.draining.load(Ordering::Relaxed)}),
@@ -380,8 +397,13 @@ async fn drain(app: &App) -> Response<Body> {
     app.draining.store(true, Ordering::Relaxed);
     let _ = d.stop_claiming.send(true);
     let deadline = tokio::time::Instant::now() + d.timeout;
-    while d.running.count() > 0 && tokio::time::Instant::now() < deadline {
+    let busy = || d.running.count() + app.sockets.open();
+    while busy() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Open WebSockets run until the deadline; then they are cut.
+    if app.sockets.open() > 0 {
+        app.sockets.cut_all();
     }
     let left = d.running.count();
     json(
