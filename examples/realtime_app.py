@@ -9,6 +9,8 @@ only (msgpack for the realtime endpoint, as fal's clients speak it).
                         a msgpack map {"output": <the input's "prompt">, "input": <the map>}
   * WS   /ws/echo       echoes every text and binary message; the text "close:CODE"
                         closes the socket with that code (e.g. close:4001)
+  * WS   /ws/request    first sends the handshake it saw ({"path", "headers"} as JSON
+                        text), then echoes
   * WS   anything else  refused with 404 (the handshake fails, as a real app's would)
 
 The app listens on $PORT (default 8080). One thread per connection (ThreadingHTTPServer).
@@ -104,7 +106,7 @@ def close(sock: socket.socket, code: int, reason: str = "") -> None:
     send_frame(sock, 0x8, struct.pack("!H", code) + reason.encode())
 
 
-def echo(sock: socket.socket) -> None:
+def echo(sock: socket.socket, request=None) -> None:
     for opcode, data in messages(sock):
         if opcode == 0x1 and data.startswith(b"close:"):
             close(sock, int(data[6:]), "closed by the app")
@@ -112,7 +114,13 @@ def echo(sock: socket.socket) -> None:
         send_frame(sock, opcode, data)
 
 
-def realtime(sock: socket.socket) -> None:
+def request_then_echo(sock: socket.socket, request) -> None:
+    seen = {"path": request.path, "headers": {k.lower(): v for k, v in request.headers.items()}}
+    send_frame(sock, 0x1, json.dumps(seen).encode())
+    echo(sock)
+
+
+def realtime(sock: socket.socket, request=None) -> None:
     import msgpack  # fal's realtime frames; installed with fal-client
 
     for opcode, data in messages(sock):
@@ -124,7 +132,7 @@ def realtime(sock: socket.socket) -> None:
         send_frame(sock, 0x2, msgpack.packb({"output": msg.get("prompt"), "input": msg}))
 
 
-SOCKETS = {"/realtime": realtime, "/ws/echo": echo}
+SOCKETS = {"/realtime": realtime, "/ws/echo": echo, "/ws/request": request_then_echo}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -171,15 +179,20 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
         self.close_connection = True
         try:
-            handler(self.connection)
+            handler(self.connection, self)
         except (Closed, OSError):
             pass
 
 
+class Server(ThreadingHTTPServer):
+    # socketserver's default backlog (5) drops handshakes when hundreds arrive at once.
+    request_queue_size = 1024
+    daemon_threads = True
+
+
 def main() -> None:
     port = int(os.environ.get("PORT", "8080"))
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    server.daemon_threads = True
+    server = Server(("127.0.0.1", port), Handler)
     print(f"realtime app listening on 127.0.0.1:{port}", flush=True)
     server.serve_forever()
 

@@ -1,0 +1,119 @@
+"""WebSockets through `fal-sidecar run` (issue 19), with the real `websockets` client and
+`fal_client.realtime` against examples/realtime_app.py (HTTP and WebSockets on one
+port): echo of text and binary, a 5 MiB message intact, 100 messages in order, the
+app's close code, a refused upgrade passed as is, plain HTTP on the same port; the cap
+(a socket takes a slot of --max-concurrency), the idle timeout, and the drain."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import fal_client
+import fal_client.client as fal_client_module
+import msgpack
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from helpers import REPO, free_port, wait_until
+
+APP = [sys.executable, "-u", str(REPO / "examples" / "realtime_app.py")]
+
+
+def ws_url(sc, path: str) -> str:
+    return sc.run_url.replace("http://", "ws://") + path
+
+
+def test_echo_large_ordered_close_code_refusal_and_http(make_sidecar):
+    sc = make_sidecar(app_cmd=APP)
+    with connect(ws_url(sc, "/ws/echo"), max_size=None) as ws:
+        ws.send("hello")
+        assert ws.recv() == "hello"
+        ws.send(b"\x00\xff\x01")
+        assert ws.recv() == b"\x00\xff\x01"
+        big = bytes(range(256)) * (5 * 1024 * 1024 // 256)
+        ws.send(big)
+        assert ws.recv() == big, "a 5 MiB message intact"
+        for i in range(100):
+            ws.send(f"m{i}")
+        assert [ws.recv() for _ in range(100)] == [f"m{i}" for i in range(100)]
+        # Plain HTTP on the same port while the socket is open.
+        r = sc.http.post(f"{sc.run_url}/test", json={"same": "port"})
+        assert r.status_code == 200 and r.json()["input"] == {"same": "port"}
+        ws.send("close:4001")
+        with pytest.raises(ConnectionClosed):
+            ws.recv()
+        assert (ws.close_code, ws.close_reason) == (4001, "closed by the app")
+    # A refused upgrade reaches the client as the app sent it.
+    with pytest.raises(InvalidStatus) as err:
+        connect(ws_url(sc, "/nowhere"))
+    assert err.value.response.status_code == 404
+    metrics = sc.http.get(f"{sc.admin_url}/metrics").text
+    assert 'fal_websocket_upgrades_total{outcome="upgraded"} 1' in metrics
+    assert 'fal_websocket_upgrades_total{outcome="refused"} 1' in metrics
+    wait_until(lambda: "fal_websockets_open 0" in sc.http.get(f"{sc.admin_url}/metrics").text, 10,
+               what="the closed socket uncounted")
+
+
+def test_fal_client_realtime_through_the_run_host(make_sidecar, monkeypatch):
+    """fal_client.realtime (msgpack frames) and ws_connect, unmodified, through the
+    sidecar's run host (`/{owner}/{alias}/realtime`; fal's token endpoint answers even
+    with keys off)."""
+    port = free_port()
+    sc = make_sidecar("--run-host-listen", f"127.0.0.1:{port}", app_cmd=APP)
+    monkeypatch.setenv("FAL_KEY", "any:key")
+    monkeypatch.setattr(fal_client_module, "REALTIME_URL_FORMAT", f"ws://127.0.0.1:{port}/")
+    client = fal_client.SyncClient()
+    with client.realtime("me/app", use_jwt=False) as rt:
+        for i in range(3):
+            rt.send({"prompt": f"p{i}"})
+            assert rt.recv() == {"output": f"p{i}", "input": {"prompt": f"p{i}"}}
+    with client.ws_connect("me/app", use_jwt=False, path="/ws/echo") as ws:
+        ws.send("raw")
+        assert ws.recv() == "raw"
+
+
+def test_cap_and_idle_timeout(make_sidecar):
+    """--max-concurrency 2: a third socket gets 503 + Retry-After. The idle timeout
+    closes quiet sockets."""
+    sc = make_sidecar("--max-concurrency", "2", "--websocket-idle-timeout", "1", app_cmd=APP)
+    with connect(ws_url(sc, "/ws/echo")) as a, connect(ws_url(sc, "/ws/echo")) as b:
+        with pytest.raises(InvalidStatus) as err:
+            connect(ws_url(sc, "/ws/echo"))
+        assert err.value.response.status_code == 503
+        assert err.value.response.headers["retry-after"] == "1"
+        b.send("keep")
+        assert b.recv() == "keep"
+        for ws in (a, b):
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=30)
+    # Their slots are free again.
+    with connect(ws_url(sc, "/ws/echo")) as c:
+        c.send("again")
+        assert c.recv() == "again"
+
+
+def test_drain_lets_sockets_run_then_cuts_them(make_sidecar):
+    """/drain (a pod's preStop): no new socket (503), the open one runs on until the
+    drain deadline, then it is cut."""
+    sc = make_sidecar("--drain-timeout", "3", app_cmd=APP)
+    drained = {}
+    t = threading.Thread(target=lambda: drained.update(r=sc.http.post(f"{sc.admin_url}/drain", timeout=30)))
+    with connect(ws_url(sc, "/ws/echo")) as ws:
+        t0 = time.monotonic()
+        t.start()
+        wait_until(lambda: sc.http.get(f"{sc.admin_url}/readyz").status_code == 503, 10, what="draining")
+        with pytest.raises(InvalidStatus) as err:
+            connect(ws_url(sc, "/ws/echo"))
+        assert err.value.response.status_code == 503
+        ws.send("still")
+        assert ws.recv() == "still", "an open socket runs on during the drain"
+        t.join(30)
+        with pytest.raises(ConnectionClosed):
+            while True:
+                ws.send("x")
+                ws.recv(timeout=10)
+    assert time.monotonic() - t0 >= 2.5, "cut at the drain deadline, not before"
+    assert drained["r"].status_code == 200
