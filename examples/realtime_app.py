@@ -13,7 +13,7 @@ only (msgpack for the realtime endpoint, as fal's clients speak it).
                         text), then echoes
   * WS   anything else  refused with 404 (the handshake fails, as a real app's would)
 
-The app listens on $PORT (default 8080). One thread per connection (ThreadingHTTPServer).
+The app listens on $HOST:$PORT (default 127.0.0.1:8080). One thread per connection.
 """
 
 from __future__ import annotations
@@ -192,8 +192,11 @@ class Server(ThreadingHTTPServer):
 
 def main() -> None:
     port = int(os.environ.get("PORT", "8080"))
-    server = Server(("127.0.0.1", port), Handler)
-    print(f"realtime app listening on 127.0.0.1:{port}", flush=True)
+    # Loopback by default (the sidecar is in front); HOST=0.0.0.0 in a pod, where the
+    # kubelet probes the pod's address.
+    host = os.environ.get("HOST", "127.0.0.1")
+    server = Server((host, port), Handler)
+    print(f"realtime app listening on {host}:{port}", flush=True)
     server.serve_forever()
 
 

@@ -103,3 +103,52 @@ def test_warm_calls_through_the_gateway(cluster: Cluster, crds, make_operator, n
         refused_within(lambda: http.post(sync, json={}), 200, 10.0, "the public function to answer")
     for proc in (controller, gateway):
         assert not RBAC_DENIAL.findall(proc.log()), proc.log()[-3000:]
+
+
+def test_websocket_through_the_gateway_to_a_pod(cluster: Cluster, crds, make_operator, node_redis,
+                                                 namespace, tmp_path):
+    """A WebSocket through `fal-operator gateway` (its own ServiceAccount) to a pod of a
+    public function running examples/realtime_app.py: spliced both ways, the app's
+    close code back to the client."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    from kube import REPO
+
+    make_operator("--store-url", node_redis.pod_url)
+    run, queue, admin = free_ports(3)
+    gateway = make_operator(
+        "--store", node_redis.url, "--listen", f"127.0.0.1:{run}",
+        "--queue-listen", f"127.0.0.1:{queue}", "--admin-listen", f"127.0.0.1:{admin}",
+        "--data-dir", str(tmp_path / "gateway"),
+        subcommand="gateway", service_account="fal-gateway")
+    name = "ws-app"
+    cluster.apply({
+        "apiVersion": "fal.serverless.dev/v1alpha1",
+        "kind": "FalFunction",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"image": "example/realtime:1",
+                 "command": ["python3", str(REPO / "examples" / "realtime_app.py")],
+                 "env": [{"name": "HOST", "value": "0.0.0.0"}],
+                 "machineType": "XS", "minReplicas": 1, "maxReplicas": 1, "maxConcurrency": 4,
+                 "readinessPath": "/health", "auth": "public"},
+    })
+    ip = cluster.pod_address(namespace, name, timeout=120)
+    wait_until(lambda: ip in cluster.ready_endpoints(namespace, name), 60, "the pod in the EndpointSlices")
+    with httpx.Client(timeout=30) as http:
+        wait_until(lambda: http.get(f"http://127.0.0.1:{admin}/readyz").status_code == 200, 30,
+                   "the gateway's /readyz")
+    url = f"ws://127.0.0.1:{run}/{namespace}/{name}/ws/echo"
+    c = wait_until(lambda: connect(url, open_timeout=30), 60, "a WebSocket through the gateway")
+    with c:
+        c.send("to the pod")
+        assert c.recv() == "to the pod"
+        c.send(b"\x00" * 100_000)
+        assert c.recv() == b"\x00" * 100_000
+        c.send("close:4001")
+        try:
+            c.recv()
+        except ConnectionClosed:
+            pass
+        assert c.close_code == 4001
+    assert not RBAC_DENIAL.findall(gateway.log()), gateway.log()[-3000:]
