@@ -133,3 +133,27 @@ def test_realtime_clients_with_keys(make_local, monkeypatch):
             assert "authorization" not in seen["headers"], seen
             c.send("ok")
             assert c.recv() == "ok"
+
+
+def test_npm_client_realtime(make_local):
+    """@fal-ai/client's fal.realtime.connect, pointed at the gateway (its token request
+    through requestMiddleware, its WebSocket through a URL-rewriting global): a token
+    from /tokens/, msgpack both ways."""
+    import shutil
+    import subprocess
+
+    kdoc, fal_key = falkey("team-a")
+    loc = make_local([function("rt", "team-a", command=APP, minReplicas=1, maxConcurrency=8), kdoc])
+    loc.wait_ready("team-a/rt", 1)
+    node = shutil.which("node")
+    assert node, "node is needed for the npm client test"
+    js = REPO / "tests" / "js"
+    proc = subprocess.run(
+        [node, "--experimental-websocket", str(js / "realtime_check.mjs"), loc.run_url, "team-a/rt"],
+        capture_output=True, text=True, timeout=120, cwd=js,
+        env={"PATH": "/usr/bin:/bin:/usr/local/bin", "FAL_KEY": fal_key},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["results"] == [{"output": f"p{i}", "input": {"prompt": f"p{i}"}} for i in range(3)], out
+    assert out["urls"][0].startswith(loc.run_url.replace("http://", "ws://") + "/team-a/rt/realtime?fal_jwt_token="), out
