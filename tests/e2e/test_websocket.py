@@ -59,17 +59,19 @@ def test_echo_large_ordered_close_code_refusal_and_http(make_sidecar):
 
 def test_fal_client_realtime_through_the_run_host(make_sidecar, monkeypatch):
     """fal_client.realtime (msgpack frames) and ws_connect, unmodified, through the
-    sidecar's run host (`/{owner}/{alias}/realtime`; fal's token endpoint answers even
-    with keys off)."""
+    sidecar's run host (`/{owner}/{alias}/realtime`), with the key header and with a
+    token: the run host answers /tokens/ with keys off too."""
     port = free_port()
     sc = make_sidecar("--run-host-listen", f"127.0.0.1:{port}", app_cmd=APP)
     monkeypatch.setenv("FAL_KEY", "any:key")
     monkeypatch.setattr(fal_client_module, "REALTIME_URL_FORMAT", f"ws://127.0.0.1:{port}/")
+    monkeypatch.setattr(fal_client_module, "REST_URL", f"http://127.0.0.1:{port}")
     client = fal_client.SyncClient()
-    with client.realtime("me/app", use_jwt=False) as rt:
-        for i in range(3):
-            rt.send({"prompt": f"p{i}"})
-            assert rt.recv() == {"output": f"p{i}", "input": {"prompt": f"p{i}"}}
+    for use_jwt in (False, True):
+        with client.realtime("me/app", use_jwt=use_jwt) as rt:
+            for i in range(3):
+                rt.send({"prompt": f"p{i}"})
+                assert rt.recv() == {"output": f"p{i}", "input": {"prompt": f"p{i}"}}
     with client.ws_connect("me/app", use_jwt=False, path="/ws/echo") as ws:
         ws.send("raw")
         assert ws.recv() == "raw"

@@ -59,6 +59,7 @@ pub struct App {
     pub gate: std::sync::OnceLock<Gate>,
     /// Open WebSockets (a gateway gives each function its own).
     pub sockets: Arc<websocket::Sockets>,
+    open_tokens: std::sync::OnceLock<Authorizer>,
     jwks: Bytes,
 }
 
@@ -140,8 +141,21 @@ impl App {
             drain: std::sync::OnceLock::new(),
             app_health: std::sync::OnceLock::new(),
             gate: std::sync::OnceLock::new(),
+            open_tokens: std::sync::OnceLock::new(),
             jwks,
         }
+    }
+
+    /// Issues tokens to anyone (keys off): what `/tokens/` answers without `--keys`.
+    fn open_tokens(&self) -> &Authorizer {
+        self.open_tokens.get_or_init(|| {
+            Authorizer::new(
+                Arc::new(crate::auth::keys::KeyRing::new()),
+                self.signer.clone(),
+                Arc::new(crate::auth::ratelimit::MemoryLimiter::default()),
+                false,
+            )
+        })
     }
 
     /// `/.well-known/jwks.json`: the public half of the webhook signing key.
@@ -257,10 +271,15 @@ pub async fn handle_run_host(
     if path == "/.well-known/jwks.json" {
         return app.jwks();
     }
+    // fal's clients fetch a token before every realtime connection: the run host (where
+    // no app path can be `/tokens/`) answers it with keys off too (an unchecked token).
+    if tokens::is_tokens_path(path) {
+        return match app.gate.get() {
+            Some(gate) => tokens::handle(&gate.authorizer, req).await,
+            None => tokens::handle(app.open_tokens(), req).await,
+        };
+    }
     if let Some(gate) = app.gate.get() {
-        if tokens::is_tokens_path(path) {
-            return tokens::handle(&gate.authorizer, req).await;
-        }
         if let Err(r) = gate.check(&mut req).await {
             return r;
         }
