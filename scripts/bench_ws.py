@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""WebSocket benchmarks (issue 19), each against a baseline in the same run:
+
+1. echo round trip, one socket, sequential small messages: p50/p99 through the gateway
+   of `fal-operator local` (→ the replica's fal-sidecar → the app) vs straight to an
+   app of the same kind;
+2. messages/s over 100 sockets echoing at once, gateway vs straight (target ≥ 0.8×);
+3. the gateway's memory per open idle socket: RSS of `fal-operator local` before and
+   with 5,000 sockets open through it (target ≤ 16 KiB).
+
+The app is an asyncio `websockets` echo server (one process can hold thousands of
+sockets; examples/realtime_app.py is a thread per connection). The client is Python
+asyncio on the same 2 cores, so ratios matter, not absolute numbers.
+Usage: scripts/bench_ws.py --operator target/release/fal-operator --sidecar target/release/fal-sidecar
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gateway import REPO, Procs, accepts, free_port, get_json, wait  # noqa: E402
+
+from websockets.asyncio.client import connect  # noqa: E402
+
+ECHO_APP = r'''
+import asyncio, os
+from websockets.asyncio.server import serve
+
+async def echo(ws):
+    async for m in ws:
+        await ws.send(m)
+
+async def health(conn, request):
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        return conn.respond(200, "ok\n")
+
+async def main():
+    async with serve(echo, "127.0.0.1", int(os.environ["PORT"]), process_request=health,
+                     backlog=4096, max_size=None, ping_interval=None, compression=None):
+        await asyncio.Future()
+
+asyncio.run(main())
+'''
+
+
+def rss_kb(pid: int) -> int:
+    return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
+
+
+async def round_trips(url: str, n: int) -> list[float]:
+    out = []
+    async with connect(url, compression=None, ping_interval=None) as ws:
+        for i in range(50):
+            await ws.send("warm")
+            await ws.recv()
+        for i in range(n):
+            t0 = time.perf_counter()
+            await ws.send("x" * 32)
+            await ws.recv()
+            out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+async def throughput(url: str, sockets: int, seconds: float) -> float:
+    end = time.monotonic() + seconds
+    counts = [0] * sockets
+
+    async def one(i: int):
+        async with connect(url, compression=None, ping_interval=None, open_timeout=60) as ws:
+            while time.monotonic() < end:
+                await ws.send("y" * 64)
+                await ws.recv()
+                counts[i] += 1
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(sockets)))
+    return sum(counts) / (time.monotonic() - t0)
+
+
+async def hold_open(url: str, n: int, ready: asyncio.Event, release: asyncio.Event) -> int:
+    opened = []
+
+    async def one():
+        ws = await connect(url, compression=None, ping_interval=None, open_timeout=120)
+        opened.append(ws)
+
+    for i in range(0, n, 250):  # in batches: a SYN storm of thousands helps nobody
+        await asyncio.gather(*(one() for _ in range(min(250, n - i))))
+    ready.set()
+    await release.wait()
+    await asyncio.gather(*(ws.close() for ws in opened))
+    return len(opened)
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--operator", required=True)
+    ap.add_argument("--sidecar", required=True)
+    ap.add_argument("--round-trips", type=int, default=3000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--idle-sockets", type=int, default=5000)
+    a = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="fal-bench-ws."))
+    procs = Procs()
+    try:
+        app = work / "echo_app.py"
+        app.write_text(ECHO_APP)
+        redis_port = free_port()
+        procs.spawn(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "no", "--dir", str(work)])
+        wait(lambda: accepts(redis_port), what="redis")
+        direct_port = free_port()
+        procs.spawn([sys.executable, str(app)], env={**os.environ, "PORT": str(direct_port)})
+        wait(lambda: accepts(direct_port), what="the direct app")
+        per_replica = 1024
+        replicas = max(1, -(-a.idle_sockets // 1000))
+        fn = {"apiVersion": "fal.serverless.dev/v1alpha1", "kind": "FalFunction",
+              "metadata": {"name": "ws", "namespace": "bench"},
+              "spec": {"image": "bench:1", "command": [sys.executable, str(app)], "minReplicas": replicas,
+                       "maxReplicas": replicas, "maxConcurrency": per_replica, "keepAlive": 3600,
+                       "auth": "public"}}
+        manifest = work / "fn.yaml"
+        manifest.write_text(json.dumps(fn))
+        run_p, queue_p, admin_p = free_port(), free_port(), free_port()
+        local = procs.spawn([a.operator, "local", "-f", str(manifest), "--store", f"redis://127.0.0.1:{redis_port}/0",
+                             "--listen", f"127.0.0.1:{run_p}", "--queue-listen", f"127.0.0.1:{queue_p}",
+                             "--admin-listen", f"127.0.0.1:{admin_p}", "--sidecar-bin", a.sidecar,
+                             "--state-dir", str(work / "state")],
+                            env={**os.environ, "RUST_LOG": "warn"}, cwd=str(REPO))
+        wait(lambda: accepts(admin_p), what="fal-operator local")
+        wait(lambda: get_json(f"http://127.0.0.1:{admin_p}/functions")[0]["readyReplicas"] == replicas,
+             timeout=120, what="the replicas")
+        direct = f"ws://127.0.0.1:{direct_port}/"
+        gateway = f"ws://127.0.0.1:{run_p}/bench/ws/"
+
+        rt = {"direct": [], "gateway": []}
+        tp = {"direct": [], "gateway": []}
+        for _ in range(a.rounds):
+            for name, url in (("direct", direct), ("gateway", gateway)):
+                rt[name].extend(asyncio.run(round_trips(url, a.round_trips)))
+                tp[name].append(asyncio.run(throughput(url, 100, a.seconds)))
+        tpm = {k: statistics.median(v) for k, v in tp.items()}
+
+        time.sleep(2)
+        before = rss_kb(local.pid)
+
+        async def idle():
+            ready, release = asyncio.Event(), asyncio.Event()
+            task = asyncio.create_task(hold_open(gateway, a.idle_sockets, ready, release))
+            await ready.wait()
+            await asyncio.sleep(3)
+            opened = get_json(f"http://127.0.0.1:{admin_p}/functions")[0]["syncCalls"]
+            during = rss_kb(local.pid)
+            release.set()
+            await task
+            return opened, during
+
+        opened, during = asyncio.run(idle())
+        per_socket = (during - before) / max(opened, 1)
+        print(f"""
+## WebSockets (fal-operator local: gateway -> fal-sidecar -> an asyncio echo app; {os.cpu_count()} cores shared)
+
+| echo, one socket, {a.round_trips} x {a.rounds} round trips | p50 | p99 |
+|---|---|---|
+| straight to the app | {pct(rt['direct'], 50):.3f} ms | {pct(rt['direct'], 99):.3f} ms |
+| through the gateway and the sidecar | {pct(rt['gateway'], 50):.3f} ms | {pct(rt['gateway'], 99):.3f} ms |
+
+| 100 sockets echoing at once, {a.seconds:g} s, median of {a.rounds} | messages/s | vs direct |
+|---|---|---|
+| straight to the app | {tpm['direct']:.0f} | 1.00× |
+| through the gateway and the sidecar | {tpm['gateway']:.0f} | {tpm['gateway'] / tpm['direct']:.2f}× (target ≥ 0.80×) |
+
+gateway (fal-operator local) RSS: {before / 1024:.1f} MB idle, {during / 1024:.1f} MB with {opened} sockets open
+→ **{per_socket:.1f} KiB per open idle socket** (target ≤ 16 KiB)
+""")
+    finally:
+        procs.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
