@@ -34,6 +34,10 @@ pub fn identity(ff: &FalFunction) -> Result<(String, String)> {
     Ok((namespace, name))
 }
 
+pub fn is_dns1035(s: &str) -> bool {
+    is_dns1035_label(s)
+}
+
 fn is_dns1035_label(s: &str) -> bool {
     let bytes = s.as_bytes();
     !bytes.is_empty()

@@ -11,7 +11,8 @@
 //! - [`metrics`]: `/metrics` and `/healthz`;
 //! - [`autoscale`]: load → replicas (the pure decision in `autoscale::decide`);
 //! - [`gateway`]: the always-on entry point (queue API, held sync calls, wake-ups);
-//! - [`local`]: replicas as local processes (`fal-operator local`).
+//! - [`local`]: replicas as local processes (`fal-operator local`);
+//! - [`deploy`]: `function serve`, the seed's deploy flow (a decorated Python file).
 
 pub mod autoscale;
 pub mod catalog;
@@ -19,6 +20,7 @@ pub mod conditions;
 pub mod config;
 pub mod controller;
 pub mod crd;
+pub mod deploy;
 pub mod deployment;
 pub mod diff;
 mod error;

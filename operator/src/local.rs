@@ -108,13 +108,17 @@ struct LocalReplica {
     /// Unix ms of the spawn (for benchmarks: submit → spawn).
     started_ms: u64,
     stop: watch::Sender<bool>,
+    /// The function's generation it runs (a new revision replaces the older ones).
+    generation: u64,
 }
 
 /// Runs replicas as local processes (see the module docs).
 pub struct LocalScaler {
     gw: Arc<Gateway>,
     cfg: LocalConfig,
-    functions: HashMap<String, LocalFunction>,
+    /// Each function and its generation (bumped when its command or environment
+    /// changes: a new revision).
+    functions: std::sync::RwLock<HashMap<String, (LocalFunction, u64)>>,
     replicas: Mutex<HashMap<String, Vec<LocalReplica>>>,
     seq: AtomicU64,
     /// Replica processes alive (a watch so shutdown can wait for zero).
@@ -128,7 +132,12 @@ impl LocalScaler {
             me: me.clone(),
             gw,
             cfg,
-            functions: functions.into_iter().map(|f| (f.info.key(), f)).collect(),
+            functions: std::sync::RwLock::new(
+                functions
+                    .into_iter()
+                    .map(|f| (f.info.key(), (f, 0)))
+                    .collect(),
+            ),
             replicas: Mutex::new(HashMap::new()),
             seq: AtomicU64::new(0),
             alive: watch::channel(0).0,
@@ -137,6 +146,84 @@ impl LocalScaler {
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<LocalReplica>>> {
         self.replicas.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The function `key` and its generation.
+    fn function(&self, key: &str) -> Option<(LocalFunction, u64)> {
+        self.functions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    /// Adds a function, or replaces one (a new revision): when its command or
+    /// environment changed, every replica it has is replaced — as many new ones start
+    /// at once, and each old one drains (running requests finish; queued ones wait for
+    /// the new replicas) once a new one is ready, or at the latest after the start
+    /// timeout.
+    pub fn upsert_function(&self, f: LocalFunction) {
+        let key = f.info.key();
+        let generation = {
+            let mut map = self.functions.write().unwrap_or_else(|e| e.into_inner());
+            let gen = match map.get(&key) {
+                Some((old, g)) if old.command == f.command && old.env == f.env => *g,
+                Some((_, g)) => g + 1,
+                None => 0,
+            };
+            map.insert(key.clone(), (f.clone(), gen));
+            gen
+        };
+        let old: Vec<String> = self
+            .map()
+            .get(&key)
+            .map(|v| {
+                v.iter()
+                    .filter(|r| r.generation < generation && r.phase != Phase::Draining)
+                    .map(|r| r.id.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if old.is_empty() {
+            return;
+        }
+        tracing::info!(function = %key, generation, replacing = old.len(), "rolling to a new revision");
+        let me = self.this();
+        for _ in &old {
+            if let Err(e) = me.spawn_replica(&f, generation) {
+                tracing::warn!(function = %key, error = %e, "starting a replica of the new revision failed");
+            }
+        }
+        let limit = f.info.startup_timeout;
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + limit;
+            for id in old {
+                // One old replica leaves per ready new one (or all at the deadline).
+                loop {
+                    let ready_new = me.map().get(&key).map_or(0, |v| {
+                        v.iter()
+                            .filter(|r| r.generation == generation && r.phase == Phase::Ready)
+                            .count()
+                    });
+                    let leaving = me.map().get(&key).map_or(0, |v| {
+                        v.iter()
+                            .filter(|r| r.generation < generation && r.phase == Phase::Draining)
+                            .count()
+                    });
+                    if ready_new > leaving || tokio::time::Instant::now() >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                if let Some(r) = me
+                    .map()
+                    .get(&key)
+                    .and_then(|v| v.iter().find(|r| r.id == id))
+                {
+                    let _ = r.stop.send(true);
+                }
+            }
+        });
     }
 
     /// The replicas of `key` as JSON (for `/functions`).
@@ -174,7 +261,7 @@ impl LocalScaler {
         self.gw.set_replicas(key, ready);
     }
 
-    fn spawn_replica(self: &Arc<Self>, f: &LocalFunction) -> Result<()> {
+    fn spawn_replica(self: &Arc<Self>, f: &LocalFunction, generation: u64) -> Result<()> {
         let key = f.info.key();
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{}-{n}", f.info.namespace, f.info.name);
@@ -254,6 +341,7 @@ impl LocalScaler {
                 started: Instant::now(),
                 started_ms: fal_sidecar::job::now_ms(),
                 stop: stop_tx,
+                generation,
             });
         self.alive.send_modify(|n| *n += 1);
         tracing::info!(function = %key, replica = %id, pid, "replica starting");
@@ -357,13 +445,13 @@ impl LocalScaler {
 
     /// Picks `n` replicas to remove: starting or restarting ones first, then the idlest ready ones
     /// (requests running in the replica, plus sync calls the gateway has on it).
-    async fn pick_victims(&self, key: &str, n: usize) -> Vec<String> {
+    async fn pick_victims(&self, key: &str, n: usize, generation: u64) -> Vec<String> {
         let candidates: Vec<(String, Phase, String)> = self
             .map()
             .get(key)
             .map(|v| {
                 v.iter()
-                    .filter(|r| r.phase != Phase::Draining)
+                    .filter(|r| r.phase != Phase::Draining && r.generation == generation)
                     .map(|r| (r.id.clone(), r.phase, r.admin_addr.clone()))
                     .collect()
             })
@@ -408,27 +496,33 @@ impl LocalScaler {
 #[async_trait]
 impl Scaler for LocalScaler {
     async fn replicas(&self, f: &FunctionInfo) -> std::result::Result<Option<u32>, String> {
-        if !self.functions.contains_key(&f.key()) {
+        let Some((_, generation)) = self.function(&f.key()) else {
             return Ok(None);
-        }
+        };
+        // Replicas of older revisions are leaving: not counted, never picked.
         let n = self.map().get(&f.key()).map_or(0, |v| {
-            v.iter().filter(|r| r.phase != Phase::Draining).count()
+            v.iter()
+                .filter(|r| r.phase != Phase::Draining && r.generation == generation)
+                .count()
         });
         Ok(Some(n as u32))
     }
 
     async fn scale(&self, f: &FunctionInfo, from: u32, to: u32) -> std::result::Result<(), String> {
         let key = f.key();
-        let Some(lf) = self.functions.get(&key).cloned() else {
+        let Some((lf, generation)) = self.function(&key) else {
             return Err(format!("{key} is not a local function"));
         };
         if to > from {
             let me = self.this();
             for _ in from..to {
-                me.spawn_replica(&lf).map_err(|e| e.to_string())?;
+                me.spawn_replica(&lf, generation)
+                    .map_err(|e| e.to_string())?;
             }
         } else {
-            let victims = self.pick_victims(&key, (from - to) as usize).await;
+            let victims = self
+                .pick_victims(&key, (from - to) as usize, generation)
+                .await;
             let map = self.map();
             for r in map.get(&key).into_iter().flatten() {
                 if victims.contains(&r.id) {

@@ -31,6 +31,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The seed's deploy flow: a decorated Python file becomes a function.
+    #[command(subcommand)]
+    Function(FunctionCommand),
     /// Print the CRDs (FalFunction, FalKey) as multi-document YAML: the files of crds/.
     Crd {
         /// Write crds/falfunctions.yaml and crds/falkeys.yaml into DIR instead.
@@ -122,6 +125,39 @@ enum KeyCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum FunctionCommand {
+    /// Serve FUNCTION of FILE (decorated with fal_serverless's @isolated) as a function:
+    /// a new revision when the file changed, then the seed's two lines (revision, URL).
+    Serve {
+        /// The Python file.
+        file: PathBuf,
+        /// The decorated function in it.
+        function: String,
+        /// The function's name [default: FUNCTION, '_' as '-'].
+        #[arg(long)]
+        alias: Option<String>,
+        /// Namespace (the owner in URLs).
+        #[arg(short = 'n', long = "namespace", default_value = "default")]
+        namespace: String,
+        /// Who may call it.
+        #[arg(long, default_value = "private", value_parser = ["private", "shared", "public"])]
+        auth: String,
+        /// Register with a running `fal-operator local` at this admin address.
+        #[arg(long, env = "FAL_LOCAL_ADMIN")]
+        local: Option<String>,
+        /// pip index for the environment (air-gapped: your mirror).
+        #[arg(long)]
+        index_url: Option<String>,
+        /// pip --find-links (a local wheelhouse), repeatable.
+        #[arg(long)]
+        find_links: Vec<String>,
+        /// pip --no-index (only --find-links).
+        #[arg(long)]
+        no_index: bool,
+    },
+}
+
 /// Settings the gateway and `local` share.
 #[derive(Args)]
 struct GatewayFlags {
@@ -203,7 +239,8 @@ struct GatewayArgs {
 struct LocalArgs {
     /// FalFunction manifests (multi-document YAML); each needs spec.command. FalKey
     /// documents may sit beside them: then every call needs one of those keys.
-    #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+    /// (Optional: functions can also be registered later with `function serve --local`.)
+    #[arg(short = 'f', long = "filename", num_args = 1..)]
     files: Vec<PathBuf>,
     /// Refuse calls without a valid key even when no FalKey is declared (only public
     /// functions answer then).
@@ -423,7 +460,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 keys.extend(ks);
             }
-            if functions.is_empty() {
+            if functions.is_empty() && !a.files.is_empty() {
                 anyhow::bail!("no FalFunction in {:?}", a.files);
             }
             let opts = LocalOptions {
@@ -463,6 +500,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(run_controller(catalog, config, metrics_addr, lease))
         }
         Command::Key(cmd) => run_key(cmd),
+        Command::Function(FunctionCommand::Serve {
+            file,
+            function,
+            alias,
+            namespace,
+            auth,
+            local,
+            index_url,
+            find_links,
+            no_index,
+        }) => serve_function(
+            file, function, alias, namespace, auth, local, index_url, find_links, no_index,
+        ),
     }
 }
 
@@ -552,6 +602,64 @@ fn run_key(cmd: KeyCommand) -> anyhow::Result<()> {
             Ok(())
         }),
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn serve_function(
+    file: PathBuf,
+    function: String,
+    alias: Option<String>,
+    namespace: String,
+    auth: String,
+    local: Option<String>,
+    index_url: Option<String>,
+    find_links: Vec<String>,
+    no_index: bool,
+) -> anyhow::Result<()> {
+    use fal_operator::deploy::{self, Deployment, IndexSettings};
+    let python = std::env::var("FAL_PYTHON").unwrap_or_else(|_| "python3".into());
+    let isolated = deploy::inspect(&python, &file, &function)?;
+    for ignored in &isolated.ignored {
+        eprintln!("note: @isolated({ignored}=…) is not used by this deploy flow; ignored");
+    }
+    let source =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    // Wheelhouses as absolute paths: the build runs elsewhere.
+    let find_links = find_links
+        .into_iter()
+        .map(|f| {
+            std::fs::canonicalize(&f)
+                .map(|p| p.display().to_string())
+                .unwrap_or(f)
+        })
+        .collect();
+    let d = Deployment {
+        namespace,
+        alias: alias.unwrap_or_else(|| function.replace('_', "-")),
+        filename: file.display().to_string(),
+        source,
+        isolated,
+        auth: serde_json::from_value(serde_json::Value::String(auth))?,
+        index: IndexSettings {
+            index_url,
+            find_links,
+            no_index,
+        },
+    };
+    d.validate(&MachineCatalog::builtin())?;
+    let Some(admin) = local else {
+        anyhow::bail!(
+            "serving into a cluster is not implemented yet: run `fal-operator local` and pass --local http://127.0.0.1:9090 (or set FAL_LOCAL_ADMIN)"
+        );
+    };
+    let deployed = runtime()?
+        .block_on(deploy::local::register(&admin, &d))
+        .map_err(anyhow::Error::msg)?;
+    print!(
+        "{}",
+        deploy::announce(&d.alias, &deployed.revision, &deployed.url)
+    );
+    Ok(())
 }
 
 fn init_tracing() {

@@ -28,10 +28,31 @@ fn gateway_and_local_flags() {
     assert_eq!(cfg.domain.as_deref(), Some("fal.test"));
     assert_eq!(cfg.cold_start_timeout, Some(Duration::from_millis(2500)));
     assert_eq!(a.listen, "0.0.0.0:8080");
-    assert!(
-        Cli::try_parse_from(["fal-operator", "local"]).is_err(),
-        "local needs -f"
-    );
+    // local may start with no -f (functions come from `function serve --local`).
+    let cli = Cli::try_parse_from(["fal-operator", "local"]).unwrap();
+    let Command::Local(l) = cli.command else {
+        panic!("local expected")
+    };
+    assert!(l.files.is_empty());
+    let cli = Cli::try_parse_from([
+        "fal-operator",
+        "function",
+        "serve",
+        "app.py",
+        "app",
+        "--alias",
+        "seed",
+        "--local",
+        "http://127.0.0.1:9090",
+        "--find-links",
+        "wheels",
+        "--no-index",
+    ])
+    .unwrap();
+    assert!(matches!(
+        cli.command,
+        Command::Function(FunctionCommand::Serve { no_index: true, .. })
+    ));
     let cli = Cli::try_parse_from([
         "fal-operator",
         "controller",

@@ -222,12 +222,29 @@ pub async fn run_local(mut opts: LocalOptions) -> Result<()> {
     for f in &opts.functions {
         autoscaler.track(f.info.clone());
     }
-    let describe_scaler = scaler.clone();
+    // `function serve --local`: decorated Python files registered at run time.
+    let python = std::env::var("FAL_PYTHON").unwrap_or_else(|_| "python3".into());
+    let deployer = Arc::new(crate::deploy::local::LocalDeployer::new(
+        &opts.state_dir,
+        python,
+        &opts.listen.run,
+        gw.clone(),
+        scaler.clone(),
+        autoscaler.clone(),
+    )?);
+    let (describe_scaler, describe_deployer) = (scaler.clone(), deployer.clone());
     let admin = Arc::new(Admin {
         gw: gw.clone(),
         registry,
         autoscaler: Some(autoscaler.clone()),
-        describe: Some(Box::new(move |key: &str| describe_scaler.describe(key))),
+        describe: Some(Box::new(move |key: &str| {
+            let mut v = describe_scaler.describe(key);
+            if let Some(r) = describe_deployer.revisions(key) {
+                v["served"] = r;
+            }
+            v
+        })),
+        deployer: Some(deployer),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let (quit_tx, quit_rx) = watch::channel(false);
@@ -297,6 +314,7 @@ pub async fn run_gateway(opts: GatewayOptions) -> Result<()> {
         registry,
         autoscaler: None,
         describe: None,
+        deployer: None,
     });
     // Ready only once the cluster's functions and keys are known.
     gw.functions_synced

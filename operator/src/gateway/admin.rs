@@ -25,6 +25,8 @@ pub struct Admin {
     pub autoscaler: Option<Arc<crate::autoscale::Autoscaler>>,
     /// `local` adds its replicas (starting, ready, draining) to `/functions`.
     pub describe: Option<Describe>,
+    /// `local`: `POST /functions` registers a decorated Python file (`function serve`).
+    pub deployer: Option<Arc<crate::deploy::local::LocalDeployer>>,
 }
 
 /// `/functions`: each function's bounds, replicas and load as this process sees them.
@@ -90,6 +92,14 @@ pub async fn handle_admin(
                 None,
             ),
         },
+        "/functions" if req.method() == http::Method::POST => match &admin.deployer {
+            Some(d) => register(d.clone(), req).await,
+            None => error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this gateway serves the cluster's FalFunctions (kubectl apply); `fal-operator function serve --local` registers with `fal-operator local` only",
+                None,
+            ),
+        },
         "/functions" => json(StatusCode::OK, &functions_json(&admin)),
         "/metrics" => {
             use prometheus::Encoder;
@@ -110,4 +120,72 @@ pub async fn handle_admin(
             None,
         ),
     }
+}
+
+/// `POST /functions` (local): a [`crate::deploy::Deployment`] as JSON in; NDJSON out —
+/// `{"log": …}` lines while the environment builds, then `{"revision", "new", "url"}`
+/// or `{"error"}`.
+async fn register(
+    deployer: Arc<crate::deploy::local::LocalDeployer>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    use http_body_util::{BodyExt, Limited, StreamBody};
+    let max = crate::deploy::MAX_SOURCE_BYTES * 2 + 64 * 1024;
+    let body = match Limited::new(req.into_body(), max).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("a registration is at most {max} bytes"),
+                None,
+            )
+        }
+    };
+    let d: crate::deploy::Deployment = match serde_json::from_slice(&body) {
+        Ok(d) => d,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("not a function registration: {e}"),
+                None,
+            )
+        }
+    };
+    let (log_tx, mut log_rx) = tokio::sync::mpsc::channel::<String>(256);
+    let (line_tx, line_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(256);
+    tokio::spawn(async move {
+        let deploy = deployer.deploy(d, log_tx);
+        tokio::pin!(deploy);
+        let line = |v: serde_json::Value| bytes::Bytes::from(format!("{v}\n"));
+        let outcome = loop {
+            tokio::select! {
+                r = &mut deploy => break r,
+                Some(l) = log_rx.recv() => {
+                    let _ = line_tx.send(line(serde_json::json!({"log": l}))).await;
+                }
+            }
+        };
+        while let Ok(l) = log_rx.try_recv() {
+            let _ = line_tx.send(line(serde_json::json!({"log": l}))).await;
+        }
+        let last = match outcome {
+            Ok(d) => serde_json::to_value(d).unwrap_or_default(),
+            Err(e) => serde_json::json!({"error": e}),
+        };
+        let _ = line_tx.send(line(last)).await;
+    });
+    let frames = futures_util::stream::unfold(line_rx, |mut rx| async move {
+        rx.recv().await.map(|b| {
+            (
+                Ok::<_, fal_sidecar::upstream::BoxError>(hyper::body::Frame::data(b)),
+                rx,
+            )
+        })
+    });
+    let mut r = Response::new(Body::Boxed(StreamBody::new(frames).boxed_unsync()));
+    r.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    r
 }
