@@ -2,7 +2,8 @@
 # The whole test suite, as CI runs it (.ci/run calls this):
 #   1. Rust unit and conformance tests of every crate (cargo nextest);
 #   2. the operator's rendered objects validated by kubernetes-validate;
-#   3. the end-to-end suites (tests/e2e, tests/local: scale to zero): the real binaries, the example app, a webhook
+#   3. the runner's unit tests (tests/runner) and the end-to-end suites (tests/e2e, tests/local: scale to zero,
+#      function serve): the real binaries, the example app, a webhook
 #      receiver, redis-server and the real fal clients (PyPI fal-client, npm
 #      @fal-ai/client), all on loopback.
 # Installs what it needs (Python venv, npm packages, redis-server) when missing.
@@ -84,7 +85,7 @@ fi
 echo "== end-to-end (real processes on loopback)"
 # Generous per-test bound: CI machines are shared; the tests poll, they do not time.
 export E2E_TEST_TIMEOUT=${E2E_TEST_TIMEOUT:-180}
-"$VENV/bin/python" -m pytest tests/e2e tests/local -q -p no:cacheprovider "$@"
+"$VENV/bin/python" -m pytest tests/runner tests/e2e tests/local -q -p no:cacheprovider "$@"
 
 # --- a real Kubernetes control plane ------------------------------------------------------
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler built from Go modules

@@ -113,8 +113,10 @@ class Local:
         return f"http://127.0.0.1:{self.admin_port}"
 
     def start(self) -> "Local":
+        # No manifest at all is fine too: functions come from `function serve --local`.
+        files = ["-f", str(self.manifest)] if self.manifest.read_text().strip() not in ("", "[]") else []
         cmd = [
-            str(OPERATOR_BIN), "local", "-f", str(self.manifest),
+            str(OPERATOR_BIN), "local", *files,
             "--store", self.redis.url,
             "--listen", f"127.0.0.1:{self.run_port}",
             "--queue-listen", f"127.0.0.1:{self.queue_port}",
