@@ -112,7 +112,8 @@ class Local:
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"
 
-    def start(self) -> "Local":
+    def start(self, wait: bool = True) -> "Local":
+        """Spawn `fal-operator local`; with `wait`, return once its /readyz says 200."""
         cmd = [
             str(OPERATOR_BIN), "local", "-f", str(self.manifest),
             "--store", self.redis.url,
@@ -135,7 +136,8 @@ class Local:
         self.log = open(self.log_path, "ab", buffering=0)
         self.proc = subprocess.Popen(cmd, cwd=str(REPO), stdin=subprocess.DEVNULL, stdout=self.log,
                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        wait_until(self._ready, timeout=20, interval=0.05, what="fal-operator local to answer /readyz")
+        if wait:
+            wait_until(self._ready, timeout=20, interval=0.05, what="fal-operator local to answer /readyz")
         return self
 
     def _ready(self) -> bool:
