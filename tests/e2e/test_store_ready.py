@@ -26,6 +26,7 @@ import time
 import httpx
 import pytest
 
+from helpers import wait_until
 from redis_ha_fixture import app_cmd
 from store_load import (
     assert_all_accepted,
@@ -97,3 +98,41 @@ def test_no_refusal_counted_from_readiness(kind, replicas, tmp_path, make_sideca
     finally:
         if topology is not None:
             topology.close()
+
+
+def test_not_ready_while_the_replicas_cannot_confirm(tmp_path, make_sidecar, sidecar_help):
+    """Readiness follows the store both ways: with `--store-replicas 1`, a replica that
+    stops (SIGSTOP, its link cut) takes the sidecar out of readiness, with a detail that
+    says what to check; once it is back, the sidecar is ready again and takes a submit."""
+    if "--store-replicas" not in sidecar_help:
+        pytest.skip("this fal-sidecar has no --store-replicas")
+    url, topology = start_store("redis", tmp_path)
+    try:
+        seen = tmp_path / "seen.log"
+        sc = make_sidecar("--store", url, "--function", "default/app", "--store-replicas", "1",
+                          start=False, app_cmd=app_cmd(seen))
+        sc.start(wait=False)
+        wait_ready(sc)
+        primary, replica = topology.data_nodes
+        replica.pause()
+        try:
+            primary.cmd("CLIENT", "KILL", "TYPE", "replica")
+
+            def not_ready():
+                r = sc.http.get(f"{sc.admin_url}/readyz", timeout=3)
+                return r if r.status_code == 503 else None
+
+            r = wait_until(not_ready, timeout=30, interval=0.1, what="/readyz to fail without a replica")
+            body = r.json()
+            assert body["error_type"] == "store_unavailable", body
+            assert "0 of 1 replicas confirmed a probe write" in body["detail"], body
+            assert "INFO replication" in body["detail"], body
+        finally:
+            replica.resume()
+        back = wait_ready(sc)
+        rid = sc.submit_ok("test", {"back": True})["request_id"]
+        assert sc.wait_result(rid, timeout=30).json()["input"] == {"back": True}
+        measure(f"sidecar redis store-replicas=1: not ready while the replica was stopped; ready again "
+                f"{back:.2f}s after it resumed")
+    finally:
+        topology.close()
