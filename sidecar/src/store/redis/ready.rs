@@ -4,11 +4,12 @@
 //! A probe ([`RedisHub::ready`]: every primary, since a gateway writes to every shard;
 //! a sidecar's store: the primary of its function's slot) does three things:
 //! 1. puts the store's scripts in the script cache of the primaries (`SCRIPT EXISTS`,
-//!    `SCRIPT LOAD` of what is missing; a cluster loads them on its replicas too, so a
-//!    promoted replica has them). Otherwise the first write of each script gets
-//!    `NOSCRIPT` and is sent again, and with `--store-replicas` the `WAIT` that followed
-//!    the refused `EVALSHA` blocks first: a fresh primary's first submit took two
-//!    `WAIT` bounds (about 2 s) and could be refused.
+//!    `SCRIPT LOAD` of what is missing; in a cluster both go to every primary).
+//!    Otherwise the first write of each script gets `NOSCRIPT` and is sent again, and
+//!    with `--store-replicas` the `WAIT` that followed the refused `EVALSHA` blocks
+//!    first: a fresh primary's first submit took two `WAIT` bounds (about 2 s) and
+//!    could be refused. (A primary promoted by a failover has an empty cache until the
+//!    next probe; meanwhile the `EVAL` fallback of `run_replicated` covers it.)
 //! 2. writes one fixed key (`SET … PX`) per probed primary on every connection that
 //!    writes: those connections are made lazily, and for Sentinel each one asks the
 //!    sentinels for the master; the probe makes them before the first request, not
@@ -135,8 +136,8 @@ impl RedisHub {
         Ok(())
     }
 
-    /// `SCRIPT EXISTS` every script the store sends; `SCRIPT LOAD` the missing ones (a
-    /// cluster routes both to its nodes: EXISTS to the primaries, LOAD to every node).
+    /// `SCRIPT EXISTS` every script the store sends; `SCRIPT LOAD` the missing ones (the
+    /// cluster client sends both to every primary; EXISTS answers the AND of theirs).
     async fn cache_scripts(&self) -> StoreResult<()> {
         let all = self.scripts.all();
         let mut exists = redis::cmd("SCRIPT");
