@@ -62,8 +62,9 @@ pub async fn open_store(
     if spec.starts_with("redis") || spec.starts_with("unix://") {
         let durability = crate::store::redis::Durability {
             replicas: common.store_replicas,
-            // WAIT holds the shared connection: stay under its 3 s response timeout.
-            timeout: Duration::from_millis(common.store_replicas_timeout.clamp(1, 2500)),
+            // WAIT holds its connection: stay under the connections' response timeout.
+            timeout: Duration::from_millis(common.store_replicas_timeout.max(1))
+                .min(crate::store::redis_conn::MAX_WAIT),
         };
         let store = RedisStore::open_with(&spec, &common.function, common.max_attempts, durability)
             .await

@@ -681,6 +681,9 @@ mod tests {
         async fn append_logs(&self, id: &str, lines: Vec<LogLine>) -> StoreResult<()> {
             self.inner.append_logs(id, lines).await
         }
+        async fn ready(&self) -> StoreResult<()> {
+            self.inner.ready().await
+        }
         async fn sweep(&self, now_ms: u64, retention: Duration) -> StoreResult<Sweep> {
             self.inner.sweep(now_ms, retention).await
         }

@@ -7,7 +7,8 @@
   (`redis-server --sentinel`); `kill9_master()`, `wait_new_master()`.
 
 Every node is a real `redis-server` with AOF on (appendfsync everysec) in its own
-directory under `workdir`, bound to 127.0.0.1, logging to `<dir>/redis.log`; errors
+directory under `workdir`, bound to 127.0.0.1, logging to `<dir>/redis.log`; replicas
+sync at once (`sync_delay=5` gives Redis' default `repl-diskless-sync-delay`); errors
 name the log to read. Standard library only: a small RESP client (`resp()`) talks to
 the nodes. Timeouts are generous on purpose (the tests run on a loaded 2-core box).
 
@@ -196,7 +197,7 @@ class RedisNode:
         return f"--- {self.name} log ({self.log_path}), last {n} lines ---\n" + "\n".join(lines[-n:])
 
 
-def _data_node_args(node_dir: Path, port: int, password: str | None) -> list[str]:
+def _data_node_args(node_dir: Path, port: int, password: str | None, sync_delay: int = 0) -> list[str]:
     args = [
         "--port", str(port),
         "--bind", "127.0.0.1",
@@ -205,8 +206,8 @@ def _data_node_args(node_dir: Path, port: int, password: str | None) -> list[str
         "--save", "",
         "--appendonly", "yes",
         "--appendfsync", "everysec",
-        # a (re)attaching replica syncs at once instead of after the default 5 s
-        "--repl-diskless-sync-delay", "0",
+        # 0: a (re)attaching replica syncs at once instead of after Redis' default 5 s
+        "--repl-diskless-sync-delay", str(sync_delay),
         "--daemonize", "no",
     ]
     if password:
@@ -237,7 +238,7 @@ class RedisCluster:
     a master is down and not yet replaced, the whole cluster refuses commands."""
 
     def __init__(self, workdir: Path, masters: int = 3, replicas: int = 0,
-                 node_timeout_ms: int = 1000, password: str | None = None):
+                 node_timeout_ms: int = 1000, password: str | None = None, sync_delay: int = 0):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.n_masters = masters
@@ -254,7 +255,7 @@ class RedisCluster:
             used.append(bus)
             name = f"node{i}"
             node_dir = self.workdir / name
-            args = _data_node_args(node_dir, port, password) + [
+            args = _data_node_args(node_dir, port, password, sync_delay) + [
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", str(node_dir / "nodes.conf"),
                 "--cluster-node-timeout", str(node_timeout_ms),
@@ -267,7 +268,11 @@ class RedisCluster:
             self.nodes.append(node)
 
     # -- lifecycle ---------------------------------------------------------
-    def start(self, timeout: float = SETUP_TIMEOUT) -> "RedisCluster":
+    def start(self, timeout: float = SETUP_TIMEOUT, settle: bool = True) -> "RedisCluster":
+        """Start the nodes and create the cluster. With `settle` (the default), wait
+        until it is healthy everywhere (every replica's link up); without, return as
+        soon as `redis-cli --cluster create` is done, while replicas still sync: what a
+        process started together with the cluster meets."""
         deadline = time.monotonic() + timeout
         try:
             for node in self.nodes:
@@ -287,8 +292,9 @@ class RedisCluster:
                 raise AssertionError(f"redis-cli --cluster create failed (exit {rc}); {self.create_log}:\n{out[-3000:]}")
             for node in self.nodes:
                 node.node_id = node.cmd("CLUSTER", "MYID")
-            self.wait_healthy(timeout=max(5.0, deadline - time.monotonic()))
-            self._snapshot()
+            if settle:
+                self.wait_healthy(timeout=max(5.0, deadline - time.monotonic()))
+                self._snapshot()
         except BaseException:
             self.close()
             raise
@@ -539,7 +545,7 @@ class RedisSentinelSet:
 
     def __init__(self, workdir: Path, replicas: int = 2, sentinels: int = 3, master_name: str = "fal",
                  down_after_ms: int = 1000, failover_timeout_ms: int = 5000, db: int = 0,
-                 password: str | None = None):
+                 password: str | None = None, sync_delay: int = 0):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.master_name = master_name
@@ -548,12 +554,12 @@ class RedisSentinelSet:
         self.n_replicas = replicas
         port = free_port()
         self.data_nodes: list[RedisNode] = [
-            RedisNode(self.workdir, "redis0", _data_node_args(self.workdir / "redis0", port, password),
+            RedisNode(self.workdir, "redis0", _data_node_args(self.workdir / "redis0", port, password, sync_delay),
                       port=port, password=password)
         ]
         for i in range(replicas):
             p = _other_free_port(*(n.port for n in self.data_nodes))
-            args = _data_node_args(self.workdir / f"redis{i + 1}", p, password) + \
+            args = _data_node_args(self.workdir / f"redis{i + 1}", p, password, sync_delay) + \
                 ["--replicaof", "127.0.0.1", str(port)]
             self.data_nodes.append(RedisNode(self.workdir, f"redis{i + 1}", args, port=p, password=password))
         self.sentinels: list[SentinelNode] = [
@@ -564,11 +570,22 @@ class RedisSentinelSet:
         ]
 
     # -- lifecycle ---------------------------------------------------------
-    def start(self, timeout: float = SETUP_TIMEOUT) -> "RedisSentinelSet":
+    def start(self, timeout: float = SETUP_TIMEOUT, settle: bool = True) -> "RedisSentinelSet":
+        """Start every node. With `settle` (the default), wait until the replicas are
+        attached and every sentinel sees the master, its replicas and the other
+        sentinels; without, return once every process answers PING, while replicas
+        still sync and sentinels still discover each other: what a process started
+        together with them meets."""
         deadline = time.monotonic() + timeout
         try:
             for node in self.data_nodes:
                 node.start()
+            if not settle:
+                for s in self.sentinels:
+                    s.start()
+                for node in [*self.data_nodes, *self.sentinels]:
+                    node.wait_up(timeout=max(1.0, deadline - time.monotonic()))
+                return self
             for node in self.data_nodes:
                 node.wait_up(timeout=max(1.0, deadline - time.monotonic()))
             master = self.data_nodes[0]

@@ -112,7 +112,8 @@ class Local:
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"
 
-    def start(self) -> "Local":
+    def start(self, wait: bool = True) -> "Local":
+        """Spawn `fal-operator local`; with `wait`, return once its /readyz says 200."""
         # No manifest at all is fine too: functions come from `function serve --local`.
         files = ["-f", str(self.manifest)] if self.manifest.read_text().strip() not in ("", "[]") else []
         cmd = [
@@ -137,7 +138,8 @@ class Local:
         self.log = open(self.log_path, "ab", buffering=0)
         self.proc = subprocess.Popen(cmd, cwd=str(REPO), stdin=subprocess.DEVNULL, stdout=self.log,
                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        wait_until(self._ready, timeout=20, interval=0.05, what="fal-operator local to answer /readyz")
+        if wait:
+            wait_until(self._ready, timeout=20, interval=0.05, what="fal-operator local to answer /readyz")
         return self
 
     def _ready(self) -> bool:

@@ -1,5 +1,5 @@
 //! The gateway's admin listener: `/metrics`, `/healthz`, `/readyz` (ready once the
-//! cluster's functions and keys are known and the store answers), `/functions`.
+//! cluster's functions and keys are known and the store would take a submit), `/functions`.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -65,8 +65,8 @@ pub fn functions_json(admin: &Admin) -> serde_json::Value {
     serde_json::Value::Array(list)
 }
 
-/// The admin listener: `/metrics`, `/healthz`, `/readyz` (the store answers),
-/// `/functions`.
+/// The admin listener: `/metrics`, `/healthz`, `/readyz` (the store would take a
+/// submit), `/functions`.
 pub async fn handle_admin(
     admin: Arc<Admin>,
     _conn: Arc<ConnState>,
@@ -84,12 +84,14 @@ pub async fn handle_admin(
             "not ready: the first list of FalKeys has not been read from the API server yet",
             None,
         ),
-        "/readyz" => match admin.gw.hub.ping().await {
+        // Not a PING: every primary takes a probe write, confirmed by --store-replicas
+        // replicas (RedisHub::ready), so "ready" means a submit would be stored now.
+        "/readyz" => match admin.gw.hub.ready().await {
             Ok(()) => json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
             Err(e) => error(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &format!("the store is unavailable: {e}"),
-                None,
+                &format!("not ready: the queue store cannot take a submit now ({e})"),
+                Some("store_unavailable"),
             ),
         },
         "/functions" if req.method() == http::Method::POST => match &admin.deployer {

@@ -345,8 +345,10 @@ pub async fn handle_admin(
     }
 }
 
-/// Ready: not draining, the app accepts connections (when there is one), the store
-/// answers.
+/// Ready: not draining, the app accepts connections (when there is one), and the store
+/// would take a submit now ([`crate::store::Store::ready`]: a probe write the way a submit
+/// goes, confirmed by `--store-replicas` replicas), so a replica is routed traffic only
+/// once it can store it, and stops being routed while it cannot.
 async fn ready(app: &App) -> Response<Body> {
     if app.draining.load(Ordering::Relaxed) {
         return error(
@@ -371,13 +373,13 @@ async fn ready(app: &App) -> Response<Body> {
             return error(StatusCode::SERVICE_UNAVAILABLE, &detail, None);
         }
     }
-    match app.store.load().await {
+    match app.store.ready().await {
         Err(e) => error(
             StatusCode::SERVICE_UNAVAILABLE,
-            &format!("the store is unavailable: {e}"),
-            None,
+            &format!("not ready: the queue store cannot take a submit now ({e})"),
+            Some("store_unavailable"),
         ),
-        Ok(_) => json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
+        Ok(()) => json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
     }
 }
 

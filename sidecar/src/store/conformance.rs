@@ -571,6 +571,22 @@ pub async fn idempotency_concurrent(s: Arc<dyn Store>) {
     assert_eq!(s.load().await.unwrap().queued, 1);
 }
 
+/// A healthy store is ready, before and after it holds requests (the probe is run
+/// again, not remembered, once its short reuse window passed).
+pub async fn ready_when_healthy(s: Arc<dyn Store>) {
+    s.ready().await.unwrap();
+    s.submit(spec(Priority::Normal), Bytes::from_static(b"{}"), 10)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    s.ready().await.unwrap();
+    assert_eq!(
+        s.load().await.unwrap().queued,
+        1,
+        "a probe is not a request"
+    );
+}
+
 /// The submitting tenant is kept with the request (status and claims read it back).
 pub async fn tenant_is_kept(s: Arc<dyn Store>) {
     let mut j = spec(Priority::Normal);
@@ -604,7 +620,7 @@ macro_rules! conformance_tests {
             stale_token_rejected_and_attempts_exhausted, cancel_everywhere, start_timeout,
             queue_bound, webhook_outbox, release_keeps_place, requeue_counts_the_attempt,
             retention_purges, changes_wake_waiters, idempotency_keys, idempotency_concurrent,
-            tenant_is_kept);
+            tenant_is_kept, ready_when_healthy);
     };
     (@cases $factory:expr; $($case:ident),*) => {
         mod conformance {

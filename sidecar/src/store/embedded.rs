@@ -962,6 +962,20 @@ impl Store for EmbeddedStore {
         })
     }
 
+    /// An empty commit through the writer thread, as a submit's would go: the thread
+    /// runs and the data directory takes a write (a full disk or a read-only volume
+    /// says so here, not on the next submit).
+    async fn ready(&self) -> StoreResult<()> {
+        match tokio::time::timeout(super::READY_TIMEOUT, committed(self.writer.send(vec![]))).await
+        {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "a commit to the data directory took longer than {:?}",
+                super::READY_TIMEOUT
+            ))),
+        }
+    }
+
     fn changes(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }

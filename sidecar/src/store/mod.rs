@@ -40,6 +40,10 @@ pub enum StoreError {
 
 pub type StoreResult<T> = std::result::Result<T, StoreError>;
 
+/// Longest a readiness check of the store takes ([`Store::ready`]): under the 2 s
+/// `timeoutSeconds` of the readiness probes the operator and the chart set.
+pub const READY_TIMEOUT: Duration = Duration::from_millis(1500);
+
 /// What a submit stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Submitted {
@@ -192,6 +196,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
 
     async fn load(&self) -> StoreResult<Load>;
+
+    /// Whether a submit would be stored now: a round trip of the kind a submit makes
+    /// (the embedded store: a commit through its writer; Redis: a write on every
+    /// connection writes use, the scripts cached on the primary, and with
+    /// `--store-replicas N` a `WAIT` that N replicas confirm). Cheap enough for a probe
+    /// every few seconds (it writes one fixed key, never a new one) and answered within
+    /// [`READY_TIMEOUT`]. `/readyz` is this, plus the app.
+    async fn ready(&self) -> StoreResult<()>;
 
     /// A counter that moves whenever something changed that a waiting worker or a status
     /// stream may care about (a submit, a claim, a completion, a cancel, new logs). Keep

@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub mod rate_limit;
+pub mod ready;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -457,6 +458,26 @@ struct Scripts {
 }
 
 impl Scripts {
+    /// Every script the store sends (what a readiness probe puts in the script cache).
+    fn all(&self) -> [&Scripted; 14] {
+        [
+            &self.status,
+            &self.submit,
+            &self.claim,
+            &self.renew,
+            &self.release,
+            &self.complete,
+            &self.cancel,
+            &self.append_logs,
+            &self.sweep,
+            &self.due_deliveries,
+            &self.delivery_attempted,
+            &self.load,
+            &self.sync_report,
+            &self.running_workers,
+        ]
+    }
+
     fn new() -> Scripts {
         let s = |body: &str, keys: &'static [&'static str], per_id: &'static [&'static str]| {
             let source = format!("{PRELUDE}{body}");
@@ -567,6 +588,10 @@ pub struct RedisHub {
     subscriber: std::sync::OnceLock<tokio::task::AbortHandle>,
     /// Subscribed to every function ([`Subscribe::All`]).
     follows_all: bool,
+    /// A Redis Cluster: a probe of every primary needs a key in each one's slots.
+    cluster: bool,
+    /// The last probe of every primary ([`RedisHub::ready`]).
+    ready_all: ready::ProbeCell,
 }
 
 impl Drop for RedisHub {
@@ -584,6 +609,8 @@ pub struct RedisStore {
     max_attempts: u32,
     chans: Arc<Channels>,
     opened_at_ms: u64,
+    /// The last probe of this function's primary ([`Store::ready`]).
+    ready: ready::ProbeCell,
 }
 
 /// How many replicas must confirm a write before it is acknowledged (`WAIT`).
@@ -640,6 +667,8 @@ impl RedisHub {
         let follows_all = subscribe == Subscribe::All;
         let hub = Arc::new(RedisHub {
             follows_all,
+            cluster: matches!(target, Target::Cluster { .. }),
+            ready_all: Default::default(),
             conn,
             wait_pool,
             next_wait: Default::default(),
@@ -698,6 +727,7 @@ impl RedisHub {
             max_attempts,
             chans,
             opened_at_ms: now_ms(),
+            ready: Default::default(),
         })
     }
 
@@ -855,12 +885,14 @@ impl RedisStore {
     ) -> StoreResult<Arc<RedisStore>> {
         let hub = RedisHub::connect_with(url, Subscribe::One(key_prefix(function)), durability)?;
         let store = hub.store(function, max_attempts);
-        match hub.ping().await {
+        // The readiness probe makes every connection (and caches the scripts) now, so
+        // the first requests do not; it is run again by every `/readyz`.
+        match store.ready().await {
             Ok(()) => {
                 tracing::info!(server = %hub.server, prefix = %store.prefix, "using the redis store")
             }
             Err(e) => {
-                tracing::warn!(error = %e, "redis is not reachable yet; requests get 503 until it is")
+                tracing::warn!(error = %e, "the redis store cannot take writes yet; /readyz fails and requests get 503 until it can")
             }
         }
         Ok(store)
@@ -1560,6 +1592,10 @@ impl Store for RedisStore {
         })
     }
 
+    async fn ready(&self) -> StoreResult<()> {
+        self.probe_ready().await
+    }
+
     fn changes(&self) -> watch::Receiver<u64> {
         self.chans.changed.subscribe()
     }
@@ -1577,7 +1613,7 @@ mod tests {
 
     /// A `redis-server` on a free port, in a temp dir, with `extra` arguments; it dies
     /// with the test process (PR_SET_PDEATHSIG from a thread that never exits).
-    fn spawn_server(extra: &'static [&'static str]) -> u16 {
+    pub(crate) fn spawn_server(extra: &'static [&'static str]) -> u16 {
         spawn_server_with(extra.iter().map(|s| s.to_string()).collect())
     }
 
@@ -1634,7 +1670,7 @@ mod tests {
     }
 
     /// One inline command, the first reply read raw.
-    fn ask(port: u16, cmd: &[u8]) -> std::io::Result<String> {
+    pub(crate) fn ask(port: u16, cmd: &[u8]) -> std::io::Result<String> {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
         s.write_all(cmd)?;

@@ -26,7 +26,11 @@ pub const ENV_USERNAME: &str = "FAL_STORE_USERNAME";
 pub const ENV_PASSWORD: &str = "FAL_STORE_PASSWORD";
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest wait for one answer on any kind of connection. Above the longest `WAIT` a
+/// write may send (`--store-replicas-timeout`, at most [`MAX_WAIT`]).
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Upper bound of `--store-replicas-timeout`: a `WAIT` stays under [`RESPONSE_TIMEOUT`].
+pub const MAX_WAIT: Duration = Duration::from_millis(2500);
 
 /// A parsed `--store` URL (made once per process: the size of the variants is moot).
 #[derive(Clone)]
@@ -336,7 +340,17 @@ impl Lazy<MultiplexedConnection> {
         let LazyClient::Sentinel(client) = &self.client else {
             unreachable!("sentinel client")
         };
-        let c = client.lock().await.get_async_connection().await?;
+        // The same bounds as the other kinds: the redis crate's own default response
+        // timeout (500 ms) is shorter than a `WAIT` may take (--store-replicas-timeout),
+        // and a write whose answer timed out has been applied all the same.
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+        let c = client
+            .lock()
+            .await
+            .get_async_connection_with_config(&config)
+            .await?;
         *slot = Some(c.clone());
         Ok(c)
     }
