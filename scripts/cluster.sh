@@ -330,6 +330,7 @@ remove_volumes() {
   for p in $(KUBECTL get pv --request-timeout 5s -o jsonpath='{range .items[*]}{.spec.hostPath.path}{"\n"}{end}' 2>/dev/null); do
     case $p in /tmp/hostpath_pv/?*) rm -rf -- "$p" ;; esac
   done
+  rmdir /tmp/hostpath_pv 2>/dev/null || true # the provisioner made it; others' volumes keep it
 }
 
 up() {

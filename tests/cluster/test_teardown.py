@@ -86,6 +86,8 @@ def test_down_removes_everything_up_added_and_two_clusters_coexist(cluster: Clus
            "FAL_CLUSTER_STATE": str(state)}
     session_dns = cluster.json("get", "service", "kube-dns", "-n", "kube-system")["spec"]["clusterIP"]
     kubelet_bin = STATE / "bin" / "test-kubelet"
+    pv_root = Path("/tmp/hostpath_pv")  # the controller manager's hostPath provisioner
+    pv_root_before = pv_root.exists()
     before = snapshot(net, state)
     assert not before["links"] and not before["netns"], before  # nothing of it yet
 
@@ -130,6 +132,8 @@ def test_down_removes_everything_up_added_and_two_clusters_coexist(cluster: Clus
     assert not alive, f"processes of the second cluster still running: {alive}"
     assert not processes_mentioning(str(state)), "a process still refers to the state directory"
     assert not os.path.exists(volume_dir), volume_dir
+    # Its parent goes too, unless it was there before or holds another cluster's volumes.
+    assert not pv_root.exists() or pv_root_before or any(pv_root.iterdir())
     assert not os.path.exists(mount_point), mount_point
     # The session cluster did not notice.
     assert dns_answers(kubelet_bin, session_dns)
