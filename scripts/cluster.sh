@@ -8,7 +8,7 @@
 #
 #   scripts/cluster.sh up       # build once (cached), start, write .cluster/kubeconfig
 #   scripts/cluster.sh status   # what runs
-#   scripts/cluster.sh down     # stop everything `up` started (by pid)
+#   scripts/cluster.sh down     # stop what `up` started (by pid), remove what it added
 #   scripts/cluster.sh build    # only build (or find in the cache) the binaries
 #
 #   export KUBECONFIG=$PWD/.cluster/kubeconfig PATH=$PWD/.cluster/bin:$PATH
