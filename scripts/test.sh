@@ -88,8 +88,9 @@ export E2E_TEST_TIMEOUT=${E2E_TEST_TIMEOUT:-180}
 "$VENV/bin/python" -m pytest tests/runner tests/e2e tests/local -q -p no:cacheprovider "$@"
 
 # --- a real Kubernetes control plane ------------------------------------------------------
-# etcd, kube-apiserver, kube-controller-manager, kube-scheduler built from Go modules
-# (cached; the first build takes minutes) and the test kubelet: the CRD's CEL rules, the
-# operator as its ServiceAccount, FalFunction pods serving the queue.
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy and CoreDNS
+# built from Go modules (cached; the first build takes minutes) and the test kubelet: the
+# CRD's CEL rules, the operator as its ServiceAccount, FalFunction pods serving the
+# queue, Services, cluster DNS and volumes as the Helm chart needs them.
 echo "== Kubernetes control plane (scripts/cluster.sh + tests/cluster)"
 tests/cluster/run.sh "$VENV/bin/python"

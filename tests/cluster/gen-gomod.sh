@@ -27,7 +27,7 @@ staging=$(sed -n 's#^\s*\(k8s\.io/[a-z0-9-]*\) => \./staging/.*#\1#p' "$modfile"
   echo ")"
   echo
   echo "tool ("
-  for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  for c in kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubectl; do
     echo "	k8s.io/kubernetes/cmd/$c"
   done
   echo ")"

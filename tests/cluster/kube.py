@@ -20,7 +20,7 @@ from typing import Any, Callable
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-STATE = REPO / ".cluster"
+STATE = Path(os.environ.get("FAL_CLUSTER_STATE") or REPO / ".cluster")  # as scripts/cluster.sh
 CLUSTER_SH = REPO / "scripts" / "cluster.sh"
 OPERATOR_BIN = Path(os.environ.get("FAL_OPERATOR_BIN", REPO / "target" / "debug" / "fal-operator"))
 SIDECAR_BIN = Path(os.environ.get("FAL_SIDECAR_BIN", REPO / "target" / "debug" / "fal-sidecar"))

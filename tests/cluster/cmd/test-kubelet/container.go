@@ -128,6 +128,9 @@ func (c *container) helperSpec(argv, env []string) helperSpec {
 		}
 		spec.Binds = append(spec.Binds, bind{Src: src, Dst: m.MountPath, ReadOnly: m.ReadOnly})
 	}
+	if w.resolvConf != "" {
+		spec.Binds = append(spec.Binds, bind{Src: w.resolvConf, Dst: "/etc/resolv.conf", File: true})
+	}
 	return spec
 }
 
@@ -167,6 +170,9 @@ func (c *container) start() {
 		}
 	}
 	for _, b := range spec.Binds {
+		if b.File {
+			continue // an existing file of the host: nothing to create or remove
+		}
 		if err := mounts.acquire(b.Dst); err != nil {
 			releaseMounts()
 			fail("CreateContainerError", err)

@@ -21,6 +21,7 @@ const helperCommand = "__run-container"
 type bind struct {
 	Src, Dst string
 	ReadOnly bool
+	File     bool // a file over an existing file (resolv.conf), not a directory
 }
 
 type helperSpec struct {
@@ -48,7 +49,9 @@ func runContainerHelper(args []string) {
 		helperFail("making / private: %v", err)
 	}
 	for _, b := range spec.Binds {
-		if err := os.MkdirAll(b.Dst, 0o755); err != nil {
+		if b.File {
+			// Mounted over the host's file, in this namespace only; never created.
+		} else if err := os.MkdirAll(b.Dst, 0o755); err != nil {
 			helperFail("mount point %s: %v", b.Dst, err)
 		}
 		if err := unix.Mount(b.Src, b.Dst, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
@@ -96,11 +99,9 @@ func helperCmd(spec helperSpec) (*exec.Cmd, error) {
 	if err != nil {
 		return nil, err
 	}
-	self, err := os.Executable()
-	if err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(self, helperCommand, string(data))
+	// /proc/self/exe, not the path: the binary in the shared build cache may have been
+	// replaced meanwhile (another checkout built another version of it).
+	cmd := exec.Command("/proc/self/exe", helperCommand, string(data))
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Cloneflags: syscall.CLONE_NEWNS,
 		Setpgid:    true, // signals go to the container's whole process group

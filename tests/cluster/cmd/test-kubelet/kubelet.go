@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"time"
 
@@ -11,6 +12,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
+	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/klog/v2"
 	"k8s.io/utils/ptr"
@@ -25,6 +27,8 @@ type kubelet struct {
 	workers map[types.UID]*podWorker
 	wg      sync.WaitGroup
 	mounts  *mountPoints
+	// Every Service of the cluster: the containers' Service environment.
+	services corelisters.ServiceLister
 }
 
 func newKubelet(client kubernetes.Interface, cfg config, net *podNetwork) *kubelet {
@@ -32,6 +36,17 @@ func newKubelet(client kubernetes.Interface, cfg config, net *podNetwork) *kubel
 }
 
 func (k *kubelet) run(ctx context.Context) error {
+	// Services first, as the kubelet does: a container must not start with a partial
+	// Service environment.
+	svcFactory := informers.NewSharedInformerFactory(k.client, 0)
+	k.services = svcFactory.Core().V1().Services().Lister()
+	svcFactory.Start(ctx.Done())
+	defer svcFactory.Shutdown()
+	for typ, ok := range svcFactory.WaitForCacheSync(ctx.Done()) {
+		if !ok {
+			return fmt.Errorf("informer of %v did not sync", typ)
+		}
+	}
 	factory := informers.NewSharedInformerFactoryWithOptions(k.client, 0,
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
 			o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", k.cfg.nodeName).String()

@@ -5,7 +5,10 @@
 // mounted in a private mount namespace, its env and args. A container whose image is
 // the fal-sidecar image runs the workspace's fal-sidecar binary; any other container
 // runs its command + args. Probes set Ready; deletion runs preStop hooks, then SIGTERM,
-// then SIGKILL at the end of the grace period.
+// then SIGKILL at the end of the grace period. As the real kubelet, it gives containers
+// the Service environment (KUBERNETES_SERVICE_HOST…, enableServiceLinks), an
+// /etc/resolv.conf pointing at the cluster DNS (--cluster-dns, dnsPolicy), and mounts
+// a PersistentVolumeClaim's hostPath volume.
 //
 // It is a test harness, not a kubelet: no images, no cgroups, no exec/attach/port-forward;
 // of the kubelet API only the logs endpoint (`kubectl logs`), reading
@@ -36,6 +39,9 @@ type config struct {
 	bridge       string
 	subnet       string // a /24: .1 is the node, pods get .2 … .254
 	port         int    // kubelet API (logs) on the node address
+	podRoutes    [][2]string
+	clusterDNS   string // nameserver of dnsPolicy ClusterFirst pods ("": the host's resolv.conf)
+	domain       string // cluster DNS domain
 	labels       map[string]string
 	capacity     map[string]string
 	imageCommand map[string][]string
@@ -57,6 +63,9 @@ func main() {
 	if len(os.Args) > 1 && os.Args[1] == helperCommand {
 		runContainerHelper(os.Args[2:]) // never returns
 	}
+	if len(os.Args) > 1 && os.Args[1] == "dns-query" {
+		os.Exit(dnsQuery(os.Args[2:]))
+	}
 	cfg := config{
 		labels: map[string]string{
 			// Machine type GPU-T4 of the built-in catalog (any one of its node-affinity
@@ -70,7 +79,7 @@ func main() {
 		},
 		imageCommand: map[string][]string{},
 	}
-	labels, capacity, images := kvFlag{}, kvFlag{}, kvFlag{}
+	labels, capacity, images, routes := kvFlag{}, kvFlag{}, kvFlag{}, kvFlag{}
 	flag.StringVar(&cfg.kubeconfig, "kubeconfig", "", "kubeconfig of the control plane")
 	flag.StringVar(&cfg.nodeName, "node-name", "fal-test-node", "name of the Node")
 	flag.StringVar(&cfg.stateDir, "state-dir", ".cluster/kubelet", "pod directories and container logs")
@@ -83,6 +92,9 @@ func main() {
 	flag.Var(labels, "label", "extra node label KEY=VALUE (repeatable)")
 	flag.Var(capacity, "capacity", "node capacity RESOURCE=QUANTITY (repeatable)")
 	flag.Var(images, "image-command", "IMAGE_REPO=CMD ARG…: what a container of this image without a command runs (repeatable)")
+	flag.Var(routes, "pod-route", "CIDR=GATEWAY: a route every pod gets besides its default route via the node (repeatable)")
+	flag.StringVar(&cfg.clusterDNS, "cluster-dns", "", "nameserver of pods with dnsPolicy ClusterFirst (empty: pods use the host's resolv.conf)")
+	flag.StringVar(&cfg.domain, "cluster-domain", "cluster.local", "the cluster's DNS domain (resolv.conf search path)")
 	klog.InitFlags(nil)
 	flag.Parse()
 	for k, v := range labels {
@@ -93,6 +105,9 @@ func main() {
 	}
 	for k, v := range images {
 		cfg.imageCommand[k] = strings.Fields(v)
+	}
+	for cidr, gw := range routes {
+		cfg.podRoutes = append(cfg.podRoutes, [2]string{cidr, gw})
 	}
 	if len(cfg.bridge) > 9 {
 		fmt.Fprintln(os.Stderr, "test-kubelet: --bridge: at most 9 characters (veth names derive from it)")
@@ -117,7 +132,7 @@ func run(cfg config) error {
 	if err := os.MkdirAll(cfg.stateDir, 0o755); err != nil {
 		return err
 	}
-	net, err := newPodNetwork(cfg.bridge, cfg.subnet)
+	net, err := newPodNetwork(cfg.bridge, cfg.subnet, cfg.podRoutes)
 	if err != nil {
 		return fmt.Errorf("pod network: %w", err)
 	}

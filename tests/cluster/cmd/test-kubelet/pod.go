@@ -18,18 +18,19 @@ import (
 // podWorker runs one pod: sandbox (netns + volumes), init containers, native
 // sidecars, app containers, status, and graceful termination.
 type podWorker struct {
-	k        *kubelet
-	mu       sync.Mutex
-	pod      *corev1.Pod // the object the pod started from (spec is immutable); not written again
-	current  *corev1.Pod // the latest object seen (deletion fields), under mu
-	dir      string
-	netns    string
-	ip       string
-	volumes  map[string]string // volume name → host directory
-	ctrs     []*container      // init containers (in order), then app containers
-	started  metav1.Time
-	initDone bool
-	sandbox  string // sandbox error, if any
+	k          *kubelet
+	mu         sync.Mutex
+	pod        *corev1.Pod // the object the pod started from (spec is immutable); not written again
+	current    *corev1.Pod // the latest object seen (deletion fields), under mu
+	dir        string
+	netns      string
+	ip         string
+	volumes    map[string]string // volume name → host directory
+	resolvConf string            // the pod's resolv.conf ("": the host's)
+	ctrs       []*container      // init containers (in order), then app containers
+	started    metav1.Time
+	initDone   bool
+	sandbox    string // sandbox error, if any
 
 	changed  chan struct{} // status may have changed
 	deleting chan struct{} // deletionTimestamp seen
@@ -112,17 +113,29 @@ func (w *podWorker) stopping() bool {
 func (w *podWorker) run(ctx context.Context) {
 	klog.Infof("pod %s: starting", w.key())
 	defer w.cleanup()
-	if err := w.setup(ctx); err != nil {
+	// A failed setup (a ConfigMap or claim missing, the network full) is retried, as
+	// the kubelet retries mounting volumes; the pod shows why meanwhile.
+	for {
+		err := w.setup(ctx)
+		if err == nil {
+			w.sandbox = ""
+			break
+		}
+		if w.sandbox != err.Error() {
+			klog.Errorf("pod %s: sandbox: %v", w.key(), err)
+		}
 		w.sandbox = err.Error()
-		klog.Errorf("pod %s: sandbox: %v", w.key(), err)
 		w.publish(ctx)
 		select {
 		case <-w.deleting:
 			w.k.deletePod(ctx, w.latest())
+			return
 		case <-w.gone:
+			return
 		case <-ctx.Done():
+			return
+		case <-time.After(time.Second):
 		}
-		return
 	}
 	w.publish(ctx)
 	if w.startContainers(ctx) {

@@ -12,23 +12,42 @@ import (
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/kubernetes/pkg/kubelet/envvars"
 )
 
-// setup creates the pod's network namespace and its volume directories.
+// setup creates the pod's network namespace, its volume directories and its
+// resolv.conf. It is retried until it succeeds (a ConfigMap or a claim may not exist
+// yet), so every step may run again.
 func (w *podWorker) setup(ctx context.Context) error {
 	if err := os.MkdirAll(filepath.Join(w.dir, "logs"), 0o755); err != nil {
 		return err
 	}
-	netns, ip, err := w.k.net.add(w.key())
+	if w.netns == "" {
+		netns, ip, err := w.k.net.add(w.key())
+		if err != nil {
+			return err
+		}
+		w.netns, w.ip = netns, ip
+	}
+	resolv, err := w.writeResolvConf()
 	if err != nil {
 		return err
 	}
-	w.netns, w.ip = netns, ip
+	w.resolvConf = resolv
 	w.volumes = map[string]string{}
 	for _, v := range w.pod.Spec.Volumes {
 		dir := filepath.Join(w.dir, "volumes", v.Name)
-		if v.HostPath != nil {
+		switch {
+		case v.HostPath != nil:
 			w.volumes[v.Name] = v.HostPath.Path
+			continue
+		case v.PersistentVolumeClaim != nil:
+			path, err := w.claimPath(ctx, v.PersistentVolumeClaim.ClaimName)
+			if err != nil {
+				return fmt.Errorf("volume %s: %w", v.Name, err)
+			}
+			w.volumes[v.Name] = path
 			continue
 		}
 		if err := os.MkdirAll(dir, 0o777); err != nil {
@@ -50,6 +69,30 @@ func (w *podWorker) setup(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// claimPath: the directory of a bound claim's PersistentVolume. Only hostPath volumes
+// (what the controller manager's hostPath provisioner makes) can be mounted here.
+func (w *podWorker) claimPath(ctx context.Context, claim string) (string, error) {
+	core := w.k.client.CoreV1()
+	pvc, err := core.PersistentVolumeClaims(w.pod.Namespace).Get(ctx, claim, metav1.GetOptions{})
+	if err != nil {
+		return "", fmt.Errorf("claim %s: %w", claim, err)
+	}
+	if pvc.Status.Phase != corev1.ClaimBound || pvc.Spec.VolumeName == "" {
+		return "", fmt.Errorf("claim %s is not bound (%s)", claim, pvc.Status.Phase)
+	}
+	pv, err := core.PersistentVolumes().Get(ctx, pvc.Spec.VolumeName, metav1.GetOptions{})
+	if err != nil {
+		return "", fmt.Errorf("volume %s of claim %s: %w", pvc.Spec.VolumeName, claim, err)
+	}
+	if pv.Spec.HostPath == nil {
+		return "", fmt.Errorf("volume %s of claim %s is not a hostPath volume (the test kubelet mounts no other kind)", pv.Name, claim)
+	}
+	if _, err := os.Stat(pv.Spec.HostPath.Path); err != nil {
+		return "", fmt.Errorf("volume %s of claim %s: %w", pv.Name, claim, err)
+	}
+	return pv.Spec.HostPath.Path, nil
 }
 
 // volumeFiles: the content of secret, configMap, downwardAPI and projected volumes
@@ -197,11 +240,50 @@ func (w *podWorker) fieldValue(path string) string {
 	return ""
 }
 
+// serviceEnv: the Service environment of the pod's containers, as the kubelet's
+// getServiceEnvVarMap makes it: the `kubernetes` Service of the default namespace
+// always (KUBERNETES_SERVICE_HOST/PORT: in-cluster config), and with
+// enableServiceLinks (the default) every Service of the pod's namespace that has a
+// ClusterIP ({NAME}_SERVICE_HOST, {NAME}_PORT_…).
+func (w *podWorker) serviceEnv() (map[string]string, error) {
+	links := w.pod.Spec.EnableServiceLinks == nil || *w.pod.Spec.EnableServiceLinks
+	all, err := w.k.services.List(labels.Everything())
+	if err != nil {
+		return nil, err
+	}
+	chosen := map[string]*corev1.Service{}
+	for _, svc := range all {
+		switch {
+		case svc.Spec.ClusterIP == "" || svc.Spec.ClusterIP == corev1.ClusterIPNone:
+		case svc.Namespace == metav1.NamespaceDefault && svc.Name == "kubernetes":
+			if _, ok := chosen[svc.Name]; !ok {
+				chosen[svc.Name] = svc
+			}
+		case svc.Namespace == w.pod.Namespace && links:
+			chosen[svc.Name] = svc
+		}
+	}
+	list := make([]*corev1.Service, 0, len(chosen))
+	for _, svc := range chosen {
+		list = append(list, svc)
+	}
+	env := map[string]string{}
+	for _, e := range envvars.FromServices(list) {
+		env[e.Name] = e.Value
+	}
+	return env, nil
+}
+
 // environment of a container: a minimal image environment (PATH, HOME from the
-// host), HOSTNAME, then envFrom and env in order, with $(VAR) references expanded.
+// host), HOSTNAME, then envFrom and env in order, with $(VAR) references expanded
+// (to them or the Service environment), then the Service variables not set otherwise.
 func (w *podWorker) environment(ctx context.Context, c corev1.Container) ([]string, map[string]string, error) {
 	core := w.k.client.CoreV1()
 	ns := w.pod.Namespace
+	svcEnv, err := w.serviceEnv()
+	if err != nil {
+		return nil, nil, err
+	}
 	vars := map[string]string{}
 	var order []string
 	set := func(k, v string) {
@@ -243,7 +325,7 @@ func (w *podWorker) environment(ctx context.Context, c corev1.Container) ([]stri
 		}
 	}
 	for _, e := range c.Env {
-		value := expand(e.Value, vars)
+		value := expand(e.Value, vars, svcEnv)
 		if f := e.ValueFrom; f != nil {
 			switch {
 			case f.FieldRef != nil:
@@ -274,6 +356,16 @@ func (w *podWorker) environment(ctx context.Context, c corev1.Container) ([]stri
 		}
 		set(e.Name, value)
 	}
+	svcNames := make([]string, 0, len(svcEnv))
+	for k := range svcEnv {
+		svcNames = append(svcNames, k)
+	}
+	sort.Strings(svcNames)
+	for _, k := range svcNames {
+		if _, ok := vars[k]; !ok {
+			set(k, svcEnv[k])
+		}
+	}
 	env := make([]string, 0, len(order))
 	for _, k := range order {
 		env = append(env, k+"="+vars[k])
@@ -283,14 +375,17 @@ func (w *podWorker) environment(ctx context.Context, c corev1.Container) ([]stri
 
 var varRef = regexp.MustCompile(`\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)`)
 
-// expand replaces $(VAR) with defined variables; $$ escapes; undefined stay as is.
-func expand(s string, vars map[string]string) string {
+// expand replaces $(VAR) with defined variables (the first map that has it); $$
+// escapes; undefined stay as is.
+func expand(s string, vars ...map[string]string) string {
 	return varRef.ReplaceAllStringFunc(s, func(m string) string {
 		if m == "$$" {
 			return "$"
 		}
-		if v, ok := vars[m[2:len(m)-1]]; ok {
-			return v
+		for _, vs := range vars {
+			if v, ok := vs[m[2:len(m)-1]]; ok {
+				return v
+			}
 		}
 		return m
 	})
