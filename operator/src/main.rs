@@ -228,6 +228,10 @@ struct GatewayArgs {
     /// Ed25519 webhook signing key file (the sidecars' key, so one JWKS verifies all).
     #[arg(long, env = "FAL_SIGNING_KEY_FILE")]
     signing_key: Option<PathBuf>,
+    /// After SIGTERM, seconds to keep serving with readiness failing (while Services
+    /// and Ingresses stop routing here), before the listeners drain.
+    #[arg(long, env = "FAL_SHUTDOWN_DELAY", default_value = "5", value_parser = fal_sidecar::config::secs)]
+    shutdown_delay: Duration,
     /// Where a generated signing key is kept when --signing-key is not given.
     #[arg(long, env = "FAL_GATEWAY_DATA_DIR", default_value = "/tmp/fal-gateway")]
     data_dir: PathBuf,
@@ -444,6 +448,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 signing_key: a.signing_key,
                 data_dir: a.data_dir,
                 webhook_allow: a.flags.webhook_allow,
+                shutdown_delay: a.shutdown_delay,
             };
             runtime()?.block_on(serve::run_gateway(opts))?;
             Ok(())

@@ -284,6 +284,9 @@ pub struct GatewayOptions {
     pub signing_key: Option<PathBuf>,
     pub data_dir: PathBuf,
     pub webhook_allow: Vec<String>,
+    /// After SIGTERM: readiness fails at once, but the listeners keep serving this long
+    /// (the Service's endpoints drop this pod meanwhile), then they drain.
+    pub shutdown_delay: Duration,
 }
 
 /// `fal-operator gateway`: functions and replicas from the cluster.
@@ -329,6 +332,12 @@ pub async fn run_gateway(opts: GatewayOptions) -> Result<()> {
     let endpoints = tokio::spawn(gateway::kube::watch_endpoints(client, gw.clone()));
     tracing::info!(listen = %opts.listen.run, queue_listen = %opts.listen.queue, admin_listen = %opts.listen.admin, "fal-operator gateway ready");
     terminated().await?;
+    // Kubernetes removes a terminating pod from its endpoints while it sends SIGTERM:
+    // kube-proxy and the Ingress still route here for a moment. Keep serving (readiness
+    // failing) until they have caught up, then stop taking connections.
+    gw.terminating
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(opts.shutdown_delay).await;
     let _ = stop_tx.send(true);
     gw.drain_sockets(tokio::time::Instant::now() + Duration::from_secs(30))
         .await;

@@ -74,6 +74,11 @@ pub async fn handle_admin(
 ) -> Response<Body> {
     match req.uri().path() {
         "/healthz" => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        "/readyz" if admin.gw.terminating.load(Ordering::Relaxed) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down: this gateway still serves while the Service's endpoints drop it",
+            None,
+        ),
         "/readyz" if !admin.gw.functions_synced.load(Ordering::Relaxed) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: the first list of FalFunctions has not been read from the API server yet",

@@ -309,6 +309,8 @@ pub struct Gateway {
     /// Whether the first list of FalKeys has been read: until then it is not ready (it
     /// would answer 401 for keys that exist).
     pub keys_synced: std::sync::atomic::AtomicBool,
+    /// SIGTERM received: not ready (still serving through the shutdown delay).
+    pub terminating: std::sync::atomic::AtomicBool,
 }
 
 impl Gateway {
@@ -340,6 +342,7 @@ impl Gateway {
             changed: watch::channel(0).0,
             functions_synced: true.into(),
             keys_synced: true.into(),
+            terminating: false.into(),
         }))
     }
 
