@@ -2,10 +2,11 @@
 # The whole test suite, as CI runs it (.ci/run calls this):
 #   1. Rust unit and conformance tests of every crate (cargo nextest);
 #   2. the operator's rendered objects validated by kubernetes-validate;
-#   3. the runner's unit tests (tests/runner) and the end-to-end suites (tests/e2e, tests/local: scale to zero,
+#   3. the runner's unit tests (tests/runner), the end-to-end suites (tests/e2e, tests/local: scale to zero,
 #      function serve): the real binaries, the example app, a webhook
 #      receiver, redis-server and the real fal clients (PyPI fal-client, npm
-#      @fal-ai/client), all on loopback.
+#      @fal-ai/client), all on loopback; and the short soak (tests/soak: faults under
+#      mixed traffic on a Redis Cluster; scripts/soak.sh MINUTES runs the long one).
 # Installs what it needs (Python venv, npm packages, redis-server) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -85,7 +86,7 @@ fi
 echo "== end-to-end (real processes on loopback)"
 # Generous per-test bound: CI machines are shared; the tests poll, they do not time.
 export E2E_TEST_TIMEOUT=${E2E_TEST_TIMEOUT:-180}
-"$VENV/bin/python" -m pytest tests/runner tests/e2e tests/local -q -p no:cacheprovider "$@"
+"$VENV/bin/python" -m pytest tests/runner tests/e2e tests/local tests/soak -q -p no:cacheprovider "$@"
 
 # --- a real Kubernetes control plane ------------------------------------------------------
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy and CoreDNS

@@ -333,3 +333,26 @@ class Sidecar:
     def wait_running_in_app(self, path: str, rid: str, timeout: float = 10.0) -> None:
         """Wait until the request is IN_PROGRESS and the app has received it."""
         self.wait_app_saw(path, rid, timeout=timeout)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (via /proc/*/task/*/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = [int(x) for x in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out.extend(kids)
+            todo.extend(kids)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
