@@ -3,15 +3,20 @@
 
 1. echo round trip, one socket, sequential small messages: p50/p99 through the gateway
    of `fal-operator local` (→ the replica's fal-sidecar → the app) vs straight to an
-   app of the same kind;
-2. messages/s over 100 sockets echoing at once, gateway vs straight (target ≥ 0.8×);
+   app of the same kind, and vs two nginx WebSocket proxies in the same two positions
+   (nginx → nginx → the app);
+2. messages/s over 100 sockets echoing at once, gateway vs straight (target ≥ 0.8×) and
+   vs the nginx pair;
 3. the gateway's memory per open idle socket: RSS of `fal-operator local` before and
    with 5,000 sockets open through it (target ≤ 16 KiB).
 
 The app is an asyncio `websockets` echo server (one process can hold thousands of
 sockets; examples/realtime_app.py is a thread per connection). The client is Python
-asyncio on the same 2 cores, so ratios matter, not absolute numbers.
-Usage: scripts/bench_ws.py --operator target/release/fal-operator --sidecar target/release/fal-sidecar
+asyncio on the same 2 cores, so ratios matter, not absolute numbers. With `--pin` (2+
+cores) the client and every app process run on CPU 0 and the proxies (gateway and
+sidecars, or the nginx pair) on CPU 1: the proxies' cost no longer comes out of the
+client's and the app's CPU, as when the gateway runs on its own node.
+Usage: scripts/bench_ws.py --operator target/release/fal-operator --sidecar target/release/fal-sidecar [--pin]
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gateway import REPO, Procs, accepts, free_port, get_json, wait  # noqa: E402
+
+sys.path.insert(0, str(REPO / "tests" / "e2e"))
+from helpers import descendants  # noqa: E402
 
 from websockets.asyncio.client import connect  # noqa: E402
 
@@ -103,6 +111,31 @@ async def hold_open(url: str, n: int, ready: asyncio.Event, release: asyncio.Eve
     return len(opened)
 
 
+NGINX_CONF = """
+worker_processes 1;
+error_log stderr error;
+pid {dir}/nginx.pid;
+events {{ worker_connections 20000; }}
+http {{
+  access_log off;
+  map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+  proxy_http_version 1.1;
+  proxy_set_header Upgrade $http_upgrade;
+  proxy_set_header Connection $connection_upgrade;
+  proxy_read_timeout 3600s;
+  proxy_buffering off;
+  tcp_nodelay on;
+  server {{ listen 127.0.0.1:{front}; location / {{ proxy_pass http://127.0.0.1:{back}; }} }}
+  server {{ listen 127.0.0.1:{back}; location / {{ proxy_pass http://127.0.0.1:{app}; }} }}
+}}
+"""
+
+
+def pin(pid: int, cpu: int | None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(pid, {cpu})
+
+
 def pct(xs, p):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
@@ -116,7 +149,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--idle-sockets", type=int, default=5000)
+    ap.add_argument("--pin", action="store_true", help="client and apps on CPU 0, proxies on CPU 1")
     a = ap.parse_args()
+    if a.pin and (os.cpu_count() or 1) < 2:
+        sys.exit("--pin needs 2 CPUs")
+    cpu_client, cpu_proxy = (0, 1) if a.pin else (None, None)
+    pin(0, cpu_client)  # this process is the client; children inherit it
 
     work = Path(tempfile.mkdtemp(prefix="fal-bench-ws."))
     procs = Procs()
@@ -130,6 +168,15 @@ def main():
         direct_port = free_port()
         procs.spawn([sys.executable, str(app)], env={**os.environ, "PORT": str(direct_port)})
         wait(lambda: accepts(direct_port), what="the direct app")
+        # Two nginx WebSocket proxies in the gateway's and the sidecar's positions.
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        ngx_front, ngx_back = free_port(), free_port()
+        (work / "nginx.conf").write_text(NGINX_CONF.format(dir=work, front=ngx_front, back=ngx_back,
+                                                           app=direct_port))
+        ngx = procs.spawn([nginx, "-p", str(work), "-c", str(work / "nginx.conf"), "-g", "daemon off;"])
+        wait(lambda: accepts(ngx_front), what="nginx")
+        for pid in [ngx.pid, *descendants(ngx.pid)]:
+            pin(pid, cpu_proxy)
         per_replica = 1024
         replicas = max(1, -(-a.idle_sockets // 1000))
         fn = {"apiVersion": "fal.serverless.dev/v1alpha1", "kind": "FalFunction",
@@ -148,13 +195,19 @@ def main():
         wait(lambda: accepts(admin_p), what="fal-operator local")
         wait(lambda: get_json(f"http://127.0.0.1:{admin_p}/functions")[0]["readyReplicas"] == replicas,
              timeout=120, what="the replicas")
+        if a.pin:
+            # gateway and sidecars on the proxy CPU, the apps (python) on the client's
+            for pid in [local.pid, *descendants(local.pid)]:
+                python = "python" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+                pin(pid, cpu_client if python else cpu_proxy)
         direct = f"ws://127.0.0.1:{direct_port}/"
         gateway = f"ws://127.0.0.1:{run_p}/bench/ws/"
+        nginx_url = f"ws://127.0.0.1:{ngx_front}/"
 
-        rt = {"direct": [], "gateway": []}
-        tp = {"direct": [], "gateway": []}
+        rt = {"direct": [], "gateway": [], "nginx": []}
+        tp = {"direct": [], "gateway": [], "nginx": []}
         for _ in range(a.rounds):
-            for name, url in (("direct", direct), ("gateway", gateway)):
+            for name, url in (("direct", direct), ("gateway", gateway), ("nginx", nginx_url)):
                 rt[name].extend(asyncio.run(round_trips(url, a.round_trips)))
                 tp[name].append(asyncio.run(throughput(url, 100, a.seconds)))
         tpm = {k: statistics.median(v) for k, v in tp.items()}
@@ -176,17 +229,19 @@ def main():
         opened, during = asyncio.run(idle())
         per_socket = (during - before) / max(opened, 1)
         print(f"""
-## WebSockets (fal-operator local: gateway -> fal-sidecar -> an asyncio echo app; {os.cpu_count()} cores shared)
+## WebSockets (fal-operator local: gateway -> fal-sidecar -> an asyncio echo app; {os.cpu_count()} cores, {"client and apps on CPU 0, proxies on CPU 1" if a.pin else "shared by everything"})
 
 | echo, one socket, {a.round_trips} x {a.rounds} round trips | p50 | p99 |
 |---|---|---|
 | straight to the app | {pct(rt['direct'], 50):.3f} ms | {pct(rt['direct'], 99):.3f} ms |
 | through the gateway and the sidecar | {pct(rt['gateway'], 50):.3f} ms | {pct(rt['gateway'], 99):.3f} ms |
+| through two nginx proxies | {pct(rt['nginx'], 50):.3f} ms | {pct(rt['nginx'], 99):.3f} ms |
 
 | 100 sockets echoing at once, {a.seconds:g} s, median of {a.rounds} | messages/s | vs direct |
 |---|---|---|
 | straight to the app | {tpm['direct']:.0f} | 1.00× |
 | through the gateway and the sidecar | {tpm['gateway']:.0f} | {tpm['gateway'] / tpm['direct']:.2f}× (target ≥ 0.80×) |
+| through two nginx proxies | {tpm['nginx']:.0f} | {tpm['nginx'] / tpm['direct']:.2f}× |
 
 gateway (fal-operator local) RSS: {before / 1024:.1f} MB idle, {during / 1024:.1f} MB with {opened} sockets open
 → **{per_socket:.1f} KiB per open idle socket** (target ≤ 16 KiB)
