@@ -20,6 +20,7 @@ pub mod logs;
 pub mod metrics;
 pub mod runtime;
 pub mod server;
+pub mod slots;
 pub mod store;
 pub mod supervisor;
 pub mod upstream;

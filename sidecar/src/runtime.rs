@@ -19,6 +19,7 @@ use crate::job::now_ms;
 use crate::logs::Running;
 use crate::metrics::Metrics;
 use crate::server::{self, ConnLimits};
+use crate::slots::Slots;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::redis::RedisStore;
 use crate::store::Store;
@@ -264,14 +265,18 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
             retention: common.retention,
             owner: common.owner.clone(),
             request_timeout: common.request_timeout,
-            // A WebSocket takes a slot of --max-concurrency (0: API only, no cap here).
-            max_sockets: (common.max_concurrency > 0).then_some(common.max_concurrency),
             socket_idle_timeout: common.websocket_idle_timeout,
         },
         metrics.clone(),
     ));
     if let Some(h) = &app_health {
         let _ = app.app_health.set(h.clone());
+    }
+    // --max-concurrency slots shared by the workers, direct calls and WebSockets (0: API
+    // only, no worker; direct calls are not counted).
+    let slots = (common.max_concurrency > 0).then(|| Slots::new(common.max_concurrency));
+    if let Some(s) = &slots {
+        let _ = app.slots.set(s.clone());
     }
     if let Some(path) = &common.keys {
         let gate = key_gate(path, &common, signer.clone(), &metrics)?;
@@ -351,6 +356,7 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
         running,
         app: app_health.clone(),
         metrics: metrics.clone(),
+        slots,
     });
     let _ = app.drain.set(api::DrainHandle {
         stop_claiming: claim_stop_tx.clone(),

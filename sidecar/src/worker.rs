@@ -13,6 +13,7 @@ use crate::api::proxy::APP_EXIT_GRACE;
 use crate::job::{app_end, now_ms, Completion, StoredResult};
 use crate::logs::Running;
 use crate::metrics::Metrics;
+use crate::slots::Slots;
 use crate::store::{Claimed, Lease, Store};
 use crate::supervisor::AppHealth;
 use crate::upstream::{error_chain, is_hop_by_hop, Body, Upstream};
@@ -43,6 +44,8 @@ pub struct Workers {
     pub metrics: Arc<Metrics>,
     /// `run` mode: the supervised app's state (no claims while it is down).
     pub app: Option<AppHealth>,
+    /// The call slots shared with direct calls: a worker claims only with one in hand.
+    pub slots: Option<Arc<Slots>>,
 }
 
 /// What the app call produced.
@@ -152,13 +155,26 @@ impl Workers {
                 continue;
             }
             changes.borrow_and_update();
+            // A slot first (direct calls may hold them all), kept for the run; given back
+            // when there is nothing to claim.
+            let slot = match &self.slots {
+                Some(slots) => tokio::select! {
+                    s = slots.take() => Some(s),
+                    _ = stop.changed() => continue,
+                },
+                None => None,
+            };
             // The lease runs from when the claim executes in the store, which is after it
             // is sent: counted from the send, the worker's idea of the lease never
             // outlives the real one.
             let sent = tokio::time::Instant::now();
             match self.store.claim(&name, self.cfg.lease).await {
-                Ok(Some(job)) => self.process(job, sent, abandon.clone()).await,
+                Ok(Some(job)) => {
+                    self.process(job, sent, abandon.clone()).await;
+                    drop(slot);
+                }
                 Ok(None) => {
+                    drop(slot);
                     tokio::select! {
                         _ = changes.changed() => {}
                         _ = stop.changed() => {}
@@ -167,6 +183,7 @@ impl Workers {
                     }
                 }
                 Err(e) => {
+                    drop(slot);
                     tracing::warn!(error = %e, "claiming from the store failed; backing off");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -808,6 +825,7 @@ mod tests {
             running: Running::default(),
             metrics: Arc::new(Metrics::new()),
             app: None,
+            slots: Some(Slots::new(1)),
         });
         (workers, store, events)
     }

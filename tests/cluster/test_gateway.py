@@ -10,8 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import tempfile
+import threading
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 
@@ -152,3 +155,69 @@ def test_websocket_through_the_gateway_to_a_pod(cluster: Cluster, crds, make_ope
             pass
         assert c.close_code == 4001
     assert not RBAC_DENIAL.findall(gateway.log()), gateway.log()[-3000:]
+
+
+def test_two_gateways_never_overrun_a_one_slot_pod(cluster: Cluster, crds, make_operator, node_redis,
+                                                   namespace, tmp_path):
+    """Issue 20: two gateway replicas route to the same pod (maxConcurrency 1) while its
+    worker runs queued requests. Each gateway counts only its own calls; the pod's
+    sidecar refuses what would overrun its one slot (`X-Fal-Replica: full`) and the
+    gateways send those calls again: all 20 answer 200, the 10 queued complete, and the
+    app never sees two calls at once."""
+    make_operator("--store-url", node_redis.pod_url)
+    gateways = []
+    for i in range(2):
+        run, queue, admin = free_ports(3)
+        make_operator("--store", node_redis.url, "--listen", f"127.0.0.1:{run}",
+                      "--queue-listen", f"127.0.0.1:{queue}", "--admin-listen", f"127.0.0.1:{admin}",
+                      "--data-dir", str(tmp_path / f"gateway{i}"),
+                      subcommand="gateway", service_account="fal-gateway")
+        gateways.append((run, queue, admin))
+    name = "one-slot"
+    # Where each pod's app writes its overlap: outside pytest's 0700 tmp tree, since the
+    # app runs as the pod's (non-root) user.
+    marks = Path(tempfile.mkdtemp(prefix="fal-overlap-"))
+    marks.chmod(0o777)
+    cluster.apply({
+        "apiVersion": "fal.serverless.dev/v1alpha1", "kind": "FalFunction",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"image": "example/app:1", "command": ["python3", "app.py"], "machineType": "XS",
+                 "minReplicas": 1, "maxReplicas": 1, "maxConcurrency": 1, "auth": "public",
+                 "readinessPath": "/health", "env": [{"name": "APP_OVERLAP_DIR", "value": str(marks)}]},
+    })
+    ip = cluster.pod_address(namespace, name, timeout=120)
+    wait_until(lambda: ip in cluster.ready_endpoints(namespace, name), 60, "the pod in the EndpointSlices")
+    with httpx.Client(timeout=120) as http:
+        for run, _, admin in gateways:
+            wait_until(lambda: http.get(f"http://127.0.0.1:{admin}/readyz").status_code == 200, 30, "a gateway")
+            wait_until(lambda: http.post(f"http://127.0.0.1:{run}/{namespace}/{name}/test", json={}).status_code
+                       == 200, 60, "a first call through each gateway")
+        rids = []
+        for i in range(10):
+            queue = gateways[i % 2][1]
+            r = http.post(f"http://127.0.0.1:{queue}/{namespace}/{name}/slow", json={"seconds": 0.05})
+            assert r.status_code == 200, r.text
+            rids.append(r.json()["request_id"])
+        answers = []
+
+        def call(i: int):
+            run = gateways[i % 2][0]
+            with httpx.Client(timeout=120) as c:
+                answers.append(c.post(f"http://127.0.0.1:{run}/{namespace}/{name}/slow",
+                                      json={"seconds": 0.05, "i": i}).status_code)
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        queue = gateways[0][1]
+        for rid in rids:
+            wait_until(lambda: http.get(f"http://127.0.0.1:{queue}/{namespace}/{name}/requests/{rid}/status")
+                       .json().get("status") == "COMPLETED", 60, f"request {rid}")
+        refused = sum(float(line.split()[-1]) for _, _, admin in gateways
+                      for line in http.get(f"http://127.0.0.1:{admin}/metrics").text.splitlines()
+                      if line.startswith("fal_gateway_replica_refusals_total"))
+    assert answers == [200] * 20, answers
+    assert refused > 0, "two gateways, one slot: the pod's sidecar refused some calls, sent again"
+    seen = [json.loads(p.read_text()) for p in marks.glob("*.json")]
+    assert seen and all(s["max"] == 1 for s in seen), f"the app ran calls at once: {seen}"

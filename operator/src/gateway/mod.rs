@@ -5,7 +5,11 @@
 //! - Sync calls go to a ready replica with a free slot (`maxConcurrency` per replica,
 //!   counted here), streamed both ways; with none free they are held here while the
 //!   function scales (from zero, or up), and the autoscaler is woken through the
-//!   store's pub/sub at once.
+//!   store's pub/sub at once. The replica's sidecar has the last word: its slots are
+//!   shared with its queue workers and with other gateways, and a call it refuses with
+//!   `X-Fal-Replica: full` (or `restarting`) never reached the app, so the gateway sends
+//!   it to another replica or holds it again; bodies up to [`REPLAY_BODY_BYTES`] are
+//!   kept for that (larger ones are streamed, and such a refusal reaches the client).
 //! - The webhook outbox and the store's housekeeping keep running here, so retries and
 //!   start deadlines go on at zero replicas.
 //! - Every path that names a function is checked against the API keys first
@@ -23,31 +27,36 @@ pub mod kube;
 pub use admin::{functions_json, handle_admin, Admin, Describe};
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use fal_sidecar::api::proxy::{self, ConnState};
 use fal_sidecar::api::{self as api, error, ApiConfig, App};
 use fal_sidecar::auth::{Authorizer, Target};
 use fal_sidecar::job::now_ms;
 use fal_sidecar::metrics::Metrics as SidecarMetrics;
+use fal_sidecar::slots::Holding;
 use fal_sidecar::store::redis::{RedisHub, RedisStore};
 use fal_sidecar::store::Store;
-use fal_sidecar::upstream::{Body, BoxError, Upstream};
+use fal_sidecar::upstream::{Body, Upstream};
 use fal_sidecar::webhook::signing::Signer;
 use fal_sidecar::webhook::ssrf::Policy;
 use fal_sidecar::webhook::{Deliverer, DeliveryConfig};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::body::{Body as HttpBody, Incoming};
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
 use tokio::sync::{watch, Notify};
 
 use crate::function::{is_dns_label, FunctionInfo};
+
+/// Largest request body (with a declared length) a sync call keeps, so that a replica's
+/// refusal can be sent to another replica; larger bodies are streamed through.
+pub const REPLAY_BODY_BYTES: u64 = 1 << 20;
+/// How long a replica that answered `X-Fal-Replica: full` gets no new call from here
+/// (unless one of this gateway's own calls on it ends first).
+const FULL_BACKOFF: Duration = Duration::from_millis(20);
 
 /// How often a gateway reports its sync-call counts to the store.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
@@ -95,6 +104,8 @@ impl Default for GatewayConfig {
 #[derive(Clone)]
 pub struct GatewayMetrics {
     pub requests: IntCounterVec,
+    /// Calls a replica refused without running them (`X-Fal-Replica`), by reason.
+    pub not_run: IntCounterVec,
     pub held: IntGaugeVec,
     pub cold_start: Histogram,
     pub websockets: IntGaugeVec,
@@ -132,12 +143,21 @@ impl GatewayMetrics {
             ),
             &["function"],
         )?;
+        let not_run = IntCounterVec::new(
+            Opts::new(
+                "fal_gateway_replica_refusals_total",
+                "Sync calls a replica refused without running them (full: no free slot; restarting: the app restarts), sent again",
+            ),
+            &["function", "reason"],
+        )?;
+        r.register(Box::new(not_run.clone()))?;
         r.register(Box::new(websockets.clone()))?;
         r.register(Box::new(requests.clone()))?;
         r.register(Box::new(held.clone()))?;
         r.register(Box::new(cold_start.clone()))?;
         Ok(GatewayMetrics {
             requests,
+            not_run,
             held,
             cold_start,
             websockets,
@@ -150,6 +170,8 @@ pub struct Replica {
     pub id: String,
     upstream: Upstream,
     in_flight: AtomicU32,
+    /// Until when (ms since the epoch) the replica said it is full or restarting.
+    refused_until_ms: AtomicU64,
 }
 
 impl Replica {
@@ -222,9 +244,11 @@ impl Entry {
             .bounds
             .max_concurrency;
         let replicas = self.replicas();
+        let now = now_ms();
         loop {
             let best = replicas
                 .iter()
+                .filter(|r| r.refused_until_ms.load(Ordering::Relaxed) <= now)
                 .map(|r| (r.in_flight(), r))
                 .filter(|(n, _)| *n < max)
                 .min_by_key(|(n, _)| *n)?;
@@ -236,6 +260,19 @@ impl Entry {
                 return Some(r.clone());
             }
         }
+    }
+
+    /// The earliest moment a replica's refusal runs out, if one is in force: a held call
+    /// looks again then.
+    fn next_unrefused(&self) -> Option<tokio::time::Instant> {
+        let now = now_ms();
+        let until = self
+            .replicas()
+            .iter()
+            .map(|r| r.refused_until_ms.load(Ordering::Relaxed))
+            .filter(|&t| t > now)
+            .min()?;
+        Some(tokio::time::Instant::now() + Duration::from_millis(until - now))
     }
 
     fn mark_cold(&self) {
@@ -252,38 +289,24 @@ struct SlotGuard {
     replica: Option<Arc<Replica>>,
 }
 
+impl SlotGuard {
+    /// Gives the replica slot back (the call goes on: not counted as ended).
+    fn release(&mut self) {
+        if let Some(r) = self.replica.take() {
+            r.in_flight.fetch_sub(1, Ordering::AcqRel);
+            // One of this gateway's calls on it ended: worth trying it again at once.
+            r.refused_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        if let Some(r) = &self.replica {
-            r.in_flight.fetch_sub(1, Ordering::AcqRel);
-        }
+        self.release();
         // keepAlive counts from the end of a call (a WebSocket's close, too).
         self.entry.last_sync_ms.store(now_ms(), Ordering::Relaxed);
         self.entry.sync.fetch_sub(1, Ordering::AcqRel);
         self.entry.capacity.notify_waiters();
-    }
-}
-
-/// A response body that holds its call's slot until it is fully sent (or dropped).
-struct Tracked {
-    inner: Body,
-    _slot: SlotGuard,
-}
-
-impl HttpBody for Tracked {
-    type Data = Bytes;
-    type Error = BoxError;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -399,7 +422,6 @@ impl Gateway {
                 owner: info.namespace.clone(),
                 request_timeout: None,
                 // Replica slots are counted here, per function (`try_acquire`).
-                max_sockets: None,
                 socket_idle_timeout: self.cfg.websocket_idle_timeout,
             },
             self.sidecar_metrics.clone(),
@@ -482,6 +504,7 @@ impl Gateway {
                         id,
                         upstream,
                         in_flight: AtomicU32::new(0),
+                        refused_until_ms: AtomicU64::new(0),
                     })),
                     Err(why) => {
                         tracing::warn!(function = key, %why, "ignoring a replica with a bad address");
@@ -791,7 +814,8 @@ fn request_deadline(headers: &HeaderMap) -> Option<Duration> {
         .flatten()
 }
 
-/// A sync call: a free replica slot now, or held until one frees up or starts.
+/// A sync call: a free replica slot now, or held until one frees up or starts; sent
+/// again when the replica refuses it without running it (see the module docs).
 async fn sync_call(
     gw: &Gateway,
     entry: Arc<Entry>,
@@ -805,27 +829,112 @@ async fn sync_call(
         entry: entry.clone(),
         replica: None,
     };
-    let replica = match entry.try_acquire() {
-        Some(r) => r,
-        None => match hold(gw, &entry, req.headers()).await {
+    let wait = Wait::new(gw, &entry, req.headers());
+    if api::websocket::is_upgrade(req.headers()) {
+        let replica = match acquire(gw, &entry, &wait).await {
             Ok(r) => r,
             Err(resp) => return resp,
-        },
-    };
-    slot.replica = Some(replica.clone());
-    if api::websocket::is_upgrade(req.headers()) {
+        };
+        slot.replica = Some(replica.clone());
         // The socket holds its replica slot (and counts as a sync call for the
         // autoscaler) until it closes.
         return api::websocket::forward(&entry.app, &replica.upstream, req, Some(Box::new(slot)))
             .await;
     }
-    let resp = proxy::forward(&entry.app, conn, &replica.upstream, req).await;
-    let (parts, body) = resp.into_parts();
-    let body = Tracked {
-        inner: body,
-        _slot: slot,
+    let (parts, body) = req.into_parts();
+    let declared = proxy::declared_length(&parts.headers);
+    let max = entry.app.cfg.max_body_bytes as u64;
+    let small = declared.is_some_and(|n| n <= REPLAY_BODY_BYTES.min(max)) || body.is_end_stream();
+    if !small {
+        // Streamed through: a refusal of the replica reaches the client (with Retry-After).
+        let replica = match acquire(gw, &entry, &wait).await {
+            Ok(r) => r,
+            Err(resp) => return resp,
+        };
+        slot.replica = Some(replica.clone());
+        let req = Request::from_parts(parts, body);
+        let resp = proxy::forward(&entry.app, conn, &replica.upstream, req).await;
+        return Holding::wrap(resp, slot);
+    }
+    let bytes = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return api::closing(error(
+                StatusCode::BAD_REQUEST,
+                &format!("the request body could not be read to its end: {e}"),
+                None,
+            ))
+        }
     };
-    Response::from_parts(parts, Body::Boxed(body.boxed_unsync()))
+    loop {
+        let replica = match acquire(gw, &entry, &wait).await {
+            Ok(r) => r,
+            Err(resp) => return resp,
+        };
+        slot.replica = Some(replica.clone());
+        let mut req = Request::new(Body::full(bytes.clone()));
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = parts.uri.clone();
+        *req.version_mut() = parts.version;
+        *req.headers_mut() = parts.headers.clone();
+        let resp = proxy::send(&entry.app, conn, &replica.upstream, req).await;
+        if !fal_sidecar::slots::not_run(&resp) {
+            return Holding::wrap(resp, slot);
+        }
+        // Not run: the slot goes back, the replica gets a moment, the call goes again.
+        let reason = resp
+            .headers()
+            .get(fal_sidecar::slots::REPLICA_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("full");
+        gw.metrics
+            .not_run
+            .with_label_values(&[entry.key.as_str(), reason])
+            .inc();
+        slot.release();
+        replica.refused_until_ms.store(
+            now_ms() + FULL_BACKOFF.as_millis() as u64,
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// How long a sync call may wait for a replica slot: the cold-start timeout, or the
+/// caller's `X-Fal-Request-Timeout` when shorter; counted once for all of its tries.
+struct Wait {
+    deadline: tokio::time::Instant,
+    limit: Duration,
+    by_user: bool,
+}
+
+impl Wait {
+    fn new(gw: &Gateway, entry: &Entry, headers: &HeaderMap) -> Wait {
+        let cold = gw
+            .cfg
+            .cold_start_timeout
+            .unwrap_or(entry.info().startup_timeout);
+        let (limit, by_user) = match request_deadline(headers) {
+            Some(u) if u < cold => (u, true),
+            _ => (cold, false),
+        };
+        Wait {
+            deadline: tokio::time::Instant::now() + limit,
+            limit,
+            by_user,
+        }
+    }
+}
+
+/// A free replica slot now, or [`hold`] until one is.
+async fn acquire(
+    gw: &Gateway,
+    entry: &Arc<Entry>,
+    wait: &Wait,
+) -> Result<Arc<Replica>, Response<Body>> {
+    match entry.try_acquire() {
+        Some(r) => Ok(r),
+        None => hold(gw, entry, wait).await,
+    }
 }
 
 /// Holds a sync call until a replica slot is free: wakes the autoscaler, then waits
@@ -833,7 +942,7 @@ async fn sync_call(
 async fn hold(
     gw: &Gateway,
     entry: &Arc<Entry>,
-    headers: &HeaderMap,
+    wait: &Wait,
 ) -> Result<Arc<Replica>, Response<Body>> {
     let info = entry.info();
     let key = entry.key.as_str();
@@ -865,13 +974,7 @@ async fn hold(
         return Err(r);
     }
     entry.reported.store(n, Ordering::Relaxed);
-    let cold = gw.cfg.cold_start_timeout.unwrap_or(info.startup_timeout);
-    let user = request_deadline(headers);
-    let (limit, by_user) = match user {
-        Some(u) if u < cold => (u, true),
-        _ => (cold, false),
-    };
-    let deadline = tokio::time::Instant::now() + limit;
+    let (deadline, limit, by_user) = (wait.deadline, wait.limit, wait.by_user);
     loop {
         let notified = entry.capacity.notified();
         tokio::pin!(notified);
@@ -886,8 +989,11 @@ async fn hold(
                 None,
             ));
         }
+        // A replica that refused a call is looked at again when its moment runs out.
+        let recheck = entry.next_unrefused();
         tokio::select! {
             _ = notified => {}
+            _ = tokio::time::sleep_until(recheck.unwrap_or(deadline)), if recheck.is_some() => {}
             _ = tokio::time::sleep_until(deadline) => {
                 let secs = limit.as_secs_f64();
                 let mut r = if by_user {

@@ -33,9 +33,6 @@ pub struct ApiConfig {
     pub owner: String,
     /// Longest a direct call waits for the app's response head.
     pub request_timeout: Option<Duration>,
-    /// WebSockets one replica keeps open at most (503 past it); `None`: no cap here
-    /// (the gateway counts replica slots itself).
-    pub max_sockets: Option<usize>,
     /// A WebSocket with no byte either way for this long is closed.
     pub socket_idle_timeout: Option<Duration>,
 }
@@ -59,6 +56,9 @@ pub struct App {
     pub gate: std::sync::OnceLock<Gate>,
     /// Open WebSockets (a gateway gives each function its own).
     pub sockets: Arc<websocket::Sockets>,
+    /// Set by a sidecar with `--max-concurrency` > 0: the call slots its workers, direct
+    /// calls and WebSockets share (a gateway counts replica slots itself).
+    pub slots: std::sync::OnceLock<Arc<crate::slots::Slots>>,
     open_tokens: std::sync::OnceLock<Authorizer>,
     jwks: Bytes,
 }
@@ -141,6 +141,7 @@ impl App {
             drain: std::sync::OnceLock::new(),
             app_health: std::sync::OnceLock::new(),
             gate: std::sync::OnceLock::new(),
+            slots: std::sync::OnceLock::new(),
             open_tokens: std::sync::OnceLock::new(),
             jwks,
         }
@@ -205,7 +206,19 @@ async fn forward_to_app(
         Some(up) if websocket::is_upgrade(req.headers()) => {
             websocket::forward(app, up, req, None).await
         }
-        Some(up) => proxy::forward(app, conn, up, req).await,
+        Some(up) => match app.slots.get() {
+            // A slot for the call until its response body is done, or 503 at once.
+            Some(slots) => match slots.try_take() {
+                Some(slot) => {
+                    crate::slots::Holding::wrap(proxy::forward(app, conn, up, req).await, slot)
+                }
+                None => {
+                    app.metrics.direct_requests.inc();
+                    closing(slots.full("call"))
+                }
+            },
+            None => proxy::forward(app, conn, up, req).await,
+        },
         None => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "this listener has no app to call",

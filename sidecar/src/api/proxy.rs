@@ -94,24 +94,48 @@ pub async fn forward(
         let state = h.state();
         if let Some(reason) = state.down_reason() {
             app.metrics.direct_errors.inc();
-            return super::closing(super::app_down(
+            return super::closing(restarting(super::app_down(
                 &state,
                 reason,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "app_restarting",
-            ));
+            )));
         }
     }
-    let generation = health.map(|h| h.generation());
     let max = app.cfg.max_body_bytes;
-    let declared = req
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(req.headers());
     if declared.is_some_and(|n| n > max as u64) {
         return super::closing(too_large(max));
     }
+    let (parts, body) = req.into_parts();
+    // A declared length is enforced by hyper (and was checked against the limit above);
+    // only chunked uploads need counting.
+    let body = if declared.is_some() {
+        Body::Incoming(body)
+    } else {
+        Body::Limited(Limited::new(body, max))
+    };
+    send(app, conn, upstream, Request::from_parts(parts, body)).await
+}
+
+/// The request's `Content-Length`, if it has a valid one.
+pub fn declared_length(h: &http::HeaderMap) -> Option<u64> {
+    h.get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Sends `req` (a body the caller has framed or buffered) to `upstream` over the client
+/// connection's upstream connection, and maps the failures to answers.
+pub async fn send(
+    app: &App,
+    conn: &ConnState,
+    upstream: &Upstream,
+    req: Request<Body>,
+) -> Response<Body> {
+    let health = app.app_health.get();
+    let generation = health.map(|h| h.generation());
+    let max = app.cfg.max_body_bytes;
     let (mut parts, body) = req.into_parts();
     // Origin-form on the wire; the client's own Host header goes through unchanged.
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
@@ -129,13 +153,6 @@ pub async fn forward(
     }
     parts.version = http::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
-    // A declared length is enforced by hyper (and was checked against the limit above);
-    // only chunked uploads need counting.
-    let body = if declared.is_some() {
-        Body::Incoming(body)
-    } else {
-        Body::Limited(Limited::new(body, max))
-    };
     let req = Request::from_parts(parts, body);
     let sent = match app.cfg.request_timeout {
         None => conn.send(upstream, req).await,
@@ -173,12 +190,12 @@ pub async fn forward(
                         let reason = state.down_reason().unwrap_or_else(|| {
                             format!("the app is restarting (it exited: {exit})")
                         });
-                        super::app_down(
+                        restarting(super::app_down(
                             &state,
                             reason,
                             StatusCode::SERVICE_UNAVAILABLE,
                             "app_restarting",
-                        )
+                        ))
                     } else {
                         let detail = format!(
                             "the app exited ({exit}) while handling this request; it is being restarted"
@@ -209,7 +226,17 @@ pub async fn forward(
     }
 }
 
-fn too_large(max: usize) -> Response<Body> {
+/// Marks an answer that the app never saw (it could not be connected to): a gateway
+/// sends the call to another replica (see `crate::slots`).
+fn restarting(mut r: Response<Body>) -> Response<Body> {
+    r.headers_mut().insert(
+        crate::slots::REPLICA_HEADER,
+        HeaderValue::from_static("restarting"),
+    );
+    r
+}
+
+pub fn too_large(max: usize) -> Response<Body> {
     error(
         StatusCode::PAYLOAD_TOO_LARGE,
         &format!("the request body is larger than the limit of {max} bytes (--max-body-bytes)"),

@@ -5,7 +5,7 @@
 //! upgrade (the app's 4xx/5xx) reaches the client as the app sent it.
 //!
 //! Every open socket is tracked ([`Sockets`]): it counts for `/load` and the drain, a
-//! replica takes at most `max_sockets`, an idle timeout closes quiet ones, and a drain
+//! socket takes one of the replica's call slots (`crate::slots`), an idle timeout closes quiet ones, and a drain
 //! lets them run until its deadline, then cuts them.
 
 use std::pin::Pin;
@@ -84,8 +84,8 @@ impl Drop for Open<'_> {
 }
 
 /// Forwards an upgrade handshake to `upstream` and splices on 101. `hold` lives as
-/// long as the socket (the gateway's replica slot). `max_sockets`: refuse with 503 past
-/// this many open sockets.
+/// long as the socket (the gateway's replica slot); in a sidecar the socket also holds
+/// one of its call slots (503 `X-Fal-Replica: full` when none is free).
 pub async fn forward(
     app: &App,
     upstream: &Upstream,
@@ -99,14 +99,17 @@ pub async fn forward(
             "this replica is draining and takes no new WebSocket; retry (another replica will take it)",
         );
     }
-    if let Some(max) = app.cfg.max_sockets {
-        if sockets.open() >= max {
-            sockets.outcome("unavailable");
-            return busy(&format!(
-                "this replica has {max} WebSockets open, its limit (maxConcurrency); retry shortly"
-            ));
-        }
-    }
+    // A socket takes one of the replica's call slots for its whole life.
+    let slot = match app.slots.get() {
+        Some(slots) => match slots.try_take() {
+            Some(s) => Some(s),
+            None => {
+                sockets.outcome("unavailable");
+                return closing(slots.full("WebSocket"));
+            }
+        },
+        None => None,
+    };
     let client_side = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
     parts.headers = upgrade_headers(&parts.headers);
@@ -172,7 +175,7 @@ pub async fn forward(
     let idle = app.cfg.socket_idle_timeout;
     tokio::spawn(async move {
         let _open = Open(&sockets);
-        let _hold = hold;
+        let _hold = (hold, slot);
         let (client, app_side) = match tokio::join!(client_side, upstream_side) {
             (Ok(c), Ok(a)) => (c, a),
             (c, a) => {

@@ -19,6 +19,13 @@ spec = importlib.util.spec_from_file_location("example_app", EXAMPLE)
 example = importlib.util.module_from_spec(spec)
 sys.modules["example_app"] = example
 spec.loader.exec_module(example)
+if os.environ.get("APP_OVERLAP_DIR"):
+    # Record how many calls run at once (tests/e2e/overlap_app.py), per pod.
+    sys.path.insert(0, str(EXAMPLE.parents[1] / "tests" / "e2e"))
+    import overlap_app
+
+    overlap_app.install(example.Handler,
+                        Path(os.environ["APP_OVERLAP_DIR"]) / f"{os.environ.get('HOSTNAME', 'pod')}.json")
 
 
 def main():
