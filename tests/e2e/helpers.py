@@ -310,14 +310,15 @@ class Sidecar:
         self.wait_completed(rid, timeout=timeout, endpoint=endpoint)
         return self.result(rid, endpoint=endpoint)
 
-    # -- the app, reached through the direct proxy ------------------------
+    # -- the app, asked directly (through the sidecar such a call would take one of
+    # its --max-concurrency slots, and be refused while the requests fill them) -----
     def app_seen(self) -> list[dict]:
-        r = self.http.get(f"{self.run_url}/seen")
+        r = self.http.get(f"http://127.0.0.1:{self.app_port}/seen")
         assert r.status_code == 200, r.text
         return r.json()
 
     def app_calls(self, key: str) -> int:
-        r = self.http.get(f"{self.run_url}/calls", params={"key": key})
+        r = self.http.get(f"http://127.0.0.1:{self.app_port}/calls", params={"key": key})
         assert r.status_code == 200, r.text
         return r.json()["calls"]
 

@@ -27,7 +27,8 @@ def ws_url(sc, path: str) -> str:
 
 
 def test_echo_large_ordered_close_code_refusal_and_http(make_sidecar):
-    sc = make_sidecar(app_cmd=APP)
+    # Two slots: the socket holds one, the plain HTTP call beside it takes the other.
+    sc = make_sidecar("--max-concurrency", "2", app_cmd=APP)
     with connect(ws_url(sc, "/ws/echo"), max_size=None) as ws:
         ws.send("hello")
         assert ws.recv() == "hello"
@@ -42,6 +43,12 @@ def test_echo_large_ordered_close_code_refusal_and_http(make_sidecar):
         # Plain HTTP on the same port while the socket is open.
         r = sc.http.post(f"{sc.run_url}/test", json={"same": "port"})
         assert r.status_code == 200 and r.json()["input"] == {"same": "port"}
+        # With both slots taken (a second socket), a call is refused, not run.
+        with connect(ws_url(sc, "/ws/echo")) as second:
+            second.send("x")
+            assert second.recv() == "x"
+            r = sc.http.post(f"{sc.run_url}/test", json={"third": 1})
+            assert r.status_code == 503 and r.headers["x-fal-replica"] == "full", r.text
         ws.send("close:4001")
         with pytest.raises(ConnectionClosed):
             ws.recv()
@@ -51,7 +58,7 @@ def test_echo_large_ordered_close_code_refusal_and_http(make_sidecar):
         connect(ws_url(sc, "/nowhere"))
     assert err.value.response.status_code == 404
     metrics = sc.http.get(f"{sc.admin_url}/metrics").text
-    assert 'fal_websocket_upgrades_total{outcome="upgraded"} 1' in metrics
+    assert 'fal_websocket_upgrades_total{outcome="upgraded"} 2' in metrics
     assert 'fal_websocket_upgrades_total{outcome="refused"} 1' in metrics
     wait_until(lambda: "fal_websockets_open 0" in sc.http.get(f"{sc.admin_url}/metrics").text, 10,
                what="the closed socket uncounted")
@@ -62,7 +69,9 @@ def test_fal_client_realtime_through_the_run_host(make_sidecar, monkeypatch):
     sidecar's run host (`/{owner}/{alias}/realtime`), with the key header and with a
     token: the run host answers /tokens/ with keys off too."""
     port = free_port()
-    sc = make_sidecar("--run-host-listen", f"127.0.0.1:{port}", app_cmd=APP)
+    # Sockets one after another: a closed socket's slot comes back when both sides have
+    # closed, a moment after the client's close returns (slots to spare here).
+    sc = make_sidecar("--run-host-listen", f"127.0.0.1:{port}", "--max-concurrency", "4", app_cmd=APP)
     monkeypatch.setenv("FAL_KEY", "any:key")
     monkeypatch.setattr(fal_client_module, "REALTIME_URL_FORMAT", f"ws://127.0.0.1:{port}/")
     monkeypatch.setattr(fal_client_module, "REST_URL", f"http://127.0.0.1:{port}")

@@ -571,7 +571,8 @@ class Soak:
         deadline = time.monotonic() + 150
         missing = hooked
         while time.monotonic() < deadline:
-            missing = [a for a in missing if not self.receiver.for_request(a.rid)]
+            delivered = self.delivered()
+            missing = [a for a in missing if a.rid not in delivered]
             if not missing:
                 break
             time.sleep(1.0)
@@ -603,6 +604,20 @@ class Soak:
         rep.left_behind = self.shutdown()
         self.log(f"[soak {self.now():7.1f}s] fal-operator local stopped")
         return rep
+
+    def delivered(self) -> set[str]:
+        """Request ids with a delivery the receiver answered 2xx (one pass over them)."""
+        with self.receiver._lock:
+            deliveries = list(self.receiver.deliveries)
+        out = set()
+        for d in deliveries:
+            if 200 <= d.answered < 300:
+                rid = d.headers.get("x-fal-webhook-request-id")
+                if rid is None and isinstance(d.json, dict):
+                    rid = d.json.get("request_id")
+                if rid:
+                    out.add(rid)
+        return out
 
     def runs(self) -> tuple[Counter, dict[str, float]]:
         """How many times the apps answered each request, and when first (seconds into

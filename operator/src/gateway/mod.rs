@@ -831,15 +831,29 @@ async fn sync_call(
     };
     let wait = Wait::new(gw, &entry, req.headers());
     if api::websocket::is_upgrade(req.headers()) {
-        let replica = match acquire(gw, &entry, &wait).await {
-            Ok(r) => r,
-            Err(resp) => return resp,
-        };
-        slot.replica = Some(replica.clone());
-        // The socket holds its replica slot (and counts as a sync call for the
-        // autoscaler) until it closes.
-        return api::websocket::forward(&entry.app, &replica.upstream, req, Some(Box::new(slot)))
-            .await;
+        // The socket counts as a sync call for the autoscaler (`slot`) and holds its
+        // replica slot until it closes; a replica's refusal picks another.
+        let last: Mutex<Option<Arc<Replica>>> = Mutex::new(None);
+        let (entry_ref, wait_ref, last_ref) = (&entry, &wait, &last);
+        let route: api::websocket::Route<'_> = Box::new(move |refusal| {
+            let prev = last_ref.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let (Some(r), Some(prev)) = (&refusal, prev) {
+                refused(gw, entry_ref, &prev, r);
+            }
+            Box::pin(async move {
+                let replica = acquire(gw, entry_ref, wait_ref).await?;
+                *last_ref.lock().unwrap_or_else(|e| e.into_inner()) = Some(replica.clone());
+                let held = ReplicaSlot {
+                    entry: entry_ref.clone(),
+                    replica: replica.clone(),
+                };
+                Ok((
+                    replica.upstream.clone(),
+                    Some(Box::new(held) as Box<dyn Send + Sync>),
+                ))
+            })
+        });
+        return api::websocket::forward_routed(&entry.app, req, Some(Box::new(slot)), route).await;
     }
     let (parts, body) = req.into_parts();
     let declared = proxy::declared_length(&parts.headers);
@@ -882,20 +896,39 @@ async fn sync_call(
             return Holding::wrap(resp, slot);
         }
         // Not run: the slot goes back, the replica gets a moment, the call goes again.
-        let reason = resp
-            .headers()
-            .get(fal_sidecar::slots::REPLICA_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("full");
-        gw.metrics
-            .not_run
-            .with_label_values(&[entry.key.as_str(), reason])
-            .inc();
         slot.release();
-        replica.refused_until_ms.store(
-            now_ms() + FULL_BACKOFF.as_millis() as u64,
-            Ordering::Relaxed,
-        );
+        refused(gw, &entry, &replica, &resp);
+    }
+}
+
+/// A replica answered a call with `X-Fal-Replica` (it did not run it): counted, and no
+/// call goes there from here for [`FULL_BACKOFF`] (the slot was given back already).
+fn refused<B>(gw: &Gateway, entry: &Entry, replica: &Replica, resp: &Response<B>) {
+    let reason = resp
+        .headers()
+        .get(fal_sidecar::slots::REPLICA_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("full");
+    gw.metrics
+        .not_run
+        .with_label_values(&[entry.key.as_str(), reason])
+        .inc();
+    replica.refused_until_ms.store(
+        now_ms() + FULL_BACKOFF.as_millis() as u64,
+        Ordering::Relaxed,
+    );
+}
+
+/// One replica slot taken for a WebSocket handshake (and then its socket).
+struct ReplicaSlot {
+    entry: Arc<Entry>,
+    replica: Arc<Replica>,
+}
+
+impl Drop for ReplicaSlot {
+    fn drop(&mut self) {
+        self.replica.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.entry.capacity.notify_waiters();
     }
 }
 

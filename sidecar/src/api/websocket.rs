@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
@@ -83,14 +83,53 @@ impl Drop for Open<'_> {
     }
 }
 
+/// Where a handshake goes: an app address and what to hold while a socket through it
+/// lives (a gateway's replica slot). Asked again with a replica's refusal
+/// (`X-Fal-Replica`, the call never reached the app) when the handshake can be sent
+/// again; answering `Err` ends the call with that response.
+pub type Route<'a> = Box<
+    dyn FnMut(
+            Option<Response<Body>>,
+        ) -> Pin<
+            Box<
+                dyn std::future::Future<
+                        Output = Result<(Upstream, Option<Box<dyn Send + Sync>>), Response<Body>>,
+                    > + Send
+                    + 'a,
+            >,
+        > + Send
+        + 'a,
+>;
+
 /// Forwards an upgrade handshake to `upstream` and splices on 101. `hold` lives as
 /// long as the socket (the gateway's replica slot); in a sidecar the socket also holds
 /// one of its call slots (503 `X-Fal-Replica: full` when none is free).
 pub async fn forward(
     app: &App,
     upstream: &Upstream,
+    req: Request<Incoming>,
+    hold: Option<Box<dyn Send + Sync>>,
+) -> Response<Body> {
+    let upstream = upstream.clone();
+    let mut once = Some(hold);
+    let route: Route<'_> = Box::new(move |refused| {
+        let next = match (refused, once.take()) {
+            (None, Some(hold)) => Ok((upstream.clone(), hold)),
+            (Some(r), _) => Err(r),
+            (None, None) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, "no route", None)),
+        };
+        Box::pin(std::future::ready(next))
+    });
+    forward_routed(app, req, None, route).await
+}
+
+/// [`forward`], with the app picked by `route` (again after a refusal that did not run
+/// the handshake). `hold` lives as long as the socket.
+pub async fn forward_routed(
+    app: &App,
     mut req: Request<Incoming>,
     hold: Option<Box<dyn Send + Sync>>,
+    mut route: Route<'_>,
 ) -> Response<Body> {
     let sockets = app.sockets.clone();
     if app.draining.load(Ordering::Relaxed) {
@@ -127,8 +166,38 @@ pub async fn forward(
             }
         }
     }
-    let upstream_req = Request::from_parts(parts, Body::Incoming(body));
-    let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(upstream, upstream_req)).await;
+    // A handshake without a body (all of them, in practice) can be sent again.
+    let replayable = body.is_end_stream();
+    let mut body = Some(body);
+    let mut refused = None;
+    let (upstream, route_hold, answer) = loop {
+        let (upstream, route_hold) = match route(refused.take()).await {
+            Ok(r) => r,
+            Err(resp) => return resp,
+        };
+        let b = match body.take() {
+            Some(b) if !replayable => Body::Incoming(b),
+            _ => Body::full(bytes::Bytes::new()),
+        };
+        let mut upstream_req = Request::new(b);
+        *upstream_req.method_mut() = parts.method.clone();
+        *upstream_req.uri_mut() = parts.uri.clone();
+        *upstream_req.version_mut() = parts.version;
+        *upstream_req.headers_mut() = parts.headers.clone();
+        let answer =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&upstream, upstream_req)).await;
+        if let Ok(Ok(r)) = &answer {
+            if replayable && crate::slots::not_run(r) {
+                // Not run there: the route may pick another replica (or give it back).
+                drop(route_hold);
+                let (mut p, b) = answer.expect("checked").expect("checked").into_parts();
+                strip_hop_by_hop(&mut p.headers);
+                refused = Some(Response::from_parts(p, Body::Incoming(b)));
+                continue;
+            }
+        }
+        break (upstream, route_hold, answer);
+    };
     let mut resp = match answer {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
@@ -175,7 +244,7 @@ pub async fn forward(
     let idle = app.cfg.socket_idle_timeout;
     tokio::spawn(async move {
         let _open = Open(&sockets);
-        let _hold = (hold, slot);
+        let _hold = (hold, route_hold, slot);
         let (client, app_side) = match tokio::join!(client_side, upstream_side) {
             (Ok(c), Ok(a)) => (c, a),
             (c, a) => {
