@@ -129,6 +129,12 @@ pub async fn forward(
     }
     parts.version = http::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
+    if !parts.headers.contains_key(http::header::HOST) {
+        // An HTTP/1.0 client may send none; an HTTP/1.1 request must carry one.
+        if let Ok(h) = HeaderValue::from_str(upstream.authority()) {
+            parts.headers.insert(http::header::HOST, h);
+        }
+    }
     // A declared length is enforced by hyper (and was checked against the limit above);
     // only chunked uploads need counting.
     let body = if declared.is_some() {
