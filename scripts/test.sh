@@ -5,9 +5,11 @@
 #   3. the runner's unit tests (tests/runner), the end-to-end suites (tests/e2e, tests/local: scale to zero,
 #      function serve): the real binaries, the example app, a webhook
 #      receiver, redis-server and the real fal clients (PyPI fal-client, npm
-#      @fal-ai/client), all on loopback; and the short soak (tests/soak: faults under
-#      mixed traffic on a Redis Cluster; scripts/soak.sh MINUTES runs the long one).
-# Installs what it needs (Python venv, npm packages, redis-server) when missing.
+#      @fal-ai/client), all on loopback; tests/http-edge: the differential HTTP/1.1
+#      corpus against nginx and (where installed) Go's net/http; and the short soak
+#      (tests/soak: faults under mixed traffic on a Redis Cluster; scripts/soak.sh
+#      MINUTES runs the long one).
+# Installs what it needs (Python venv, npm packages, redis-server, nginx) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -15,13 +17,17 @@ ROOT=$PWD
 # --- system packages -------------------------------------------------------------
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# The reference server of tests/http-edge (in /usr/sbin, which a user's PATH may lack).
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
   # The package's own service is not wanted: tests start their own servers.
-  (command -v systemctl >/dev/null && $SUDO systemctl stop redis-server 2>/dev/null) || true
+  for svc in redis-server nginx; do
+    (command -v systemctl >/dev/null && $SUDO systemctl disable --now "$svc" 2>/dev/null) || true
+  done
 fi
 
 # --- Python venv (fal-client, cryptography, kubernetes-validate, …) -----------------
@@ -86,7 +92,7 @@ fi
 echo "== end-to-end (real processes on loopback)"
 # Generous per-test bound: CI machines are shared; the tests poll, they do not time.
 export E2E_TEST_TIMEOUT=${E2E_TEST_TIMEOUT:-180}
-"$VENV/bin/python" -m pytest tests/runner tests/e2e tests/local tests/soak -q -p no:cacheprovider "$@"
+"$VENV/bin/python" -m pytest tests/runner tests/e2e tests/local tests/http-edge tests/soak -q -p no:cacheprovider "$@"
 
 # --- a real Kubernetes control plane ------------------------------------------------------
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy and CoreDNS

@@ -15,6 +15,7 @@ pub mod api;
 pub mod auth;
 pub mod child;
 pub mod config;
+pub mod edge;
 pub mod job;
 pub mod logs;
 pub mod metrics;

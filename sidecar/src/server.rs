@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::proxy::ConnState;
+use crate::edge;
 use crate::upstream::Body;
 
 #[derive(Debug, Clone, Copy)]
@@ -147,9 +148,14 @@ pub async fn serve<S, F, Fut>(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192))
+        // Room for a whole head the guard lets through, and then some.
+        .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
         .max_headers(limits.max_headers)
         .keep_alive(true);
+    let edge_limits = edge::Limits {
+        max_head_bytes: limits.max_header_bytes,
+        max_headers: limits.max_headers,
+    };
     loop {
         let (stream, _peer): (_, SocketAddr) = tokio::select! {
             r = listener.accept() => match r {
@@ -167,34 +173,40 @@ pub async fn serve<S, F, Fut>(
         let app = app.clone();
         let handler = handler.clone();
         let state = Arc::new(ConnState::default());
-        let max_head = limits.max_header_bytes;
+        // The edge guard frames every byte before hyper parses it (`edge`): what it
+        // refuses reaches the service as a stand-in request, answered here.
+        let shared = Arc::new(edge::Shared::default());
+        let io = edge::Guarded::new(stream, edge_limits, shared.clone());
         let svc = service_fn(move |req: Request<Incoming>| {
-            // hyper's buffer limit is approximate (a large read can overshoot it), so
-            // the head size is checked exactly here too.
-            let head: usize = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len())
-                + req
-                    .headers()
-                    .iter()
-                    .map(|(k, v)| k.as_str().len() + v.len() + 4)
-                    .sum::<usize>();
-            let fut = (head <= max_head).then(|| handler(app.clone(), state.clone(), req));
+            let index = shared.next_request();
+            // After an upgrade request the guard no longer frames: unless the answer
+            // switches protocols, the connection must end with it.
+            let upgrade = req.version() == http::Version::HTTP_11
+                && req.headers().contains_key(http::header::UPGRADE);
+            let fut = match shared.refusal(index) {
+                Some(r) => Err(r), // the stand-in for a refused request
+                None => Ok(handler(app.clone(), state.clone(), req)),
+            };
+            let shared = shared.clone();
             async move {
-                Ok::<_, std::convert::Infallible>(match fut {
-                    Some(fut) => fut.await,
-                    None => crate::api::closing(crate::api::error(
-                        http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                        &format!(
-                            "the request head is larger than {max_head} bytes (--max-header-bytes)"
-                        ),
-                        None,
-                    )),
+                let response = match fut {
+                    Ok(fut) => fut.await,
+                    Err(r) => return Ok(refusal(r)),
+                };
+                Ok::<_, std::convert::Infallible>(match shared.refusal(index) {
+                    // Its body broke the framing rules after the head went through.
+                    Some(r) => refusal(r),
+                    None if upgrade && response.status() != StatusCode::SWITCHING_PROTOCOLS => {
+                        crate::api::closing(response)
+                    }
+                    None => response,
                 })
             }
         });
         // With upgrades: a WebSocket handshake hands the connection over to a splice
         // (`api::websocket`), which tracks and drains it from then on.
         let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
+            .serve_connection(TokioIo::new(io), svc)
             .with_upgrades();
         let (live, mut stop) = (live.clone(), stop.clone());
         tokio::spawn(async move {
@@ -227,7 +239,16 @@ pub async fn serve<S, F, Fut>(
     }
 }
 
+/// The answer to a request the edge guard refused.
+fn refusal(r: edge::Refusal) -> Response<Body> {
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST);
+    crate::api::closing(crate::api::error(status, &r.detail, None))
+}
+
 /// Resolves once the flag is true (and never holds a borrow across an await).
 pub async fn wait_true(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await.map(|_| ());
 }
+
+#[cfg(test)]
+mod tests;

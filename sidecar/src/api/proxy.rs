@@ -153,6 +153,12 @@ pub async fn send(
     }
     parts.version = http::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
+    if !parts.headers.contains_key(http::header::HOST) {
+        // An HTTP/1.0 client may send none; an HTTP/1.1 request must carry one.
+        if let Ok(h) = HeaderValue::from_str(upstream.authority()) {
+            parts.headers.insert(http::header::HOST, h);
+        }
+    }
     let req = Request::from_parts(parts, body);
     let sent = match app.cfg.request_timeout {
         None => conn.send(upstream, req).await,

@@ -1,0 +1,3 @@
+module fal-serverless/tests/http-edge/goserver
+
+go 1.22
