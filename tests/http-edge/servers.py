@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -25,24 +24,16 @@ import httpx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "e2e"))
+sys.path.insert(0, str(HERE.parent / "local"))
 
 from helpers import Sidecar, free_port, wait_until  # noqa: E402
 from redis_fixture import RedisServer  # noqa: E402
+import local_proc as local  # noqa: E402  (`Local`, `function`)
 
 from corpus import HOST  # noqa: E402
 from edge import Records  # noqa: E402
 
 
-def _local_helpers():
-    """tests/local/conftest.py (`Local`, `function`), loaded under a name of its own:
-    pytest imports every suite's conftest as `conftest`."""
-    spec = importlib.util.spec_from_file_location("local_conftest", HERE.parent / "local" / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-local = _local_helpers()
 
 RECORDING_APP = HERE / "recording_app.py"
 GO = os.environ.get("GO") or shutil.which("go") or "/usr/local/go/bin/go"

@@ -22,36 +22,15 @@ sys.path.insert(0, str(HERE.parent / "e2e"))
 
 from helpers import REPO, alive, descendants, free_port, wait_until  # noqa: E402,F401 (re-exported)
 from redis_fixture import RedisServer  # noqa: E402
-from local_proc import OPERATOR_BIN, SIDECAR_BIN, Local  # noqa: E402,F401 (re-exported)
+from local_proc import APP_CMD, OPERATOR_BIN, SIDECAR_BIN, Local, function  # noqa: E402,F401 (re-exported)
 
 TEST_TIMEOUT = float(os.environ.get("E2E_TEST_TIMEOUT", "180"))
-# The example app, wrapped so each response names its replica (`x-app-port`).
-APP_CMD = [sys.executable, "-u", "tests/e2e/redis_fixture.py", "app"]
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
     with wallclock.limit(TEST_TIMEOUT, "E2E_TEST_TIMEOUT"):
         yield
-
-
-def function(name: str, namespace: str = "default", *, command=None, **spec) -> dict:
-    """A FalFunction manifest for local mode."""
-    body = {
-        "image": "example/app:1",
-        "command": command or APP_CMD,
-        "keepAlive": 2,
-        "minReplicas": 0,
-        "maxReplicas": 1,
-        "maxConcurrency": 1,
-    }
-    body.update(spec)
-    return {
-        "apiVersion": "fal.serverless.dev/v1alpha1",
-        "kind": "FalFunction",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": body,
-    }
 
 
 @pytest.fixture(scope="module")

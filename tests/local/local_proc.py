@@ -23,6 +23,27 @@ from helpers import REPO, descendants, free_port, wait_until  # noqa: E402
 
 OPERATOR_BIN = Path(os.environ.get("FAL_OPERATOR_BIN", REPO / "target" / "debug" / "fal-operator"))
 SIDECAR_BIN = Path(os.environ.get("FAL_SIDECAR_BIN", REPO / "target" / "debug" / "fal-sidecar"))
+# The example app, wrapped so each response names its replica (`x-app-port`).
+APP_CMD = [sys.executable, "-u", "tests/e2e/redis_fixture.py", "app"]
+
+
+def function(name: str, namespace: str = "default", *, command=None, **spec) -> dict:
+    """A FalFunction manifest for local mode."""
+    body = {
+        "image": "example/app:1",
+        "command": command or APP_CMD,
+        "keepAlive": 2,
+        "minReplicas": 0,
+        "maxReplicas": 1,
+        "maxConcurrency": 1,
+    }
+    body.update(spec)
+    return {
+        "apiVersion": "fal.serverless.dev/v1alpha1",
+        "kind": "FalFunction",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": body,
+    }
 
 
 class Local:
