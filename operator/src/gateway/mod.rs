@@ -601,6 +601,19 @@ impl Gateway {
         }
     }
 
+    /// While terminating (the shutdown delay), every answer closes its connection: a
+    /// client's kept-alive connection goes to another gateway next time, while new
+    /// connections that still arrive here are served.
+    fn close_when_terminating(&self, mut resp: Response<Body>) -> Response<Body> {
+        if self.terminating.load(Ordering::Relaxed)
+            && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+        {
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+
     fn jwks(&self) -> Response<Body> {
         let mut r = Response::new(Body::full(self.signer.jwks().to_string()));
         r.headers_mut()
@@ -724,6 +737,15 @@ pub fn is_queue_path(rest: &str) -> bool {
 pub async fn handle_run(
     gw: Arc<Gateway>,
     conn: Arc<ConnState>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let resp = route_run(gw.clone(), conn, req).await;
+    gw.close_when_terminating(resp)
+}
+
+async fn route_run(
+    gw: Arc<Gateway>,
+    conn: Arc<ConnState>,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     if req.uri().path() == "/.well-known/jwks.json" {
@@ -775,6 +797,15 @@ pub async fn handle_run(
 /// The queue listener (generation C, `queue.fal.run` style): owner = namespace,
 /// alias = name.
 pub async fn handle_queue(
+    gw: Arc<Gateway>,
+    conn: Arc<ConnState>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let resp = route_queue(gw.clone(), conn, req).await;
+    gw.close_when_terminating(resp)
+}
+
+async fn route_queue(
     gw: Arc<Gateway>,
     _conn: Arc<ConnState>,
     mut req: Request<Incoming>,
