@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -46,6 +47,7 @@ type container struct {
 	finishedAt  metav1.Time
 	exitCode    int32
 	exitReason  string
+	exitMessage string // the end of the log (FallbackToLogsOnError)
 	restarts    int32
 	lastTerm    *corev1.ContainerStateTerminated // the previous run, after a restart
 	started     bool                             // startup probe passed (or none)
@@ -231,8 +233,13 @@ func (c *container) start() {
 			}
 		}
 		close(stopProbes)
+		message := ""
+		if code != 0 && c.spec.TerminationMessagePolicy == corev1.TerminationMessageFallbackToLogsOnError {
+			message = logTail(filepath.Join(w.dir, "logs", c.spec.Name+".log"))
+		}
 		c.mu.Lock()
 		c.st, c.exitCode, c.exitReason, c.finishedAt = stateExited, code, reason, metav1.Now()
+		c.exitMessage = message
 		c.ready = false
 		backoff := time.Duration(1<<min(int(c.restarts), 5)) * time.Second // 1 s … 32 s
 		c.nextStart = time.Now().Add(backoff)
@@ -583,8 +590,34 @@ func (c *container) containerStatus() corev1.ContainerStatus {
 		cs.State.Running = &corev1.ContainerStateRunning{StartedAt: c.startedAt}
 	case stateExited:
 		cs.State.Terminated = &corev1.ContainerStateTerminated{
-			ExitCode: c.exitCode, Reason: c.exitReason, StartedAt: c.startedAt, FinishedAt: c.finishedAt,
+			ExitCode: c.exitCode, Reason: c.exitReason, Message: c.exitMessage,
+			StartedAt: c.startedAt, FinishedAt: c.finishedAt,
 		}
 	}
 	return cs
+}
+
+// logTail: what the kubelet's FallbackToLogsOnError puts in the termination message,
+// the end of the container's log: at most 80 lines and 2048 bytes.
+func logTail(path string) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	const maxBytes, maxLines = 2048, 80
+	size, _ := f.Seek(0, io.SeekEnd)
+	start := max(size-maxBytes, 0)
+	buf := make([]byte, size-start)
+	if _, err := f.ReadAt(buf, start); err != nil && err != io.EOF {
+		return ""
+	}
+	lines := strings.Split(strings.TrimRight(string(buf), "\n"), "\n")
+	if start > 0 && len(lines) > 1 {
+		lines = lines[1:] // a cut line
+	}
+	if len(lines) > maxLines {
+		lines = lines[len(lines)-maxLines:]
+	}
+	return strings.Join(lines, "\n")
 }

@@ -1,0 +1,337 @@
+//! `function serve` into the cluster of the current kubeconfig: the revision's source
+//! goes into an immutable ConfigMap owned by the FalFunction, the FalFunction gets the
+//! revision in `spec.source` (server-side apply), and the controller builds the
+//! environment (a Job) and rolls the pods once it is built. The CLI follows: it prints
+//! the build's log as it runs and returns once the revision serves, or with pip's
+//! error once the build failed (the previous revision keeps serving then).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures_util::{AsyncBufReadExt, StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+
+use super::{Deployed, Deployment};
+use crate::conditions::{find, ConditionType, Reason};
+use crate::crd::{FalFunction, FalFunctionSpec, FunctionSource};
+use crate::environment::{build_job_name, revision_labels, SOURCE_COMPONENT};
+use crate::Result;
+
+/// Field manager of the FalFunctions `function serve` applies.
+pub const FIELD_MANAGER: &str = "fal-operator-function-serve";
+/// Annotation of a served FalFunction: the fingerprint of what made its newest revision
+/// (the same file, arguments and settings serve the same revision again).
+pub const FINGERPRINT_ANNOTATION: &str = "fal.serverless.dev/fingerprint";
+/// Key of a revision's metadata in its ConfigMap.
+pub const METADATA_KEY: &str = "revision.json";
+
+/// Key (and file name in the pod) of the source in the revision's ConfigMap: the
+/// file's own name when a ConfigMap key can hold it.
+pub fn file_key(filename: &str) -> String {
+    let base = std::path::Path::new(filename)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ok = !base.is_empty()
+        && base != METADATA_KEY
+        && !base.starts_with('.')
+        && base.len() <= 253
+        && base
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        base
+    } else {
+        "app.py".to_string()
+    }
+}
+
+/// Name of the ConfigMap holding `revision` of `alias`.
+pub fn config_map_name(alias: &str, revision: &str) -> String {
+    format!("{alias}-{revision}")
+}
+
+impl Deployment {
+    /// `spec.source` of `revision`.
+    pub fn source(&self, revision: &str) -> FunctionSource {
+        FunctionSource {
+            revision: revision.to_string(),
+            config_map: config_map_name(&self.alias, revision),
+            file: file_key(&self.filename),
+            function: self.isolated.function.clone(),
+            requirements: self.isolated.requirements.clone(),
+            python_version: self.isolated.python_version.clone(),
+            index_url: self.index.index_url.clone(),
+            find_links: self.index.find_links.clone(),
+            no_index: self.index.no_index,
+        }
+    }
+
+    /// The FalFunction serving `revision` (what `function serve` applies).
+    pub fn function_object(&self, revision: &str) -> Result<FalFunction> {
+        let mut spec: FalFunctionSpec = self.spec("")?;
+        spec.image = String::new();
+        spec.source = Some(self.source(revision));
+        let mut ff = FalFunction::new(&self.alias, spec);
+        ff.metadata.namespace = Some(self.namespace.clone());
+        ff.metadata.annotations = Some(BTreeMap::from([(
+            FINGERPRINT_ANNOTATION.to_string(),
+            self.fingerprint(),
+        )]));
+        Ok(ff)
+    }
+
+    /// The immutable ConfigMap of `revision`: the file and what made it.
+    pub fn source_config_map(&self, revision: &str, owner: Option<OwnerReference>) -> ConfigMap {
+        let src = self.source(revision);
+        let metadata = json!({
+            "revision": revision,
+            "function": self.isolated.function,
+            "filename": self.filename,
+            "fingerprint": self.fingerprint(),
+            "environment": src.environment(),
+            "isolated": self.isolated,
+            "index": self.index,
+        });
+        ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(src.config_map.clone()),
+                namespace: Some(self.namespace.clone()),
+                labels: Some(revision_labels(&self.alias, revision, SOURCE_COMPONENT)),
+                owner_references: owner.map(|o| vec![o]),
+                ..ObjectMeta::default()
+            },
+            data: Some(BTreeMap::from([
+                (src.file.clone(), self.source.clone()),
+                (METADATA_KEY.to_string(), format!("{metadata:#}\n")),
+            ])),
+            immutable: Some(true),
+            ..ConfigMap::default()
+        }
+    }
+}
+
+/// The owner reference a revision's ConfigMap gets (the controller deletes only what
+/// its function controls).
+fn owner_of(ff: &FalFunction) -> Option<OwnerReference> {
+    ff.controller_owner_ref(&())
+}
+
+fn api_error(what: &str, e: kube::Error) -> String {
+    match e {
+        // Server-side apply creates: only a missing API answers 404.
+        kube::Error::Api(s) if s.code == 404 && what == "apply" => format!(
+            "the FalFunction CRD ({}) is not installed in this cluster: helm install the chart, or `fal-operator crd | kubectl apply --server-side -f -`",
+            crate::crd::CRD_NAME
+        ),
+        kube::Error::Api(s) if s.code == 403 => format!("{what}: not allowed: {}", s.message),
+        e => format!("{what}: {}", crate::error_chain(&e)),
+    }
+}
+
+/// What `register` waits for.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Longest wait for the build and the rollout.
+    pub timeout: Duration,
+}
+
+/// Registers `d` in the cluster (see the module docs); the build log goes to stderr.
+pub async fn register(client: Client, d: &Deployment, opts: &Options) -> Result<Deployed, String> {
+    let functions: Api<FalFunction> = Api::namespaced(client.clone(), &d.namespace);
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &d.namespace);
+    let existing = functions
+        .get_opt(&d.alias)
+        .await
+        .map_err(|e| api_error("reading the FalFunction", e))?;
+    if let Some(ff) = existing.as_ref().filter(|ff| ff.spec.source.is_none()) {
+        return Err(format!(
+            "FalFunction {}/{} exists and runs the image {:?}: pick another --alias, or delete it first",
+            d.namespace, d.alias, ff.spec.image
+        ));
+    }
+    let fingerprint = d.fingerprint();
+    let same = existing.as_ref().and_then(|ff| {
+        let src = ff.spec.source.as_ref()?;
+        let annotated = ff.annotations().get(FINGERPRINT_ANNOTATION)?;
+        // A revision whose build failed is not served again: the serve is a retry.
+        let failed = ff.status.as_ref().is_some_and(|s| {
+            find(&s.conditions, ConditionType::EnvironmentReady).is_some_and(|c| {
+                c.reason == Reason::EnvironmentFailed.as_str() && c.message.contains(&src.revision)
+            })
+        });
+        (*annotated == fingerprint && !failed)
+            .then(|| (src.revision.clone(), ff.metadata.generation))
+    });
+    let (revision, generation, new) = match same {
+        Some((revision, generation)) => (revision, generation.unwrap_or(0), false),
+        None => {
+            let revision = uuid::Uuid::new_v4().to_string();
+            let generation = apply(&functions, &maps, d, &revision, existing.as_ref()).await?;
+            (revision, generation, true)
+        }
+    };
+    let ff = follow(&client, d, &revision, generation, opts).await?;
+    let status = ff.status.unwrap_or_default();
+    let url = status.app_url.or(status.url).unwrap_or_default();
+    Ok(Deployed { revision, new, url })
+}
+
+/// Writes the revision's ConfigMap and applies the FalFunction; nothing is left behind
+/// when the apply fails. Returns the FalFunction's generation.
+async fn apply(
+    functions: &Api<FalFunction>,
+    maps: &Api<ConfigMap>,
+    d: &Deployment,
+    revision: &str,
+    existing: Option<&FalFunction>,
+) -> Result<i64, String> {
+    let ff = d.function_object(revision).map_err(|e| e.to_string())?;
+    let cm = d.source_config_map(revision, existing.and_then(owner_of));
+    let name = cm.metadata.name.clone().unwrap_or_default();
+    maps.create(&PostParams::default(), &cm)
+        .await
+        .map_err(|e| api_error("storing the source in a ConfigMap", e))?;
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let applied = match functions.patch(&d.alias, &params, &Patch::Apply(&ff)).await {
+        Ok(applied) => applied,
+        Err(e) => {
+            let _ = maps.delete(&name, &DeleteParams::default()).await;
+            return Err(api_error("apply", e));
+        }
+    };
+    if existing.is_none() {
+        // The first revision: the FalFunction's uid exists only now.
+        let patch = json!({"metadata": {"ownerReferences": [owner_of(&applied)]}});
+        maps.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|e| api_error("owning the source ConfigMap", e))?;
+    }
+    Ok(applied.metadata.generation.unwrap_or(0))
+}
+
+/// Follows the FalFunction until `revision` serves (returned) or its build failed; the
+/// build's log goes to stderr meanwhile.
+async fn follow(
+    client: &Client,
+    d: &Deployment,
+    revision: &str,
+    generation: i64,
+    opts: &Options,
+) -> Result<FalFunction, String> {
+    let functions: Api<FalFunction> = Api::namespaced(client.clone(), &d.namespace);
+    let job = build_job_name(&d.alias, revision);
+    let mut logs: Option<tokio::task::JoinHandle<()>> = None;
+    let watch = async {
+        let mut stream = watcher::watch_object(functions, &d.alias).boxed();
+        while let Some(event) = stream.next().await {
+            let ff = match event {
+                Ok(Some(ff)) => ff,
+                Ok(None) => {
+                    return Err(format!(
+                        "FalFunction {}/{} was deleted",
+                        d.namespace, d.alias
+                    ))
+                }
+                Err(e) => return Err(format!("watching the FalFunction: {e}")),
+            };
+            let status = ff.status.clone().unwrap_or_default();
+            if status.revision.as_deref() == Some(revision) {
+                return Ok(ff);
+            }
+            let current = |t: ConditionType| {
+                find(&status.conditions, t)
+                    .filter(|c| c.observed_generation.unwrap_or(0) >= generation)
+                    .cloned()
+            };
+            if let Some(c) = current(ConditionType::EnvironmentReady) {
+                if c.reason == Reason::Building.as_str() && logs.is_none() {
+                    eprintln!("{}", c.message);
+                    logs = Some(tokio::spawn(stream_build_log(
+                        client.clone(),
+                        d.namespace.clone(),
+                        job.clone(),
+                    )));
+                }
+                if c.reason == Reason::EnvironmentFailed.as_str() {
+                    return Err(format!("the environment build failed: {}", c.message));
+                }
+            }
+            if let Some(c) = current(ConditionType::Ready) {
+                if [Reason::InvalidSpec, Reason::UnknownMachineType]
+                    .iter()
+                    .any(|r| c.reason == r.as_str())
+                {
+                    return Err(format!("the operator refused the function: {}", c.message));
+                }
+            }
+        }
+        Err("the watch of the FalFunction ended".to_string())
+    };
+    let outcome = match tokio::time::timeout(opts.timeout, watch).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "revision {revision} is not serving after {:?}: see `kubectl describe falfunction {} -n {}` and `kubectl logs job/{job} -n {}`",
+            opts.timeout, d.alias, d.namespace, d.namespace
+        )),
+    };
+    match logs {
+        // The log ends with the build; its last lines come before the result.
+        Some(task) => {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+        None if outcome.is_ok() => {
+            let env = d.environment();
+            eprintln!("environment {env} is built already");
+        }
+        None => {}
+    }
+    outcome
+}
+
+/// Prints the log of the build Job's pod to stderr as it comes (once the pod runs).
+async fn stream_build_log(client: Client, namespace: String, job: String) {
+    let pods: Api<Pod> = Api::namespaced(client, &namespace);
+    let selector = format!("batch.kubernetes.io/job-name={job}");
+    let started = |p: &Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .is_some_and(|phase| phase != "Pending")
+    };
+    let pod = loop {
+        match pods.list(&ListParams::default().labels(&selector)).await {
+            Ok(list) => {
+                if let Some(p) = list.items.into_iter().find(started) {
+                    break p;
+                }
+            }
+            Err(e) => {
+                eprintln!("(the build log is not readable here: {e}; `kubectl logs job/{job} -n {namespace}`)");
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let params = LogParams {
+        follow: true,
+        ..LogParams::default()
+    };
+    let name = pod.name_any();
+    match pods.log_stream(&name, &params).await {
+        Ok(reader) => {
+            let mut lines = reader.lines();
+            while let Ok(Some(line)) = lines.try_next().await {
+                eprintln!("{line}");
+            }
+        }
+        Err(e) => eprintln!(
+            "(the build log is not readable here: {e}; `kubectl logs job/{job} -n {namespace}`)"
+        ),
+    }
+}
