@@ -281,9 +281,13 @@ async fn follow(
         )),
     };
     match logs {
-        // The log ends with the build; its last lines come before the result.
-        Some(task) => {
-            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        // The build is over by now: its last lines come before the result (a kubelet
+        // ends a followed log when the container exits; one that does not gets 2 s).
+        Some(mut task) => {
+            let ended = tokio::time::timeout(Duration::from_secs(2), &mut task).await;
+            if ended.is_err() {
+                task.abort();
+            }
         }
         None if outcome.is_ok() => {
             let env = d.environment();

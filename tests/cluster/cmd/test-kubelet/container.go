@@ -182,6 +182,7 @@ func (c *container) start() {
 		}
 		targets = append(targets, b.Dst)
 	}
+	_ = os.Remove(exitedMarker(w.dir, c.spec.Name))
 	logf, err := os.OpenFile(filepath.Join(w.dir, "logs", c.spec.Name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		releaseMounts()
@@ -233,6 +234,8 @@ func (c *container) start() {
 			}
 		}
 		close(stopProbes)
+		// A followed log (`kubectl logs -f`) ends here, as the kubelet's does.
+		_ = os.WriteFile(exitedMarker(w.dir, c.spec.Name), nil, 0o644)
 		message := ""
 		if code != 0 && c.spec.TerminationMessagePolicy == corev1.TerminationMessageFallbackToLogsOnError {
 			message = logTail(filepath.Join(w.dir, "logs", c.spec.Name+".log"))
@@ -620,4 +623,10 @@ func logTail(path string) string {
 		lines = lines[len(lines)-maxLines:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// exitedMarker: a file that exists while the container's process has exited (the log
+// API ends a follow there).
+func exitedMarker(podDir, container string) string {
+	return filepath.Join(podDir, "logs", container+".exited")
 }
