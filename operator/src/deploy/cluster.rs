@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures_util::{AsyncBufReadExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
@@ -87,7 +87,7 @@ impl Deployment {
     }
 
     /// The immutable ConfigMap of `revision`: the file and what made it.
-    pub fn source_config_map(&self, revision: &str, owner: Option<OwnerReference>) -> ConfigMap {
+    pub fn source_config_map(&self, revision: &str) -> ConfigMap {
         let src = self.source(revision);
         let metadata = json!({
             "revision": revision,
@@ -103,7 +103,6 @@ impl Deployment {
                 name: Some(src.config_map.clone()),
                 namespace: Some(self.namespace.clone()),
                 labels: Some(revision_labels(&self.alias, revision, SOURCE_COMPONENT)),
-                owner_references: owner.map(|o| vec![o]),
                 ..ObjectMeta::default()
             },
             data: Some(BTreeMap::from([
@@ -114,12 +113,6 @@ impl Deployment {
             ..ConfigMap::default()
         }
     }
-}
-
-/// The owner reference a revision's ConfigMap gets (the controller deletes only what
-/// its function controls).
-fn owner_of(ff: &FalFunction) -> Option<OwnerReference> {
-    ff.controller_owner_ref(&())
 }
 
 fn api_error(what: &str, e: kube::Error) -> String {
@@ -133,6 +126,10 @@ fn api_error(what: &str, e: kube::Error) -> String {
         e => format!("{what}: {}", crate::error_chain(&e)),
     }
 }
+
+/// How long `function serve` waits for the operator to see its FalFunction before it
+/// asks whether one runs.
+const NO_CONTROLLER_HINT: Duration = Duration::from_secs(30);
 
 /// What `register` waits for.
 #[derive(Debug, Clone)]
@@ -172,7 +169,7 @@ pub async fn register(client: Client, d: &Deployment, opts: &Options) -> Result<
         Some((revision, generation)) => (revision, generation.unwrap_or(0), false),
         None => {
             let revision = uuid::Uuid::new_v4().to_string();
-            let generation = apply(&functions, &maps, d, &revision, existing.as_ref()).await?;
+            let generation = apply(&functions, &maps, d, &revision).await?;
             (revision, generation, true)
         }
     };
@@ -184,15 +181,18 @@ pub async fn register(client: Client, d: &Deployment, opts: &Options) -> Result<
 
 /// Writes the revision's ConfigMap and applies the FalFunction; nothing is left behind
 /// when the apply fails. Returns the FalFunction's generation.
+///
+/// The ConfigMap gets its owner only after the apply: the controller deletes the
+/// sources its function controls beyond the history, and one created a moment before
+/// the FalFunction names it must not look like an old revision's.
 async fn apply(
     functions: &Api<FalFunction>,
     maps: &Api<ConfigMap>,
     d: &Deployment,
     revision: &str,
-    existing: Option<&FalFunction>,
 ) -> Result<i64, String> {
     let ff = d.function_object(revision).map_err(|e| e.to_string())?;
-    let cm = d.source_config_map(revision, existing.and_then(owner_of));
+    let cm = d.source_config_map(revision);
     let name = cm.metadata.name.clone().unwrap_or_default();
     maps.create(&PostParams::default(), &cm)
         .await
@@ -205,13 +205,12 @@ async fn apply(
             return Err(api_error("apply", e));
         }
     };
-    if existing.is_none() {
-        // The first revision: the FalFunction's uid exists only now.
-        let patch = json!({"metadata": {"ownerReferences": [owner_of(&applied)]}});
-        maps.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map_err(|e| api_error("owning the source ConfigMap", e))?;
-    }
+    // Its controller owner: the controller deletes only the sources its function controls.
+    let owner = applied.controller_owner_ref(&());
+    let patch = json!({"metadata": {"ownerReferences": [owner]}});
+    maps.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|e| api_error("owning the source ConfigMap", e))?;
     Ok(applied.metadata.generation.unwrap_or(0))
 }
 
@@ -229,7 +228,27 @@ async fn follow(
     let mut logs: Option<tokio::task::JoinHandle<()>> = None;
     let watch = async {
         let mut stream = watcher::watch_object(functions, &d.alias).boxed();
-        while let Some(event) = stream.next().await {
+        // Nothing happens without a controller: say so once if it has not answered.
+        let quiet = tokio::time::sleep(NO_CONTROLLER_HINT);
+        tokio::pin!(quiet);
+        let (mut seen, mut hinted) = (false, false);
+        loop {
+            let event = tokio::select! {
+                event = stream.next() => match event {
+                    Some(event) => event,
+                    None => break,
+                },
+                () = &mut quiet, if !hinted => {
+                    hinted = true;
+                    if !seen {
+                        eprintln!(
+                            "waiting for the operator: FalFunction {}/{} generation {generation} not seen after {NO_CONTROLLER_HINT:?}; is `fal-operator controller` running?",
+                            d.namespace, d.alias
+                        );
+                    }
+                    continue;
+                }
+            };
             let ff = match event {
                 Ok(Some(ff)) => ff,
                 Ok(None) => {
@@ -241,6 +260,7 @@ async fn follow(
                 Err(e) => return Err(format!("watching the FalFunction: {e}")),
             };
             let status = ff.status.clone().unwrap_or_default();
+            seen |= status.observed_generation.unwrap_or(0) >= generation;
             if status.revision.as_deref() == Some(revision) {
                 return Ok(ff);
             }
@@ -337,5 +357,101 @@ async fn stream_build_log(client: Client, namespace: String, job: String) {
         Err(e) => eprintln!(
             "(the build log is not readable here: {e}; `kubectl logs job/{job} -n {namespace}`)"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deploy::{IndexSettings, Isolated};
+    use crate::environment::REVISION_LABEL;
+
+    fn deployment(filename: &str) -> Deployment {
+        Deployment {
+            namespace: "team-a".into(),
+            alias: "app".into(),
+            filename: filename.into(),
+            source: "print('hi')\n".into(),
+            isolated: Isolated {
+                function: "serve_it".into(),
+                line: 4,
+                requirements: vec!["flask".into()],
+                keep_alive: Some(300),
+                ..Isolated::default()
+            },
+            auth: crate::crd::FunctionAuth::Public,
+            index: IndexSettings {
+                find_links: vec!["/wheels".into()],
+                no_index: true,
+                ..IndexSettings::default()
+            },
+        }
+    }
+
+    #[test]
+    fn file_keys_are_the_file_name_when_a_key_can_hold_it() {
+        assert_eq!(file_key("/home/me/src/app.py"), "app.py");
+        assert_eq!(file_key("my_app-2.py"), "my_app-2.py");
+        for odd in [
+            "",
+            "/",
+            "weird name.py",
+            ".hidden.py",
+            "revision.json",
+            "ünï.py",
+        ] {
+            assert_eq!(file_key(odd), "app.py", "{odd:?}");
+        }
+    }
+
+    #[test]
+    fn the_function_serves_the_revision_without_an_image() {
+        let d = deployment("src/main.py");
+        let ff = d.function_object("r1").unwrap();
+        assert_eq!(ff.metadata.namespace.as_deref(), Some("team-a"));
+        assert!(ff.spec.image.is_empty());
+        let src = ff.spec.source.as_ref().unwrap();
+        assert_eq!(
+            (
+                src.revision.as_str(),
+                src.config_map.as_str(),
+                src.file.as_str(),
+                src.function.as_str()
+            ),
+            ("r1", "app-r1", "main.py", "serve_it")
+        );
+        assert_eq!(
+            (src.find_links.clone(), src.no_index),
+            (vec!["/wheels".to_string()], true)
+        );
+        assert_eq!(
+            src.environment(),
+            d.environment(),
+            "the environment local mode builds"
+        );
+        assert_eq!(ff.spec.keep_alive, 300);
+        assert_eq!(ff.spec.auth, crate::crd::FunctionAuth::Public);
+        assert_eq!(
+            ff.metadata.annotations.unwrap()[FINGERPRINT_ANNOTATION],
+            d.fingerprint()
+        );
+        crate::validate::validate_spec(&ff.spec).unwrap();
+    }
+
+    #[test]
+    fn the_source_config_map_is_immutable_and_says_what_made_it() {
+        let d = deployment("src/main.py");
+        let cm = d.source_config_map("r1");
+        assert_eq!(cm.immutable, Some(true));
+        assert_eq!(cm.metadata.name.as_deref(), Some("app-r1"));
+        let labels = cm.metadata.labels.unwrap();
+        assert_eq!(labels[REVISION_LABEL], "r1");
+        assert_eq!(labels["app.kubernetes.io/component"], SOURCE_COMPONENT);
+        let data = cm.data.unwrap();
+        assert_eq!(data["main.py"], d.source);
+        let meta: serde_json::Value = serde_json::from_str(&data[METADATA_KEY]).unwrap();
+        assert_eq!(meta["fingerprint"], d.fingerprint());
+        assert_eq!(meta["environment"], d.environment());
+        assert_eq!(meta["filename"], "src/main.py");
     }
 }
