@@ -38,8 +38,11 @@ pub const APP_CONTAINER: &str = "app";
 pub const APP_PORT_NAME: &str = "app";
 /// Pod annotation naming the resolved machine type.
 pub const MACHINE_TYPE_ANNOTATION: &str = "fal.serverless.dev/machine-type";
-/// Seconds between startup probes; `startupTimeout` is divided by it.
-pub const STARTUP_PROBE_PERIOD: i32 = 10;
+/// Seconds between startup probes; `startupTimeout` is divided by it. A new replica
+/// turns ready at most this long after its app listens, and a cold start (a call held
+/// at zero, a rollout) waits for that: a TCP connect a second is cheap, 10 s was most
+/// of a cold start.
+pub const STARTUP_PROBE_PERIOD: i32 = 1;
 /// Extra seconds of grace past the drain deadline: SIGTERM reaches the sidecar only
 /// after the app container has exited.
 pub const TERMINATION_GRACE_MARGIN: i32 = 30;
@@ -111,7 +114,7 @@ fn app_container(ff: &FalFunction, placement: &Placement, cfg: &OperatorConfig) 
     // sidecar's own health covers a wedged pod.
     let startup = Probe {
         period_seconds: Some(STARTUP_PROBE_PERIOD),
-        timeout_seconds: Some(5),
+        timeout_seconds: Some(STARTUP_PROBE_PERIOD),
         failure_threshold: Some(
             (spec.startup_timeout_seconds() + STARTUP_PROBE_PERIOD - 1) / STARTUP_PROBE_PERIOD,
         ),
@@ -356,8 +359,8 @@ mod tests {
             IntOrString::Int(8080)
         );
         let startup = app.startup_probe.as_ref().unwrap();
-        assert_eq!(startup.period_seconds, Some(10));
-        assert_eq!(startup.failure_threshold, Some(60), "600 s default");
+        assert_eq!(startup.period_seconds, Some(1));
+        assert_eq!(startup.failure_threshold, Some(600), "600 s default");
         assert!(app.liveness_probe.is_none());
         let res = app.resources.as_ref().unwrap();
         assert_eq!(
@@ -513,8 +516,8 @@ mod tests {
         assert_eq!(probe.port, IntOrString::Int(5000));
         assert_eq!(
             app.startup_probe.as_ref().unwrap().failure_threshold,
-            Some(181),
-            "rounded up: never shorter than startupTimeout"
+            Some(1805),
+            "never shorter than startupTimeout"
         );
         assert_eq!(pod.service_account_name.as_deref(), Some("runner"));
         assert_eq!(pod.automount_service_account_token, None);
