@@ -117,8 +117,9 @@ impl Deployment {
 
 fn api_error(what: &str, e: kube::Error) -> String {
     match e {
-        // Server-side apply creates: only a missing API answers 404.
-        kube::Error::Api(s) if s.code == 404 && what == "apply" => format!(
+        // Server-side apply creates: a 404 that names no object (a namespace) is the
+        // API itself missing.
+        kube::Error::Api(s) if s.code == 404 && what == "apply" && s.reason != "NotFound" => format!(
             "the FalFunction CRD ({}) is not installed in this cluster: helm install the chart, or `fal-operator crd | kubectl apply --server-side -f -`",
             crate::crd::CRD_NAME
         ),
