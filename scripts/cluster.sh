@@ -38,7 +38,8 @@
 # a second cluster on the machine needs another N and port), FAL_CLUSTER_STATE (the
 # state directory, default .cluster/ of the checkout: a second cluster of one checkout
 # needs its own), FAL_SIDECAR_BIN / FAL_OPERATOR_BIN (the binaries the fal-sidecar and
-# fal-operator images run; default $CARGO_TARGET_DIR/debug or target/debug). The Redis
+# fal-operator images run; default $CARGO_TARGET_DIR/debug or target/debug),
+# FAL_RUNNER_PYTHON (the python3 the runner image runs, see runner_image_env). The Redis
 # image runs redis-server from PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -333,6 +334,20 @@ remove_volumes() {
   rmdir /tmp/hostpath_pv 2>/dev/null || true # the provisioner made it; others' volumes keep it
 }
 
+# The Python runner image (served files and their environment builds) as the test
+# kubelet runs it: the host's python3 (FAL_RUNNER_PYTHON, default python3 on PATH; a
+# venv's python is fine, it must be able to make venvs) first on PATH, and the
+# checkout's runner/ on PYTHONPATH, as the image's config sets them to its own.
+runner_image_env() {
+  local repo=ghcr.io/fal-serverless-k8s/fal-runner py
+  py=$("${FAL_RUNNER_PYTHON:-python3}" -c 'import sys; print(sys.executable)') ||
+    die "no python3 for the runner image (set FAL_RUNNER_PYTHON)"
+  RUNNER_IMAGE_ENV=(
+    --image-env "$repo=PATH=${py%/*}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    --image-env "$repo=PYTHONPATH=$ROOT/runner"
+  )
+}
+
 up() {
   if all_alive && KUBECTL get --raw /readyz >/dev/null 2>&1; then
     say "already up (KUBECONFIG=$STATE/kubeconfig)"
@@ -351,6 +366,7 @@ up() {
   for p in "$PORT" "$ETCD_PORT" "$ETCD_PEER_PORT" "$KCM_PORT" "$SCHED_PORT"; do
     port_taken "$p" && die "port 127.0.0.1:$p is taken (another cluster? set FAL_CLUSTER_PORT to move the ports: apiserver P, etcd P+1/P+2, controller manager P+3, scheduler P+4)"
   done
+  runner_image_env
   local t0=$SECONDS
   rm -rf "$STATE/etcd" "$STATE/kubelet" "$STATE/logs" # a fresh cluster, fresh logs
   mkdir -p "$STATE/run" "$STATE/logs"
@@ -406,7 +422,8 @@ up() {
     --image-command "ghcr.io/fal-serverless-k8s/fal-operator=$(fal_bin fal-operator FAL_OPERATOR_BIN)" \
     --image-command "docker.io/library/redis=redis-server" --image-command "redis=redis-server" \
     --image-command "${COREDNS_IMAGE%:*}=$COREDNS_BIN" \
-    --image-command "ghcr.io/fal-serverless-k8s/seed-app=python3 app.py"
+    --image-command "ghcr.io/fal-serverless-k8s/seed-app=python3 app.py" \
+    "${RUNNER_IMAGE_ENV[@]}"
   # kube-system exists once the apiserver's post-start hooks ran (moments after readyz).
   wait_for kube-apiserver 30 addons || { down quiet; die "could not apply tests/cluster/addons"; }
   wait_for test-kubelet 60 KUBECTL wait --for condition=Ready "node/$NODE" --timeout 2s ||

@@ -90,10 +90,12 @@ export HELM
 log "$("$HELM" version --short) at $HELM"
 
 if [[ "${FAL_SKIP_IMAGES:-0}" != 1 ]]; then
-    # umoci and skopeo build and convert the images without a Docker daemon.
+    # umoci and skopeo build and convert the images without a Docker daemon; mmdebstrap
+    # makes the Python runner image's Debian root filesystem.
     need_apt=()
     command -v umoci >/dev/null 2>&1 || need_apt+=(umoci)
     command -v skopeo >/dev/null 2>&1 || need_apt+=(skopeo)
+    command -v mmdebstrap >/dev/null 2>&1 || need_apt+=(mmdebstrap) # the runner image's Debian
     if [[ ${#need_apt[@]} -gt 0 ]]; then
         log "installing ${need_apt[*]}"
         if [[ "$(id -u)" = 0 ]]; then SUDO=""; else SUDO="sudo"; fi

@@ -10,6 +10,8 @@ pub enum ConditionType {
     Ready,
     /// `spec.machineType` resolved against the machine catalog.
     MachineTypeResolved,
+    /// A served file's environment (`spec.source`) is built for its newest revision.
+    EnvironmentReady,
 }
 
 impl ConditionType {
@@ -18,6 +20,7 @@ impl ConditionType {
         match self {
             ConditionType::Ready => "Ready",
             ConditionType::MachineTypeResolved => "MachineTypeResolved",
+            ConditionType::EnvironmentReady => "EnvironmentReady",
         }
     }
 }
@@ -39,6 +42,12 @@ pub enum Reason {
     Starting,
     /// The Deployment gave up on its rollout.
     ProgressDeadlineExceeded,
+    /// The environment of the newest revision is built.
+    Built,
+    /// Its build Job runs; the previous revision (if any) serves meanwhile.
+    Building,
+    /// Its build failed (pip's error in the message); the previous revision serves.
+    EnvironmentFailed,
 }
 
 impl Reason {
@@ -52,6 +61,9 @@ impl Reason {
             Reason::ScaledToZero => "ScaledToZero",
             Reason::Starting => "Starting",
             Reason::ProgressDeadlineExceeded => "ProgressDeadlineExceeded",
+            Reason::Built => "Built",
+            Reason::Building => "Building",
+            Reason::EnvironmentFailed => "EnvironmentFailed",
         }
     }
 }

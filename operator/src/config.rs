@@ -8,6 +8,15 @@ pub const DEFAULT_SIDECAR_IMAGE: &str = "ghcr.io/fal-serverless-k8s/fal-sidecar:
 /// Store the sidecars use when `--store-url` is not given: the embedded file store in
 /// each pod's data volume (standalone; the Helm chart points this at its Redis).
 pub const DEFAULT_STORE_URL: &str = "file:/var/lib/fal-sidecar";
+/// Image of the Python runner (served files and their environment builds) when
+/// `--runner-image` is not given.
+pub const DEFAULT_RUNNER_IMAGE: &str = "ghcr.io/fal-serverless-k8s/fal-runner:0.1.0";
+/// The PersistentVolumeClaim (per function namespace) holding built environments.
+pub const DEFAULT_ENVIRONMENTS_CLAIM: &str = "fal-environments";
+/// Size of that claim when the operator creates it.
+pub const DEFAULT_ENVIRONMENTS_SIZE: &str = "20Gi";
+/// Its access mode: every node's pods mount it (read-only), the build Jobs write it.
+pub const DEFAULT_ENVIRONMENTS_ACCESS_MODE: &str = "ReadWriteMany";
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "fal-operator";
 
@@ -40,6 +49,18 @@ pub const ENV_GATEWAY_QUEUE_URL: &str = "FAL_GATEWAY_QUEUE_URL";
 /// Environment variable equivalent of the controller's `--webhook-allow` (the same
 /// variable the gateway reads: one allow-list for every webhook sender).
 pub const ENV_WEBHOOK_ALLOW: &str = "FAL_WEBHOOK_ALLOW";
+/// Environment variable equivalent of `--runner-image`.
+pub const ENV_RUNNER_IMAGE: &str = "FAL_RUNNER_IMAGE";
+/// Environment variable equivalent of `--environments-claim`.
+pub const ENV_ENVIRONMENTS_CLAIM: &str = "FAL_ENVIRONMENTS_CLAIM";
+/// Environment variable equivalent of `--environments-size`.
+pub const ENV_ENVIRONMENTS_SIZE: &str = "FAL_ENVIRONMENTS_SIZE";
+/// Environment variable equivalent of `--environments-storage-class`.
+pub const ENV_ENVIRONMENTS_STORAGE_CLASS: &str = "FAL_ENVIRONMENTS_STORAGE_CLASS";
+/// Environment variable equivalent of `--environments-access-mode`.
+pub const ENV_ENVIRONMENTS_ACCESS_MODE: &str = "FAL_ENVIRONMENTS_ACCESS_MODE";
+/// Environment variable equivalent of `--build-env`.
+pub const ENV_BUILD_ENV: &str = "FAL_BUILD_ENV";
 /// Environment variable equivalent of `--metrics-namespace`.
 pub const ENV_METRICS_NAMESPACE: &str = "FAL_METRICS_NAMESPACE";
 
@@ -83,6 +104,40 @@ pub struct OperatorConfig {
     /// Who may reach a function's pods (see [`crate::networkpolicy`]). `None`: no
     /// NetworkPolicy is rendered, and the controller removes the ones it made.
     pub network_policy: Option<NetworkPolicyConfig>,
+    /// Served Python files: the runner image and where environments are built.
+    pub environments: EnvironmentsConfig,
+}
+
+/// Where the environments of served Python files (`function serve`) are built and kept.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EnvironmentsConfig {
+    /// Image of the Python runner: runs the build Jobs and the served files.
+    pub runner_image: String,
+    /// PersistentVolumeClaim of each function namespace holding the environments (one
+    /// directory per hash); created by the operator when missing.
+    pub claim: String,
+    /// Requested size of a claim the operator creates.
+    pub size: String,
+    /// StorageClass of a claim the operator creates (`None`: the cluster default).
+    pub storage_class: Option<String>,
+    /// Access mode of a claim the operator creates: `ReadWriteMany` lets pods on every
+    /// node mount it; `ReadWriteOnce` suits a single node.
+    pub access_mode: String,
+    /// Extra environment of the build Jobs (`PIP_INDEX_URL`, `PIP_TRUSTED_HOST`, …).
+    pub build_env: Vec<(String, String)>,
+}
+
+impl Default for EnvironmentsConfig {
+    fn default() -> Self {
+        EnvironmentsConfig {
+            runner_image: DEFAULT_RUNNER_IMAGE.to_string(),
+            claim: DEFAULT_ENVIRONMENTS_CLAIM.to_string(),
+            size: DEFAULT_ENVIRONMENTS_SIZE.to_string(),
+            storage_class: None,
+            access_mode: DEFAULT_ENVIRONMENTS_ACCESS_MODE.to_string(),
+            build_env: Vec::new(),
+        }
+    }
 }
 
 /// Where the traffic a function's pods admit comes from.
@@ -151,6 +206,7 @@ impl Default for OperatorConfig {
             store_replicas: 0,
             webhook_allow: Vec::new(),
             network_policy: Some(NetworkPolicyConfig::default()),
+            environments: EnvironmentsConfig::default(),
         }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! One reconcile: build the desired Deployment, Service and NetworkPolicy (pure), read
 //! the live ones, server-side apply only what differs, then write the status if it
-//! changed and emit events for what happened. Spec errors (unknown machine type, bad
+//! changed and emit events for what happened. A served file (`spec.source`) rolls its
+//! Deployment only once its revision's environment is built ([`build`]). Spec errors (unknown machine type, bad
 //! values) leave the running objects alone, set the conditions and raise a Warning
 //! event.
 
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -33,7 +35,7 @@ use crate::deployment::initial_replicas;
 use crate::diff::is_subset;
 use crate::labels::{identity, MANAGED_SELECTOR};
 use crate::metrics::Metrics;
-use crate::status::next_status;
+use crate::status::{next_status, SourceProgress};
 use crate::validate::validate_spec;
 use crate::{error_chain, Error, Result};
 
@@ -248,7 +250,7 @@ async fn apply(ff: &FalFunction, ctx: &Context) -> Result<Action> {
     let (desired_deployment, desired_service, desired_policy) = match desired {
         Ok(objects) => objects,
         Err(err) if err.is_spec_error() => {
-            let status = next_status(ff, machine.as_deref(), Err(&err), cfg, &now);
+            let status = next_status(ff, machine.as_deref(), Err(&err), None, cfg, &now);
             write_status(ctx, ff, status).await?;
             return Err(err);
         }
@@ -256,29 +258,58 @@ async fn apply(ff: &FalFunction, ctx: &Context) -> Result<Action> {
     };
     let (namespace, name) = identity(ff)?;
 
+    // A served file: its environment decides whether the pods may roll to the newest
+    // revision (until it is built, the running revision keeps serving).
+    let mut notes = Vec::new();
+    let mut progress = match &ff.spec.source {
+        Some(src) => match build::progress(ctx, ff, &namespace, &name, src).await {
+            Ok((p, n)) => {
+                notes = n;
+                Some(p)
+            }
+            Err(err) if err.is_spec_error() => {
+                let status = next_status(ff, machine.as_deref(), Err(&err), None, cfg, &now);
+                write_status(ctx, ff, status).await?;
+                return Err(err);
+            }
+            Err(err) => return Err(err),
+        },
+        None => None,
+    };
+    let roll = progress.as_ref().is_none_or(SourceProgress::ready);
+
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
     let live = deployments.get_opt(&name).await?;
-    let created = live.is_none();
-    let (mut deployment, deployment_written) =
-        apply_if_changed(&deployments, &name, &desired_deployment, live).await?;
-    if deployment_written {
-        ctx.metrics.wrote("apply_deployment");
-    }
-    if created {
-        let start = initial_replicas(ff);
-        let current = deployment.spec.as_ref().and_then(|s| s.replicas);
-        if current != Some(start) {
-            let params = PatchParams {
-                field_manager: Some(BOOTSTRAP_FIELD_MANAGER.to_string()),
-                ..PatchParams::default()
-            };
-            let patch = Patch::Merge(json!({"spec": {"replicas": start}}));
-            deployments.patch_scale(&name, &params, &patch).await?;
-            ctx.metrics.wrote("scale");
-            if let Some(spec) = deployment.spec.as_mut() {
-                spec.replicas = Some(start);
+    let created = roll && live.is_none();
+    let (deployment, deployment_written) = if roll {
+        let (mut deployment, written) =
+            apply_if_changed(&deployments, &name, &desired_deployment, live).await?;
+        if written {
+            ctx.metrics.wrote("apply_deployment");
+        }
+        if created {
+            let start = initial_replicas(ff);
+            let current = deployment.spec.as_ref().and_then(|s| s.replicas);
+            if current != Some(start) {
+                let params = PatchParams {
+                    field_manager: Some(BOOTSTRAP_FIELD_MANAGER.to_string()),
+                    ..PatchParams::default()
+                };
+                let patch = Patch::Merge(json!({"spec": {"replicas": start}}));
+                deployments.patch_scale(&name, &params, &patch).await?;
+                ctx.metrics.wrote("scale");
+                if let Some(spec) = deployment.spec.as_mut() {
+                    spec.replicas = Some(start);
+                }
             }
         }
+        (Some(deployment), written)
+    } else {
+        (live, false)
+    };
+    if let (Some(p), true) = (progress.as_mut(), roll) {
+        let serving = ff.status.as_ref().and_then(|s| s.revision.as_deref());
+        p.served_now = serving != Some(p.revision.as_str());
     }
 
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -295,7 +326,14 @@ async fn apply(ff: &FalFunction, ctx: &Context) -> Result<Action> {
         .status
         .as_ref()
         .is_some_and(|s| is_true(&s.conditions, ConditionType::Ready));
-    let mut status = next_status(ff, machine.as_deref(), Ok(&deployment), cfg, &now);
+    let mut status = next_status(
+        ff,
+        machine.as_deref(),
+        Ok(deployment.as_ref()),
+        progress.as_ref(),
+        cfg,
+        &now,
+    );
     if let Some(snap) = ctx
         .autoscaler
         .get()
@@ -308,7 +346,24 @@ async fn apply(ff: &FalFunction, ctx: &Context) -> Result<Action> {
             .map(Time);
     }
     let ready = find(&status.conditions, ConditionType::Ready).cloned();
+    // Revisions past the history lose their source and build Job once a newer one runs.
+    let kept: Option<Vec<String>> = progress.as_ref().filter(|p| p.served_now).map(|p| {
+        let mut kept: Vec<String> = status
+            .revisions
+            .iter()
+            .map(|r| r.revision.clone())
+            .collect();
+        kept.push(p.revision.clone());
+        kept
+    });
     write_status(ctx, ff, status).await?;
+    if let Some(kept) = kept {
+        let kept: Vec<&str> = kept.iter().map(String::as_str).collect();
+        build::collect_garbage(ctx, ff, &namespace, &name, &kept).await?;
+    }
+    for (type_, reason, note) in notes {
+        ctx.publish(ff, type_, reason, note).await;
+    }
 
     let written = [
         (deployment_written || created, "Deployment"),
@@ -416,12 +471,14 @@ pub async fn check_crd_installed(client: &Client) -> Result<(), String> {
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
     let functions: Api<FalFunction> = Api::all(client.clone());
-    // Only our own Deployments, Services and NetworkPolicies are cached, not every one
-    // in the cluster.
+    // Only our own Deployments, Services, build Jobs and NetworkPolicies are cached, not
+    // every one in the cluster.
     let owned = watcher::Config::default().labels(MANAGED_SELECTOR);
     let mut controller = Controller::new(functions, watcher::Config::default().any_semantic())
         .owns(Api::<Deployment>::all(client.clone()), owned.clone())
-        .owns(Api::<Service>::all(client.clone()), owned.clone());
+        .owns(Api::<Service>::all(client.clone()), owned.clone())
+        // A served file's build Job: its end rolls the pods (or reports pip's error).
+        .owns(Api::<Job>::all(client.clone()), owned.clone());
     if ctx.config.network_policy.is_some() {
         // An edited or deleted policy is put back at once, not at the next resync.
         controller = controller.owns(Api::<NetworkPolicy>::all(client), owned);
@@ -437,6 +494,8 @@ pub async fn run(ctx: Arc<Context>) {
         })
         .await;
 }
+
+mod build;
 
 #[cfg(test)]
 mod tests;

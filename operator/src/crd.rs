@@ -32,7 +32,8 @@ pub const DEFAULT_MAX_CONCURRENCY: i32 = 1;
 /// Default `startupTimeout` in seconds: large GPU models take minutes to load.
 pub const DEFAULT_STARTUP_TIMEOUT: i32 = 600;
 
-/// What to run (an HTTP app image), on which machine type, and how far to scale it.
+/// What to run (an HTTP app image, or a served Python file), on which machine type, and
+/// how far to scale it.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "fal.serverless.dev",
@@ -44,8 +45,9 @@ pub const DEFAULT_STARTUP_TIMEOUT: i32 = 600;
     category = "fal",
     status = "FalFunctionStatus",
     derive = "PartialEq",
-    doc = "A fal-style serverless function: an HTTP app image served through the fal queue and direct-call APIs, scheduled on a machine type, scaled to zero when idle.",
+    doc = "A fal-style serverless function: an HTTP app image (or a Python file served with `fal-operator function serve`) served through the fal queue and direct-call APIs, scheduled on a machine type, scaled to zero when idle.",
     printcolumn(name = "Machine", type_ = "string", json_path = ".spec.machineType"),
+    printcolumn(name = "Revision", type_ = "string", json_path = ".status.revision"),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(name = "Desired", type_ = "integer", json_path = ".status.desiredReplicas", priority = 1),
@@ -59,12 +61,20 @@ pub const DEFAULT_STARTUP_TIMEOUT: i32 = 600;
     validation = Rule::new("self.metadata.name.size() <= 63 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must be a DNS-1035 label (at most 63 lowercase letters, digits or '-', starting with a letter): it names the function's Service")
 )]
 #[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must be less than or equal to maxReplicas").field_path(".minReplicas"))]
+#[x_kube(validation = Rule::new("has(self.image) != has(self.source)").message("set exactly one of image (an app image) and source (a Python file served by `fal-operator function serve`)"))]
 #[serde(rename_all = "camelCase")]
 pub struct FalFunctionSpec {
     /// Container image of the app: an HTTP server listening on `exposedPort`
-    /// (Flask, FastAPI, anything). Required.
+    /// (Flask, FastAPI, anything). Exactly one of `image` and `source` is set.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schemars(length(min = 1))]
     pub image: String,
+
+    /// A Python file decorated with fal_serverless's `@isolated`, run by the operator's
+    /// runner image in an environment built once per requirements (what
+    /// `fal-operator function serve` writes; exactly one of `image` and `source`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<FunctionSource>,
 
     /// Port the app listens on inside the pod (fal `exposed_port`). The app also gets it
     /// in the `PORT` environment variable. Ports 9080, 9081 and 9090 are taken by the
@@ -180,6 +190,44 @@ pub struct FalFunctionSpec {
     pub auth: FunctionAuth,
 }
 
+/// `spec.source`: one revision of a served Python file and the environment it needs.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FunctionSource {
+    /// Revision id (a UUID): a new one for every changed file. The pods of a revision
+    /// start only once its environment is built; until then the previous revision keeps
+    /// serving.
+    #[schemars(length(min = 1, max = 63))]
+    pub revision: String,
+    /// ConfigMap (in the function's namespace) holding the revision's file. Written once
+    /// and never changed (`immutable: true`); old revisions' ConfigMaps are deleted
+    /// beyond the history the status keeps.
+    #[schemars(length(min = 1, max = 253))]
+    pub config_map: String,
+    /// Key of the file in the ConfigMap (also its file name in the pod).
+    #[schemars(length(min = 1, max = 253))]
+    pub file: String,
+    /// The decorated function in the file.
+    #[schemars(length(min = 1, max = 255))]
+    pub function: String,
+    /// The environment: pip requirement specifiers (`@isolated(requirements=…)`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requirements: Vec<String>,
+    /// Python version the file asks for (`@isolated(python_version=…)`): the build
+    /// fails unless the runner image's Python is that version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python_version: Option<String>,
+    /// pip `--index-url` (an air-gapped cluster's mirror).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_url: Option<String>,
+    /// pip `--find-links` (wheelhouse URLs or paths the build pod can read).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub find_links: Vec<String>,
+    /// pip `--no-index`: only `findLinks`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_index: bool,
+}
+
 /// `spec.auth` of a FalFunction.
 #[derive(
     Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
@@ -226,6 +274,7 @@ impl FalFunctionSpec {
     pub fn with_image(image: impl Into<String>) -> Self {
         FalFunctionSpec {
             image: image.into(),
+            source: None,
             exposed_port: DEFAULT_EXPOSED_PORT,
             machine_type: DEFAULT_MACHINE_TYPE.to_string(),
             keep_alive: DEFAULT_KEEP_ALIVE,
@@ -247,6 +296,14 @@ impl FalFunctionSpec {
             request_timeout: None,
             startup_timeout: None,
             auth: FunctionAuth::Private,
+        }
+    }
+
+    /// A spec serving `source` with every default applied.
+    pub fn with_source(source: FunctionSource) -> Self {
+        FalFunctionSpec {
+            source: Some(source),
+            ..Self::with_image("")
         }
     }
 
@@ -285,9 +342,33 @@ pub struct FalFunctionStatus {
     /// Base URL of the queue API (submit, status, result, cancel).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_url: Option<String>,
-    /// `Ready` and `MachineTypeResolved`; `lastTransitionTime` changes only on a flip.
+    /// The function's own host on the gateway (`https://NAME.NAMESPACE.DOMAIN`, the
+    /// seed's per-app URL) when the gateway has a public domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_url: Option<String>,
+    /// Revision of `spec.source` the pods run (served Python files only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// The last revisions served, oldest first (at most 10): their sources are kept,
+    /// older ones are deleted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revisions: Vec<ServedRevision>,
+    /// `Ready`, `MachineTypeResolved`, and for served files `EnvironmentReady`;
+    /// `lastTransitionTime` changes only on a flip.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// One revision that served, in `status.revisions`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServedRevision {
+    /// The revision id (`spec.source.revision`).
+    pub revision: String,
+    /// Hash of its environment (python version, requirements, index settings).
+    pub environment: String,
+    /// When the operator rolled the pods to it.
+    pub served_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
 }
 
 #[cfg(test)]
@@ -303,9 +384,23 @@ mod tests {
     }
 
     #[test]
-    fn image_is_required() {
-        let err = serde_yaml::from_str::<FalFunctionSpec>("exposedPort: 80").unwrap_err();
-        assert!(err.to_string().contains("missing field `image`"), "{err}");
+    fn a_source_spec_has_no_image_and_round_trips() {
+        let spec = FalFunctionSpec::with_source(FunctionSource {
+            revision: "39c4e168-414f-49f1-8160-f9f7a958e8cb".into(),
+            config_map: "app-39c4e168".into(),
+            file: "app.py".into(),
+            function: "app".into(),
+            requirements: vec!["flask".into()],
+            ..FunctionSource::default()
+        });
+        let v = serde_json::to_value(&spec).unwrap();
+        assert!(
+            v.get("image").is_none(),
+            "no image key to trip the CEL rule: {v}"
+        );
+        assert!(v["source"].get("noIndex").is_none() && v["source"].get("findLinks").is_none());
+        let back: FalFunctionSpec = serde_json::from_value(v).unwrap();
+        assert_eq!(back, spec);
     }
 
     #[test]
@@ -327,15 +422,23 @@ mod tests {
             .collect();
         assert_eq!(
             cols,
-            ["Machine", "Replicas", "Ready", "Desired", "URL", "Status", "Age"]
+            ["Machine", "Revision", "Replicas", "Ready", "Desired", "URL", "Status", "Age"]
         );
 
         let schema = serde_json::to_value(&version.schema).unwrap();
         let spec = &schema["openAPIV3Schema"]["properties"]["spec"];
-        assert_eq!(spec["required"], serde_json::json!(["image"]));
+        assert!(spec.get("required").is_none(), "image or source: {spec}");
+        assert!(
+            spec["properties"]["image"].get("default").is_none(),
+            "a defaulted image would always be present"
+        );
         let rules = spec["x-kubernetes-validations"].to_string();
         assert!(
             rules.contains("self.minReplicas <= self.maxReplicas"),
+            "{rules}"
+        );
+        assert!(
+            rules.contains("has(self.image) != has(self.source)"),
             "{rules}"
         );
         let port = &spec["properties"]["exposedPort"];

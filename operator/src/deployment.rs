@@ -1,5 +1,7 @@
 //! Where a FalFunction becomes a Deployment: the app container on its machine type,
-//! plus the injected fal-sidecar.
+//! plus the injected fal-sidecar. A served file's app container is the runner image
+//! running the revision's source (a ConfigMap) from its environment (the namespace's
+//! environments claim, read-only), see [`crate::environment`].
 //!
 //! `spec.replicas` is deliberately absent from the Deployment the operator applies.
 //! The autoscaler owns replicas. If the operator's server-side apply listed
@@ -23,6 +25,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use crate::catalog::{MachineCatalog, Placement};
 use crate::config::OperatorConfig;
 use crate::crd::FalFunction;
+use crate::environment::{environments_volume, serve_command, source_volume, REVISION_LABEL};
 use crate::labels::{identity, labels, selector};
 use crate::sidecar::{
     drain_seconds, sidecar_container, DATA_VOLUME, SIGNING_KEY_ITEM, SIGNING_KEY_VOLUME,
@@ -35,8 +38,11 @@ pub const APP_CONTAINER: &str = "app";
 pub const APP_PORT_NAME: &str = "app";
 /// Pod annotation naming the resolved machine type.
 pub const MACHINE_TYPE_ANNOTATION: &str = "fal.serverless.dev/machine-type";
-/// Seconds between startup probes; `startupTimeout` is divided by it.
-pub const STARTUP_PROBE_PERIOD: i32 = 10;
+/// Seconds between startup probes; `startupTimeout` is divided by it. A new replica
+/// turns ready at most this long after its app listens, and a cold start (a call held
+/// at zero, a rollout) waits for that: a TCP connect a second is cheap, 10 s was most
+/// of a cold start.
+pub const STARTUP_PROBE_PERIOD: i32 = 1;
 /// Extra seconds of grace past the drain deadline: SIGTERM reaches the sidecar only
 /// after the app container has exited.
 pub const TERMINATION_GRACE_MARGIN: i32 = 30;
@@ -66,7 +72,7 @@ fn app_probe(ff: &FalFunction) -> Probe {
     }
 }
 
-fn app_container(ff: &FalFunction, placement: &Placement) -> Container {
+fn app_container(ff: &FalFunction, placement: &Placement, cfg: &OperatorConfig) -> Container {
     let spec = &ff.spec;
     let mut env = Vec::new();
     // The same contract as `fal-sidecar run`: the app learns its port from PORT.
@@ -76,6 +82,23 @@ fn app_container(ff: &FalFunction, placement: &Placement) -> Container {
             value: Some(spec.exposed_port.to_string()),
             value_from: None,
         });
+    }
+    if spec.source.is_some() {
+        // The runner moves a bind to the exposed port onto $PORT when they differ (in a
+        // pod they are the same); the environment is read-only: no bytecode files.
+        for (name, value) in [
+            ("FAL_EXPOSED_PORT", spec.exposed_port.to_string()),
+            ("PYTHONUNBUFFERED", "1".to_string()),
+            ("PYTHONDONTWRITEBYTECODE", "1".to_string()),
+        ] {
+            if !spec.env.iter().flatten().any(|e| e.name == name) {
+                env.push(EnvVar {
+                    name: name.to_string(),
+                    value: Some(value),
+                    value_from: None,
+                });
+            }
+        }
     }
     env.extend(spec.env.iter().flatten().cloned());
 
@@ -91,17 +114,39 @@ fn app_container(ff: &FalFunction, placement: &Placement) -> Container {
     // sidecar's own health covers a wedged pod.
     let startup = Probe {
         period_seconds: Some(STARTUP_PROBE_PERIOD),
-        timeout_seconds: Some(5),
+        timeout_seconds: Some(STARTUP_PROBE_PERIOD),
         failure_threshold: Some(
             (spec.startup_timeout_seconds() + STARTUP_PROBE_PERIOD - 1) / STARTUP_PROBE_PERIOD,
         ),
         ..app_probe(ff)
     };
+    // A served file runs in the runner image, from its environment and its source.
+    let (image, command, args, mounts, security) = match &spec.source {
+        Some(src) => (
+            cfg.environments.runner_image.clone(),
+            Some(serve_command(src)),
+            None,
+            Some(vec![
+                source_volume(src).1,
+                environments_volume(&cfg.environments, false).1,
+            ]),
+            Some(crate::sidecar::restricted_security_context()),
+        ),
+        None => (
+            spec.image.clone(),
+            spec.command.clone(),
+            spec.args.clone(),
+            None,
+            None,
+        ),
+    };
     Container {
         name: APP_CONTAINER.to_string(),
-        image: Some(spec.image.clone()),
-        command: spec.command.clone(),
-        args: spec.args.clone(),
+        image: Some(image),
+        command,
+        args,
+        volume_mounts: mounts,
+        security_context: security,
         env: Some(env),
         env_from: spec.env_from.clone().filter(|v| !v.is_empty()),
         ports: Some(vec![ContainerPort {
@@ -130,12 +175,16 @@ fn app_container(ff: &FalFunction, placement: &Placement) -> Container {
     }
 }
 
-fn volumes(cfg: &OperatorConfig) -> Vec<Volume> {
+fn volumes(ff: &FalFunction, cfg: &OperatorConfig) -> Vec<Volume> {
     let mut volumes = vec![Volume {
         name: DATA_VOLUME.to_string(),
         empty_dir: Some(EmptyDirVolumeSource::default()),
         ..Volume::default()
     }];
+    if let Some(src) = &ff.spec.source {
+        volumes.push(source_volume(src).0);
+        volumes.push(environments_volume(&cfg.environments, false).0);
+    }
     if let Some(secret) = &cfg.signing_key_secret {
         volumes.push(Volume {
             name: SIGNING_KEY_VOLUME.to_string(),
@@ -172,7 +221,7 @@ impl FalFunction {
     ) -> Result<Deployment> {
         let (namespace, name) = identity(self)?;
         let spec = &self.spec;
-        let pod_annotations = BTreeMap::from([
+        let mut pod_annotations = BTreeMap::from([
             (
                 MACHINE_TYPE_ANNOTATION.to_string(),
                 placement.machine_type.clone(),
@@ -183,10 +232,13 @@ impl FalFunction {
                 APP_CONTAINER.to_string(),
             ),
         ]);
+        if let Some(src) = &spec.source {
+            pod_annotations.insert(REVISION_LABEL.to_string(), src.revision.clone());
+        }
         let pod = PodSpec {
             init_containers: Some(vec![sidecar_container(&namespace, &name, spec, cfg)]),
-            containers: vec![app_container(self, placement)],
-            volumes: Some(volumes(cfg)),
+            containers: vec![app_container(self, placement, cfg)],
+            volumes: Some(volumes(self, cfg)),
             node_selector: placement.node_selector.clone(),
             tolerations: placement.tolerations.clone(),
             affinity: placement.affinity.clone(),
@@ -307,8 +359,8 @@ mod tests {
             IntOrString::Int(8080)
         );
         let startup = app.startup_probe.as_ref().unwrap();
-        assert_eq!(startup.period_seconds, Some(10));
-        assert_eq!(startup.failure_threshold, Some(60), "600 s default");
+        assert_eq!(startup.period_seconds, Some(1));
+        assert_eq!(startup.failure_threshold, Some(600), "600 s default");
         assert!(app.liveness_probe.is_none());
         let res = app.resources.as_ref().unwrap();
         assert_eq!(
@@ -464,8 +516,8 @@ mod tests {
         assert_eq!(probe.port, IntOrString::Int(5000));
         assert_eq!(
             app.startup_probe.as_ref().unwrap().failure_threshold,
-            Some(181),
-            "rounded up: never shorter than startupTimeout"
+            Some(1805),
+            "never shorter than startupTimeout"
         );
         assert_eq!(pod.service_account_name.as_deref(), Some("runner"));
         assert_eq!(pod.automount_service_account_token, None);
@@ -553,6 +605,7 @@ mod tests {
             store_replicas: 0,
             webhook_allow: vec!["hooks.internal".into(), "10.0.0.0/8".into()],
             network_policy: None,
+            environments: Default::default(),
         };
         let d = ff(FalFunctionSpec::with_image("a:1"))
             .deployment(&MachineCatalog::builtin(), &cfg)
@@ -617,5 +670,81 @@ mod tests {
             .deployment(&MachineCatalog::builtin(), &OperatorConfig::default())
             .unwrap_err();
         assert!(err.to_string().starts_with("spec.machineType:"), "{err}");
+    }
+
+    #[test]
+    fn a_served_file_runs_in_the_runner_image_from_its_environment() {
+        use crate::crd::FunctionSource;
+        let src = FunctionSource {
+            revision: "r1".into(),
+            config_map: "app-r1".into(),
+            file: "main.py".into(),
+            function: "serve_it".into(),
+            requirements: vec!["flask".into()],
+            ..FunctionSource::default()
+        };
+        let mut spec = FalFunctionSpec::with_source(src.clone());
+        spec.exposed_port = 5000;
+        let mut cfg = OperatorConfig::default();
+        cfg.environments.runner_image = "reg/runner:dev".into();
+        cfg.environments.claim = "envs".into();
+        let d = ff(spec)
+            .deployment(&MachineCatalog::builtin(), &cfg)
+            .unwrap();
+        let pod = pod(&d);
+        let app = &pod.containers[0];
+        assert_eq!(app.image.as_deref(), Some("reg/runner:dev"));
+        let env = src.environment();
+        assert_eq!(
+            app.command.clone().unwrap(),
+            [
+                format!("/fal/envs/{env}/bin/python"),
+                "-m".into(),
+                "fal_runner".into(),
+                "serve".into(),
+                "/fal/source/main.py".into(),
+                "serve_it".into()
+            ]
+        );
+        let vars = env_of(app);
+        assert_eq!(
+            (vars["PORT"].as_str(), vars["FAL_EXPOSED_PORT"].as_str()),
+            ("5000", "5000")
+        );
+        let mounts = app.volume_mounts.clone().unwrap();
+        assert!(
+            mounts.iter().all(|m| m.read_only == Some(true)),
+            "{mounts:?}"
+        );
+        let vols = pod.volumes.clone().unwrap();
+        let claim = vols
+            .iter()
+            .find_map(|v| v.persistent_volume_claim.clone())
+            .unwrap();
+        assert_eq!(
+            (claim.claim_name.as_str(), claim.read_only),
+            ("envs", Some(true))
+        );
+        let cm = vols.iter().find_map(|v| v.config_map.clone()).unwrap();
+        assert_eq!(cm.name, "app-r1");
+        let annotations = d
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .clone()
+            .unwrap()
+            .annotations
+            .unwrap();
+        assert_eq!(annotations["fal.serverless.dev/revision"], "r1");
+        assert_eq!(
+            pod.init_containers.as_ref().unwrap()[0].name,
+            SIDECAR_CONTAINER
+        );
+        assert_eq!(
+            app.security_context.as_ref().unwrap().run_as_non_root,
+            Some(true)
+        );
     }
 }

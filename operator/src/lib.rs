@@ -5,6 +5,8 @@
 //! - [`falkey`]: the `FalKey` resource (API keys); [`keycmd`]: `fal-operator key`;
 //! - [`deployment`], [`sidecar`], [`service`], [`networkpolicy`]: a FalFunction becomes
 //!   objects (pure);
+//! - [`environment`]: a served file's build Job, environments claim and runner pods
+//!   (pure);
 //! - [`status`], [`conditions`]: what its status should say (pure);
 //! - [`render`]: the same objects from a manifest, without a cluster;
 //! - [`controller`]: the thin reconcile loop around all of the above;
@@ -23,6 +25,7 @@ pub mod crd;
 pub mod deploy;
 pub mod deployment;
 pub mod diff;
+pub mod environment;
 mod error;
 pub mod falkey;
 pub mod function;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use fal_operator::catalog::MachineCatalog;
-use fal_operator::config::{self, NetworkPolicyConfig, OperatorConfig};
+use fal_operator::config::{self, EnvironmentsConfig, NetworkPolicyConfig, OperatorConfig};
 use fal_operator::controller::{self, Context};
 use fal_operator::gateway::GatewayConfig;
 use fal_operator::keycmd;
@@ -137,15 +137,20 @@ enum FunctionCommand {
         /// The function's name [default: FUNCTION, '_' as '-'].
         #[arg(long)]
         alias: Option<String>,
-        /// Namespace (the owner in URLs).
-        #[arg(short = 'n', long = "namespace", default_value = "default")]
-        namespace: String,
+        /// Namespace (the owner in URLs) [default: the kubeconfig context's; `default`
+        /// with --local].
+        #[arg(short = 'n', long = "namespace")]
+        namespace: Option<String>,
         /// Who may call it.
         #[arg(long, default_value = "private", value_parser = ["private", "shared", "public"])]
         auth: String,
-        /// Register with a running `fal-operator local` at this admin address.
+        /// Register with a running `fal-operator local` at this admin address (without
+        /// it: the cluster of the current kubeconfig).
         #[arg(long, env = "FAL_LOCAL_ADMIN")]
         local: Option<String>,
+        /// In a cluster: longest wait for the environment build and the rollout.
+        #[arg(long, default_value = "30m", value_parser = fal_sidecar::config::secs)]
+        timeout: Duration,
         /// pip index for the environment (air-gapped: your mirror).
         #[arg(long)]
         index_url: Option<String>,
@@ -338,6 +343,45 @@ struct ObjectArgs {
     /// Namespace allowed to scrape the sidecars' metrics port (Prometheus's).
     #[arg(long, env = config::ENV_METRICS_NAMESPACE)]
     metrics_namespace: Option<String>,
+    /// Image of the Python runner: runs served files (`function serve`) and builds
+    /// their environments.
+    #[arg(long, env = config::ENV_RUNNER_IMAGE, default_value = config::DEFAULT_RUNNER_IMAGE)]
+    runner_image: String,
+    /// PersistentVolumeClaim of each function namespace holding built environments
+    /// (created when missing; an existing one is used as it is).
+    #[arg(long, env = config::ENV_ENVIRONMENTS_CLAIM, default_value = config::DEFAULT_ENVIRONMENTS_CLAIM)]
+    environments_claim: String,
+    /// Size of an environments claim the operator creates.
+    #[arg(long, env = config::ENV_ENVIRONMENTS_SIZE, default_value = config::DEFAULT_ENVIRONMENTS_SIZE)]
+    environments_size: String,
+    /// StorageClass of an environments claim the operator creates [default: the
+    /// cluster's default class].
+    #[arg(long, env = config::ENV_ENVIRONMENTS_STORAGE_CLASS)]
+    environments_storage_class: Option<String>,
+    /// Access mode of an environments claim the operator creates: ReadWriteMany lets
+    /// pods on every node mount it; ReadWriteOnce suits one node.
+    #[arg(long, env = config::ENV_ENVIRONMENTS_ACCESS_MODE, default_value = config::DEFAULT_ENVIRONMENTS_ACCESS_MODE, value_parser = ["ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod"])]
+    environments_access_mode: String,
+    /// Environment of the build Jobs, KEY=VALUE (repeatable; comma-separated in the
+    /// variable), e.g. PIP_INDEX_URL=https://mirror/simple.
+    #[arg(long = "build-env", env = config::ENV_BUILD_ENV, value_delimiter = ',', value_parser = key_value)]
+    build_env: Vec<(String, String)>,
+}
+
+/// `KEY=VALUE` of an environment variable.
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v))
+            if !k.is_empty()
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !k.as_bytes()[0].is_ascii_digit() =>
+        {
+            Ok((k.to_string(), v.to_string()))
+        }
+        _ => Err(format!(
+            "{s:?}: expected KEY=VALUE with KEY an environment variable name"
+        )),
+    }
 }
 
 impl ObjectArgs {
@@ -380,6 +424,14 @@ impl ObjectArgs {
             store_replicas: self.store_replicas,
             webhook_allow: self.webhook_allow,
             network_policy,
+            environments: EnvironmentsConfig {
+                runner_image: self.runner_image,
+                claim: self.environments_claim,
+                size: self.environments_size,
+                storage_class: self.environments_storage_class.filter(|c| !c.is_empty()),
+                access_mode: self.environments_access_mode,
+                build_env: self.build_env,
+            },
         };
         Ok((catalog, config))
     }
@@ -512,11 +564,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             namespace,
             auth,
             local,
+            timeout,
             index_url,
             find_links,
             no_index,
         }) => serve_function(
-            file, function, alias, namespace, auth, local, index_url, find_links, no_index,
+            file, function, alias, namespace, auth, local, timeout, index_url, find_links, no_index,
         ),
     }
 }
@@ -614,9 +667,10 @@ fn serve_function(
     file: PathBuf,
     function: String,
     alias: Option<String>,
-    namespace: String,
+    namespace: Option<String>,
     auth: String,
     local: Option<String>,
+    timeout: Duration,
     index_url: Option<String>,
     find_links: Vec<String>,
     no_index: bool,
@@ -638,6 +692,15 @@ fn serve_function(
                 .unwrap_or(f)
         })
         .collect();
+    let rt = runtime()?;
+    // The cluster's client, and the namespace it defaults to.
+    let (client, namespace) = match (&local, namespace) {
+        (Some(_), ns) => (None, ns.unwrap_or_else(|| "default".into())),
+        (None, ns) => {
+            let (client, ns) = rt.block_on(kube_client(ns))?;
+            (Some(client), ns)
+        }
+    };
     let d = Deployment {
         namespace,
         alias: alias.unwrap_or_else(|| function.replace('_', "-")),
@@ -652,14 +715,15 @@ fn serve_function(
         },
     };
     d.validate(&MachineCatalog::builtin())?;
-    let Some(admin) = local else {
-        anyhow::bail!(
-            "serving into a cluster is not implemented yet: run `fal-operator local` and pass --local http://127.0.0.1:9090 (or set FAL_LOCAL_ADMIN)"
-        );
-    };
-    let deployed = runtime()?
-        .block_on(deploy::local::register(&admin, &d))
-        .map_err(anyhow::Error::msg)?;
+    let deployed = match (local, client) {
+        (Some(admin), _) => rt.block_on(deploy::local::register(&admin, &d)),
+        (None, Some(client)) => {
+            let opts = deploy::cluster::Options { timeout };
+            rt.block_on(deploy::cluster::register(client, &d, &opts))
+        }
+        (None, None) => unreachable!("a client is made whenever --local is absent"),
+    }
+    .map_err(anyhow::Error::msg)?;
     print!(
         "{}",
         deploy::announce(&d.alias, &deployed.revision, &deployed.url)

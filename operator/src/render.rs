@@ -177,7 +177,8 @@ fn to_yaml<T: serde::Serialize>(value: &T) -> Result<String> {
 
 /// The objects the controller would apply for every FalFunction in `text`, as
 /// multi-document YAML (Deployment, Service, then NetworkPolicy unless they are off, per
-/// function). Owner references are absent: they need the uid the apiserver assigns.
+/// function; a served file's environments claim and build Job first). Owner references
+/// are absent: they need the uid the apiserver assigns.
 pub fn render(
     text: &str,
     origin: &str,
@@ -186,6 +187,20 @@ pub fn render(
 ) -> Result<String> {
     let mut docs = Vec::new();
     for ff in parse_manifests(text, origin)? {
+        if ff.spec.source.is_some() {
+            // A served file: the environments claim (made when missing) and the build
+            // Job its Deployment waits for.
+            let ns = ff
+                .metadata
+                .namespace
+                .as_deref()
+                .unwrap_or(DEFAULT_NAMESPACE);
+            docs.push(to_yaml(&crate::environment::environments_claim(
+                ns,
+                &cfg.environments,
+            ))?);
+            docs.push(to_yaml(&ff.build_job(cfg)?)?);
+        }
         docs.push(to_yaml(&ff.deployment(catalog, cfg)?)?);
         docs.push(to_yaml(&ff.service()?)?);
         if let Some(np) = &cfg.network_policy {

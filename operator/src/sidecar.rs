@@ -79,6 +79,26 @@ fn port(name: &str, number: i32) -> ContainerPort {
     }
 }
 
+/// The "restricted" Pod Security Standard for a container: non-root, no privilege
+/// escalation, no capabilities, the runtime's seccomp profile (the sidecar and the
+/// Python runner's containers).
+pub fn restricted_security_context() -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        allow_privilege_escalation: Some(false),
+        privileged: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_string()]),
+            add: None,
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_string(),
+            localhost_profile: None,
+        }),
+        ..SecurityContext::default()
+    }
+}
+
 /// The sidecar container for the function `namespace/name`.
 pub fn sidecar_container(
     namespace: &str,
@@ -186,21 +206,10 @@ pub fn sidecar_container(
             claims: None,
         }),
         security_context: Some(SecurityContext {
-            run_as_non_root: Some(true),
             run_as_user: Some(SIDECAR_UID),
             run_as_group: Some(SIDECAR_UID),
             read_only_root_filesystem: Some(true),
-            allow_privilege_escalation: Some(false),
-            privileged: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".to_string()]),
-                add: None,
-            }),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".to_string(),
-                localhost_profile: None,
-            }),
-            ..SecurityContext::default()
+            ..restricted_security_context()
         }),
         volume_mounts: Some(mounts),
         ..Container::default()

@@ -18,8 +18,44 @@ fn range(field: &str, value: i32, min: i32, max: i32) -> Result<()> {
 
 /// Checks a spec the way the CRD schema and its CEL rules do.
 pub fn validate_spec(spec: &FalFunctionSpec) -> Result<()> {
-    if spec.image.trim().is_empty() {
-        return Err(Error::invalid("spec.image", "must not be empty"));
+    match (&spec.source, spec.image.is_empty()) {
+        (None, true) => {
+            return Err(Error::invalid(
+                "spec.image",
+                "must not be empty (or serve a Python file: spec.source)",
+            ))
+        }
+        (Some(_), false) => {
+            return Err(Error::invalid(
+                "spec.source",
+                "set either image or source, not both",
+            ))
+        }
+        (None, false) if spec.image.trim().is_empty() => {
+            return Err(Error::invalid("spec.image", "must not be empty"))
+        }
+        (Some(src), true) => {
+            for (field, v) in [
+                ("revision", &src.revision),
+                ("configMap", &src.config_map),
+                ("file", &src.file),
+                ("function", &src.function),
+            ] {
+                if v.trim().is_empty() {
+                    return Err(Error::invalid(
+                        format!("spec.source.{field}"),
+                        "must not be empty",
+                    ));
+                }
+            }
+            if spec.command.is_some() || spec.args.is_some() {
+                return Err(Error::invalid(
+                    "spec.command",
+                    "a served file runs the runner (python -m fal_runner serve): command and args belong to image functions",
+                ));
+            }
+        }
+        (None, false) => {}
     }
     range("exposedPort", spec.exposed_port, 1, 65535)?;
     if [SIDECAR_HTTP_PORT, SIDECAR_QUEUE_PORT, SIDECAR_ADMIN_PORT].contains(&spec.exposed_port) {
@@ -92,6 +128,18 @@ mod tests {
         type Edit = Box<dyn FnOnce(&mut FalFunctionSpec)>;
         let cases: Vec<(&str, Edit)> = vec![
             ("spec.image:", Box::new(|s| s.image = " ".into())),
+            ("spec.image:", Box::new(|s| s.image = String::new())),
+            (
+                "spec.source:",
+                Box::new(|s| s.source = Some(crate::crd::FunctionSource::default())),
+            ),
+            (
+                "spec.source.revision:",
+                Box::new(|s| {
+                    s.image = String::new();
+                    s.source = Some(crate::crd::FunctionSource::default());
+                }),
+            ),
             ("spec.exposedPort:", Box::new(|s| s.exposed_port = 0)),
             ("spec.exposedPort:", Box::new(|s| s.exposed_port = 65536)),
             ("spec.exposedPort:", Box::new(|s| s.exposed_port = 9090)),

@@ -3,7 +3,7 @@ final place and renamed into it only when pip succeeded, so a half-built environ
 never used and two builds of the same hash cannot both win.
 
     python -m fal_runner build --dest DIR [--requirement R]… [--index-url URL]
-                               [--find-links DIR]… [--no-index]
+                               [--find-links DIR]… [--no-index] [--python-version V]
 
 pip's output goes to stdout (the build log); exit ≠ 0 with pip's error when it fails.
 """
@@ -25,7 +25,15 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--index-url")
     ap.add_argument("--find-links", action="append", default=[])
     ap.add_argument("--no-index", action="store_true")
+    ap.add_argument("--python-version", help="refuse unless this python is that version")
     a = ap.parse_args(argv)
+    if a.python_version:
+        have = "%d.%d.%d" % sys.version_info[:3]
+        if not (have == a.python_version or have.startswith(a.python_version + ".")):
+            print(f"python_version={a.python_version!r}, but the runner's python is {have}: "
+                  f"drop python_version, or run a runner image with Python {a.python_version}",
+                  flush=True)
+            return 1
     dest = os.path.abspath(a.dest)
     if os.path.isdir(dest):
         print(f"environment {dest} exists", flush=True)

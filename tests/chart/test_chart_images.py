@@ -1,6 +1,8 @@
 """The images scripts/images.sh builds (dist/images/*.tar, docker-archive): named as the
 chart expects, non-root, no shell, only the binary and what it needs; each is unpacked
-and its entrypoint run with --help from the image's own root filesystem (chroot)."""
+and its entrypoint run with --help from the image's own root filesystem (chroot). The
+Python runner image (Debian's python3) builds an environment and imports the runner in
+its own root filesystem, with the commands the operator gives its Jobs and pods."""
 
 import json
 import os
@@ -37,7 +39,7 @@ def chroot_cmd(root, argv, user):
 def chart_image(name):
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
-    key = "operator" if name == "fal-operator" else "sidecar"
+    key = {"fal-operator": "operator", "fal-sidecar": "sidecar", "fal-runner": "runner"}[name]
     return f'{values[key]["image"]["repository"]}:{values[key]["image"]["tag"] or version}'
 
 
@@ -54,20 +56,22 @@ def image_config(name):
     return manifest, config
 
 
+def unpack(tmp_path_factory, name):
+    """The unpacked root filesystem of an image (skopeo to an OCI layout, umoci unpack)."""
+    work = tmp_path_factory.mktemp(name)
+    layout = f"{work}/oci:img"
+    subprocess.run(["skopeo", "copy", "--quiet", f"docker-archive:{archive(name)}",
+                    f"oci:{layout}"], check=True, capture_output=True)
+    rootless = [] if os.geteuid() == 0 else ["--rootless"]
+    subprocess.run(["umoci", "unpack", *rootless, "--image", layout, str(work / "bundle")],
+                   check=True, capture_output=True)
+    return work / "bundle" / "rootfs"
+
+
 @pytest.fixture(scope="module")
 def rootfs(tmp_path_factory):
-    """name → the unpacked root filesystem (skopeo to an OCI layout, umoci unpack)."""
-    out = {}
-    for name in NAMES:
-        work = tmp_path_factory.mktemp(name)
-        layout = f"{work}/oci:img"
-        subprocess.run(["skopeo", "copy", "--quiet", f"docker-archive:{archive(name)}",
-                        f"oci:{layout}"], check=True, capture_output=True)
-        rootless = [] if os.geteuid() == 0 else ["--rootless"]
-        subprocess.run(["umoci", "unpack", *rootless, "--image", layout, str(work / "bundle")],
-                       check=True, capture_output=True)
-        out[name] = work / "bundle" / "rootfs"
-    return out
+    """name → the unpacked root filesystem."""
+    return {name: unpack(tmp_path_factory, name) for name in NAMES}
 
 
 def run_in_image(name, root, args):
@@ -167,3 +171,54 @@ def test_tools_present():
     for tool in ("skopeo", "umoci"):
         assert shutil.which(tool), f"{tool} missing"
     assert os.access(CHROOT, os.X_OK)
+
+
+# --- fal-runner ------------------------------------------------------------------------------
+
+def test_runner_image_is_tagged_and_configured_as_the_operator_expects():
+    manifest, config = image_config("fal-runner")
+    assert manifest["RepoTags"] == [chart_image("fal-runner")]
+    cfg = config["config"]
+    assert cfg["User"] == f"{UID}:{UID}"
+    env = dict(e.split("=", 1) for e in cfg["Env"])
+    assert env["PYTHONPATH"] == "/opt/fal-runner"
+    assert cfg["Entrypoint"] == ["python3", "-m", "fal_runner"]
+
+
+SERVED = {
+    "apiVersion": "fal.serverless.dev/v1alpha1", "kind": "FalFunction",
+    "metadata": {"name": "app", "namespace": "default"},
+    "spec": {"source": {"revision": "r1", "configMap": "app-r1", "file": "app.py",
+                        "function": "app"}},
+}
+
+
+def test_runner_image_builds_an_environment_and_runs_the_runner(tmp_path_factory, tmp_path):
+    """The build Job's command and the pods' python, as the operator renders them, in the
+    image's root filesystem as its user: a venv built by Debian's python3 (no
+    requirements: nothing to fetch), the runner importable from the environment."""
+    root = unpack(tmp_path_factory, "fal-runner")
+    manifest = tmp_path / "served.yaml"
+    manifest.write_text(yaml.safe_dump(SERVED))
+    operator = binary("FAL_OPERATOR_BIN", "fal-operator")
+    out = subprocess.run([str(operator), "render", "-f", manifest], capture_output=True, text=True,
+                         check=True)
+    docs = {d["kind"]: d for d in yaml.safe_load_all(out.stdout) if d}
+    build = docs["Job"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    serve = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    # The environments claim, as the pod would have it mounted (writable by the runner).
+    envs = root / "fal" / "envs"
+    envs.mkdir(parents=True)
+    if os.geteuid() == 0:
+        os.chown(envs, UID, UID)
+    _, config = image_config("fal-runner")
+    env = dict(e.split("=", 1) for e in config["config"]["Env"])
+    proc = subprocess.run(chroot_cmd(root, build, f"{UID}:{UID}"), env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "environment ready" in proc.stdout, proc.stdout
+    check = [serve[0], "-c", "import fal_runner.serve, fal_serverless, sys; print(sys.prefix)"]
+    proc = subprocess.run(chroot_cmd(root, check, f"{UID}:{UID}"), env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == serve[0].rsplit("/bin/", 1)[0], "the environment's own prefix"

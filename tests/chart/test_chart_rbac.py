@@ -43,6 +43,16 @@ PERMISSIONS = {
     (CONTROLLER, "cluster", "networking.k8s.io", "networkpolicies", "delete"): "--network-policy=false removes the one a function controls",
     (CONTROLLER, "cluster", "", "pods", "list"): "autoscaler: a function's replicas (no watch)",
     (CONTROLLER, "cluster", "", "pods", "patch"): "pod-deletion-cost on busy replicas",
+    (CONTROLLER, "cluster", "batch", "jobs", "get"): "a served file's build Job of a revision",
+    (CONTROLLER, "cluster", "batch", "jobs", "list"): ".owns(Job) watch, initial list; old revisions' Jobs",
+    (CONTROLLER, "cluster", "batch", "jobs", "watch"): ".owns(Job) watch: a finished build rolls the pods",
+    (CONTROLLER, "cluster", "batch", "jobs", "create"): "the build Job of a revision whose environment is missing",
+    (CONTROLLER, "cluster", "batch", "jobs", "delete"): "build Jobs of revisions past the history",
+    (CONTROLLER, "cluster", "", "configmaps", "get"): "a revision's source exists before it is built",
+    (CONTROLLER, "cluster", "", "configmaps", "list"): "sources of a function's revisions (metadata)",
+    (CONTROLLER, "cluster", "", "configmaps", "delete"): "sources of revisions past the history",
+    (CONTROLLER, "cluster", "", "persistentvolumeclaims", "get"): "the namespace's environments claim",
+    (CONTROLLER, "cluster", "", "persistentvolumeclaims", "create"): "the environments claim, made when missing",
     (CONTROLLER, "cluster", "events.k8s.io", "events", "create"): "Recorder: Normal/Warning events",
     (CONTROLLER, "cluster", "events.k8s.io", "events", "patch"): "Recorder: event series",
     (CONTROLLER, "namespace", "coordination.k8s.io", "leases", "create"): "leader election: first leader",
@@ -73,6 +83,8 @@ KINDS = {
     "Namespace": ("", "namespaces"),
     "ReplicaSet": ("apps", "replicasets"),
     "Endpoints": ("", "endpoints"),
+    "Job": ("batch", "jobs"),
+    "PersistentVolumeClaim": ("", "persistentvolumeclaims"),
 }
 
 
@@ -106,9 +118,10 @@ def test_rbac_is_exactly_the_calls_the_code_makes(template, variant):
     assert PERMISSIONS.keys() - granted == set(), "a call the code makes is not granted"
 
 
-# The one delete: with --network-policy=false the controller removes the policy a
-# function controls (garbage collection would keep it as long as the function lives).
-DELETABLE = {"networkpolicies"}
+# The deletes: with --network-policy=false the controller removes the policy a function
+# controls (garbage collection would keep it as long as the function lives), and the
+# sources and build Jobs of a served file's revisions past its history.
+DELETABLE = {"networkpolicies", "configmaps", "jobs"}
 
 
 def test_no_wildcards_no_secrets_no_deletes(template):

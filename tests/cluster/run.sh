@@ -14,6 +14,8 @@ if [ -n "${FAL_SKIP_CLUSTER_TESTS:-}" ]; then
   exit 0
 fi
 t0=$SECONDS
+# The runner image's python in the test kubelet: the test's, which makes venvs.
+export FAL_RUNNER_PYTHON=${FAL_RUNNER_PYTHON:-$PY}
 scripts/cluster.sh build
 echo "cluster tests: binaries ready in $((SECONDS - t0)) s"
 if ! scripts/cluster.sh status >/dev/null 2>&1; then

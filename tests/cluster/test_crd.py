@@ -67,6 +67,27 @@ def test_cel_rules_reject_with_the_crds_message(cluster: Cluster, crds, namespac
     assert cluster.get("falfunction", name, namespace) is None
 
 
+SOURCE = {"revision": "39c4e168-414f-49f1-8160-f9f7a958e8cb", "configMap": "app-src",
+          "file": "app.py", "function": "app", "requirements": ["flask"]}
+
+
+def test_exactly_one_of_image_and_source(cluster: Cluster, crds, namespace):
+    """A served file (`function serve`) has spec.source and no image; both or neither is
+    refused by the CRD's rule."""
+    both = falfunction("both", namespace, source=SOURCE)
+    neither = falfunction("neither", namespace)
+    del neither["spec"]["image"]
+    for doc in (both, neither):
+        with pytest.raises(KubectlError) as err:
+            cluster.kubectl("create", "-f", "-", input=json.dumps(doc))
+        assert "set exactly one of image (an app image) and source" in err.value.stderr, err.value.stderr
+    served = falfunction("served", namespace, source=SOURCE)
+    del served["spec"]["image"]
+    cluster.kubectl("create", "-f", "-", input=json.dumps(served))
+    got = cluster.json("get", "falfunction", "served", "-n", namespace)["spec"]
+    assert "image" not in got and got["source"]["requirements"] == ["flask"]
+
+
 def test_cel_rule_on_update(cluster: Cluster, crds, namespace):
     """Transition checks too: an update that breaks a rule is refused, the object kept."""
     cluster.apply(falfunction("upd", namespace, minReplicas=0, maxReplicas=2))

@@ -97,3 +97,24 @@ def test_deletion_runs_prestop_then_kills_after_the_grace_period(cluster: Cluste
     # SIGTERM was ignored: the pod went only when SIGKILL came at the end of the grace period.
     assert elapsed >= 2.5, f"deleted after {elapsed:.1f}s, before the 3 s grace period"
     assert elapsed < 30, elapsed
+
+
+def test_a_followed_log_ends_and_a_failure_reports_the_end_of_the_log(cluster: Cluster, namespace):
+    """`kubectl logs -f` returns once the container has exited (the CLI of `function
+    serve` follows a build pod so); with terminationMessagePolicy FallbackToLogsOnError a
+    failed container's last lines become its termination message (pip's error reaches
+    the FalFunction so)."""
+    script = "for i in $(seq 1 100); do echo line $i; done; sleep 1; echo the end; exit 2"
+    cluster.apply(pod("once", namespace, [{"name": "c", "image": "busybox", "command": ["sh", "-c", script],
+                                           "terminationMessagePolicy": "FallbackToLogsOnError"}],
+                      restartPolicy="Never"))
+    wait_until(lambda: status(cluster, "once", namespace).get("phase") in ("Running", "Failed"), 60,
+               "pod once started")
+    out = cluster.kubectl("logs", "-f", "once", "-n", namespace, timeout=30).stdout
+    assert out.startswith("line 1\n") and out.endswith("the end\n"), out[-200:]
+    st = wait_until(lambda: (lambda s: s.get("phase") == "Failed" and s)(status(cluster, "once", namespace)),
+                    30, "pod once Failed")
+    term = st["containerStatuses"][0]["state"]["terminated"]
+    assert term["exitCode"] == 2
+    lines = term["message"].splitlines()
+    assert lines[-1] == "the end" and len(lines) == 80 and lines[0] == "line 22", term["message"]

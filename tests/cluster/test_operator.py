@@ -115,13 +115,15 @@ def test_seed_app_lifecycle(cluster: Cluster, crds, operator):
         types = {c["type"]: c["status"] for c in cur["status"]["conditions"]}
         assert types.get("MachineTypeResolved") == "True", types
 
-        # `kubectl get ff` columns.
+        # `kubectl get ff` columns (read by position: an image function's REVISION is empty).
         out = cluster.kubectl("get", "ff", name, "-n", ns).stdout.splitlines()
-        header = out[0].split()
-        assert header[:7] == ["NAME", "MACHINE", "REPLICAS", "READY", "URL", "STATUS", "AGE"], out
-        row = dict(zip(header, out[1].split()))
-        assert (row["NAME"], row["MACHINE"], row["REPLICAS"], row["READY"], row["STATUS"]) == \
-            (name, "GPU-T4", "1", "1", "True"), out
+        cols = [(m.group(), m.start()) for m in re.finditer(r"\S+", out[0])]
+        header = [c for c, _ in cols]
+        assert header[:8] == ["NAME", "MACHINE", "REVISION", "REPLICAS", "READY", "URL", "STATUS", "AGE"], out
+        ends = [start for _, start in cols[1:]] + [None]
+        row = {c: out[1][start:end].strip() for (c, start), end in zip(cols, ends)}
+        assert (row["NAME"], row["MACHINE"], row["REVISION"], row["REPLICAS"], row["READY"], row["STATUS"]) == \
+            (name, "GPU-T4", "", "1", "1", "True"), out
 
         # Events on the FalFunction.
         def reasons():

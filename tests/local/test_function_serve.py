@@ -8,7 +8,6 @@ registered."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import time
@@ -16,27 +15,7 @@ import time
 import pytest
 from conftest import OPERATOR_BIN
 from helpers import wait_until
-
-SEED = '''from fal_serverless import isolated
-
-
-@isolated(requirements=["flask"], machine_type="GPU-T4", keep_alive={keep_alive}, exposed_port=8080)
-def app():
-    import time
-    from flask import Flask, request
-    app = Flask("test")
-
-    @app.route("/test", methods=["POST"])
-    def remove():
-        return {{"version": {version}, "input": request.get_json(silent=True)}}
-
-    @app.route("/slow", methods=["POST"])
-    def slow():
-        time.sleep(float(request.get_json()["seconds"]))
-        return {{"version": {version}, "slept": True}}
-
-    app.run(host="0.0.0.0", port=8080)
-'''
+from served_files import LINES, SEED
 
 RETURNED = '''import fal_serverless
 
@@ -53,7 +32,6 @@ def made():
     return app
 '''
 
-LINES = re.compile(r"Registered a new revision for function '([a-z0-9-]+)' \(revision='([0-9a-f-]{36})'\)\.\nURL: (\S+)\n$")
 
 
 def serve(loc, path, function="app", *extra, check=True) -> subprocess.CompletedProcess:

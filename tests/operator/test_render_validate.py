@@ -141,6 +141,46 @@ def test_custom_catalog_renders_valid_objects(render, tmp_path):
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
 
 
+# What `fal-operator function serve` applies for a decorated file (its revision's source
+# is in the ConfigMap it names).
+SERVED = {
+    "apiVersion": "fal.serverless.dev/v1alpha1",
+    "kind": "FalFunction",
+    "metadata": {"name": "app", "namespace": "team-a",
+                 "annotations": {"fal.serverless.dev/fingerprint": "0" * 64}},
+    "spec": {
+        "machineType": "GPU-T4", "keepAlive": 300, "exposedPort": 8080, "auth": "public",
+        "source": {"revision": "39c4e168-414f-49f1-8160-f9f7a958e8cb",
+                   "configMap": "app-39c4e168-414f-49f1-8160-f9f7a958e8cb",
+                   "file": "app.py", "function": "app", "requirements": ["flask"],
+                   "findLinks": ["https://mirror.internal/wheels/"], "noIndex": True},
+    },
+}
+
+
+def test_a_served_file_renders_valid_objects(render, tmp_path, crd):
+    """The environments claim, the build Job and the runner's Deployment of a served file
+    are valid objects; the FalFunction matches the CRD schema."""
+    jsonschema.validate(SERVED, crd_schema(crd))
+    manifest = tmp_path / "served.yaml"
+    manifest.write_text(yaml.safe_dump(SERVED))
+    objs = render(manifest, "--environments-access-mode", "ReadWriteOnce",
+                  "--build-env", "PIP_TRUSTED_HOST=mirror.internal")
+    assert [o["kind"] for o in objs] == [
+        "PersistentVolumeClaim", "Job", "Deployment", "Service", "NetworkPolicy"]
+    for obj in objs:
+        k8s_validate(obj)
+    claim, job, deployment = objs[:3]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    build = job["spec"]["template"]["spec"]["containers"][0]
+    assert build["command"][:4] == ["python3", "-m", "fal_runner", "build"]
+    assert {"name": "PIP_TRUSTED_HOST", "value": "mirror.internal"} in build["env"]
+    env_dir = build["command"][5]
+    (app,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert app["command"][0] == f"{env_dir}/bin/python", "the pods run what the Job built"
+    assert app["image"] == build["image"] == "ghcr.io/fal-serverless-k8s/fal-runner:0.1.0"
+
+
 def test_crds_are_valid_and_up_to_date(run_operator, crd, falkey_crd):
     proc = run_operator("crd")
     assert proc.returncode == 0, proc.stderr
@@ -160,9 +200,10 @@ def test_rbac_manifest_is_valid():
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
         if "delete" in rule["verbs"]:
-            # Only the NetworkPolicies removed with --network-policy=false; owner
-            # references garbage-collect everything else.
-            assert rule["resources"] == ["networkpolicies"], rule
+            # The NetworkPolicies removed with --network-policy=false, and the sources and
+            # build Jobs of revisions past a served file's history; owner references
+            # garbage-collect everything else.
+            assert set(rule["resources"]) <= {"networkpolicies", "configmaps", "jobs"}, rule
 
 
 def _closed(schema):

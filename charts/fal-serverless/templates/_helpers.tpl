@@ -69,6 +69,10 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- printf "%s:%s" .Values.sidecar.image.repository (default .Chart.AppVersion .Values.sidecar.image.tag) -}}
 {{- end -}}
 
+{{- define "fal.runnerImage" -}}
+{{- printf "%s:%s" .Values.runner.image.repository (default .Chart.AppVersion .Values.runner.image.tag) -}}
+{{- end -}}
+
 {{/* Store -------------------------------------------------------------------------- */}}
 
 {{/* Refuses a configuration without exactly one store. Included by every template that

@@ -330,7 +330,8 @@ fn steady_function() -> FalFunction {
     let mut status = next_status(
         &ff,
         Ok("XS"),
-        Ok(&live),
+        Ok(Some(&live)),
+        None,
         &OperatorConfig::default(),
         &time(EARLIER),
     );
@@ -376,7 +377,8 @@ async fn unchanged_objects_with_new_readiness_write_only_status_and_ready_event(
     ff.status = Some(next_status(
         &ff,
         Ok("XS"),
-        Ok(&live_starting),
+        Ok(Some(&live_starting)),
+        None,
         &OperatorConfig::default(),
         &time(EARLIER),
     ));
@@ -708,3 +710,4 @@ async fn installed_crd_passes_the_check() {
 }
 
 mod network_policy;
+mod source;

@@ -12,21 +12,13 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 
+pub use super::Deployed;
 use super::{runner, Deployment, RUNNER_IMAGE};
 use crate::autoscale::Autoscaler;
 use crate::catalog::MachineCatalog;
 use crate::function::FunctionInfo;
 use crate::gateway::Gateway;
 use crate::local::{LocalFunction, LocalScaler};
-
-/// What a serve registered.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Deployed {
-    pub revision: String,
-    /// False when the same file was served again (the revision it already had).
-    pub new: bool,
-    pub url: String,
-}
 
 /// The revisions a `local` serves, by `namespace/alias`.
 #[derive(Default)]

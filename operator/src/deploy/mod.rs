@@ -6,8 +6,12 @@
 //! - [`Deployment`]: what a serve asks for (source, arguments, alias), its revision
 //!   identity and its environment's identity (built once per hash);
 //! - [`local`]: registering with a running `fal-operator local`;
+//! - [`cluster`]: registering in the cluster of the current kubeconfig (a source
+//!   ConfigMap per revision, the FalFunction's `spec.source`, the controller's build
+//!   Job);
 //! - [`runner`]: the Python runner carried in the binary.
 
+pub mod cluster;
 pub mod local;
 pub mod runner;
 
@@ -22,7 +26,16 @@ use crate::{Error, Result};
 /// belongs in an image).
 pub const MAX_SOURCE_BYTES: usize = 512 * 1024;
 /// Image of the runner (the cluster's; local mode runs the runner from its state dir).
-pub const RUNNER_IMAGE: &str = "ghcr.io/fal-serverless-k8s/fal-runner:0.1.0";
+pub const RUNNER_IMAGE: &str = crate::config::DEFAULT_RUNNER_IMAGE;
+
+/// What a serve registered.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Deployed {
+    pub revision: String,
+    /// False when the same file was served again (the revision it already had).
+    pub new: bool,
+    pub url: String,
+}
 
 /// `@isolated(...)` as the file says it (see `runner/fal_runner/inspect_source.py`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,16 +54,7 @@ pub struct Isolated {
     pub python_version: Option<String>,
 }
 
-/// Package index settings of an environment build (air-gapped clusters).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IndexSettings {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub index_url: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub find_links: Vec<String>,
-    #[serde(default)]
-    pub no_index: bool,
-}
+pub use crate::environment::IndexSettings;
 
 /// One `function serve`: everything that decides a revision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,12 +127,11 @@ impl Deployment {
 
     /// Identifies an environment: python version, requirements and index settings.
     pub fn environment(&self) -> String {
-        let v = serde_json::json!({
-            "python": self.isolated.python_version,
-            "requirements": self.isolated.requirements,
-            "index": self.index,
-        });
-        hex(&Sha256::digest(v.to_string()))[..24].to_string()
+        crate::environment::environment_hash(
+            self.isolated.python_version.as_deref(),
+            &self.isolated.requirements,
+            &self.index,
+        )
     }
 
     /// The FalFunction spec the arguments make (image and command are the caller's).

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -46,6 +47,7 @@ type container struct {
 	finishedAt  metav1.Time
 	exitCode    int32
 	exitReason  string
+	exitMessage string // the end of the log (FallbackToLogsOnError)
 	restarts    int32
 	lastTerm    *corev1.ContainerStateTerminated // the previous run, after a restart
 	started     bool                             // startup probe passed (or none)
@@ -180,6 +182,7 @@ func (c *container) start() {
 		}
 		targets = append(targets, b.Dst)
 	}
+	_ = os.Remove(exitedMarker(w.dir, c.spec.Name))
 	logf, err := os.OpenFile(filepath.Join(w.dir, "logs", c.spec.Name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		releaseMounts()
@@ -231,8 +234,15 @@ func (c *container) start() {
 			}
 		}
 		close(stopProbes)
+		// A followed log (`kubectl logs -f`) ends here, as the kubelet's does.
+		_ = os.WriteFile(exitedMarker(w.dir, c.spec.Name), nil, 0o644)
+		message := ""
+		if code != 0 && c.spec.TerminationMessagePolicy == corev1.TerminationMessageFallbackToLogsOnError {
+			message = logTail(filepath.Join(w.dir, "logs", c.spec.Name+".log"))
+		}
 		c.mu.Lock()
 		c.st, c.exitCode, c.exitReason, c.finishedAt = stateExited, code, reason, metav1.Now()
+		c.exitMessage = message
 		c.ready = false
 		backoff := time.Duration(1<<min(int(c.restarts), 5)) * time.Second // 1 s … 32 s
 		c.nextStart = time.Now().Add(backoff)
@@ -583,8 +593,40 @@ func (c *container) containerStatus() corev1.ContainerStatus {
 		cs.State.Running = &corev1.ContainerStateRunning{StartedAt: c.startedAt}
 	case stateExited:
 		cs.State.Terminated = &corev1.ContainerStateTerminated{
-			ExitCode: c.exitCode, Reason: c.exitReason, StartedAt: c.startedAt, FinishedAt: c.finishedAt,
+			ExitCode: c.exitCode, Reason: c.exitReason, Message: c.exitMessage,
+			StartedAt: c.startedAt, FinishedAt: c.finishedAt,
 		}
 	}
 	return cs
+}
+
+// logTail: what the kubelet's FallbackToLogsOnError puts in the termination message,
+// the end of the container's log: at most 80 lines and 2048 bytes.
+func logTail(path string) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	const maxBytes, maxLines = 2048, 80
+	size, _ := f.Seek(0, io.SeekEnd)
+	start := max(size-maxBytes, 0)
+	buf := make([]byte, size-start)
+	if _, err := f.ReadAt(buf, start); err != nil && err != io.EOF {
+		return ""
+	}
+	lines := strings.Split(strings.TrimRight(string(buf), "\n"), "\n")
+	if start > 0 && len(lines) > 1 {
+		lines = lines[1:] // a cut line
+	}
+	if len(lines) > maxLines {
+		lines = lines[len(lines)-maxLines:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// exitedMarker: a file that exists while the container's process has exited (the log
+// API ends a follow there).
+func exitedMarker(podDir, container string) string {
+	return filepath.Join(podDir, "logs", container+".exited")
 }

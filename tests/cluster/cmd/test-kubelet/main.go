@@ -5,7 +5,10 @@
 // mounted in a private mount namespace, its env and args. A container whose image is
 // the fal-sidecar image runs the workspace's fal-sidecar binary; any other container
 // runs its command + args. Probes set Ready; deletion runs preStop hooks, then SIGTERM,
-// then SIGKILL at the end of the grace period. As the real kubelet, it gives containers
+// then SIGKILL at the end of the grace period. An image's config environment is given
+// with --image-env (the Python runner image: its PATH and PYTHONPATH pointing at the
+// host's python3 and the workspace's runner/), and a failed container with
+// terminationMessagePolicy FallbackToLogsOnError reports the end of its log. As the real kubelet, it gives containers
 // the Service environment (KUBERNETES_SERVICE_HOST…, enableServiceLinks), an
 // /etc/resolv.conf pointing at the cluster DNS (--cluster-dns, dnsPolicy), and mounts
 // a PersistentVolumeClaim's hostPath volume.
@@ -45,6 +48,7 @@ type config struct {
 	labels       map[string]string
 	capacity     map[string]string
 	imageCommand map[string][]string
+	imageEnv     map[string][][2]string // image repo → KEY, VALUE its config sets
 }
 
 type kvFlag map[string]string
@@ -78,6 +82,7 @@ func main() {
 			"ephemeral-storage": "100Gi",
 		},
 		imageCommand: map[string][]string{},
+		imageEnv:     map[string][][2]string{},
 	}
 	labels, capacity, images, routes := kvFlag{}, kvFlag{}, kvFlag{}, kvFlag{}
 	flag.StringVar(&cfg.kubeconfig, "kubeconfig", "", "kubeconfig of the control plane")
@@ -92,6 +97,15 @@ func main() {
 	flag.Var(labels, "label", "extra node label KEY=VALUE (repeatable)")
 	flag.Var(capacity, "capacity", "node capacity RESOURCE=QUANTITY (repeatable)")
 	flag.Var(images, "image-command", "IMAGE_REPO=CMD ARG…: what a container of this image without a command runs (repeatable)")
+	flag.Func("image-env", "IMAGE_REPO=KEY=VALUE: an environment variable the image's config sets (repeatable)", func(s string) error {
+		repo, kv, ok := strings.Cut(s, "=")
+		k, v, ok2 := strings.Cut(kv, "=")
+		if !ok || !ok2 || repo == "" || k == "" {
+			return fmt.Errorf("want IMAGE_REPO=KEY=VALUE, got %q", s)
+		}
+		cfg.imageEnv[repo] = append(cfg.imageEnv[repo], [2]string{k, v})
+		return nil
+	})
 	flag.Var(routes, "pod-route", "CIDR=GATEWAY: a route every pod gets besides its default route via the node (repeatable)")
 	flag.StringVar(&cfg.clusterDNS, "cluster-dns", "", "nameserver of pods with dnsPolicy ClusterFirst (empty: pods use the host's resolv.conf)")
 	flag.StringVar(&cfg.domain, "cluster-domain", "cluster.local", "the cluster's DNS domain (resolv.conf search path)")

@@ -19,6 +19,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"time"
 
 	"k8s.io/klog/v2"
@@ -75,7 +76,8 @@ func selfSigned() (tls.Certificate, error) {
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
 }
 
-// containerLogs serves a container's output file (tailLines, limitBytes, follow).
+// containerLogs serves a container's output file (tailLines, limitBytes, follow; a
+// follow ends once the container has exited).
 func containerLogs(w http.ResponseWriter, r *http.Request, stateDir string) {
 	ns, pod, container := r.PathValue("ns"), r.PathValue("pod"), r.PathValue("container")
 	dirs, _ := filepath.Glob(filepath.Join(stateDir, "pods", fmt.Sprintf("%s_%s_*", ns, pod)))
@@ -120,7 +122,10 @@ func containerLogs(w http.ResponseWriter, r *http.Request, stateDir string) {
 	}
 	flusher, _ := w.(http.Flusher)
 	buf := make([]byte, 32*1024)
+	exited := strings.TrimSuffix(logs[len(logs)-1], ".log") + ".exited"
 	for {
+		// Checked before the read: what the process wrote before it exited is sent.
+		done := fileExists(exited)
 		n, err := f.Read(buf)
 		if n > 0 {
 			w.Write(buf[:n])
@@ -129,8 +134,8 @@ func containerLogs(w http.ResponseWriter, r *http.Request, stateDir string) {
 			}
 			continue
 		}
-		if err != nil && err != io.EOF {
-			return
+		if err != nil && err != io.EOF || done {
+			return // the container exited: the follow ends, as the kubelet's does
 		}
 		select {
 		case <-r.Context().Done():

@@ -275,7 +275,7 @@ func (w *podWorker) serviceEnv() (map[string]string, error) {
 }
 
 // environment of a container: a minimal image environment (PATH, HOME from the
-// host), HOSTNAME, then envFrom and env in order, with $(VAR) references expanded
+// host, then the image's --image-env), HOSTNAME, then envFrom and env in order, with $(VAR) references expanded
 // (to them or the Service environment), then the Service variables not set otherwise.
 func (w *podWorker) environment(ctx context.Context, c corev1.Container) ([]string, map[string]string, error) {
 	core := w.k.client.CoreV1()
@@ -296,6 +296,10 @@ func (w *podWorker) environment(ctx context.Context, c corev1.Container) ([]stri
 		if v, ok := os.LookupEnv(k); ok {
 			set(k, v)
 		}
+	}
+	// What the image's config would set (--image-env), under the container's own env.
+	for _, kv := range w.k.cfg.imageEnv[imageRepo(c.Image)] {
+		set(kv[0], kv[1])
 	}
 	set("HOSTNAME", w.pod.Name)
 	for _, from := range c.EnvFrom {
