@@ -102,10 +102,13 @@ fn app_container(ff: &FalFunction, placement: &Placement, cfg: &OperatorConfig) 
     }
     env.extend(spec.env.iter().flatten().cloned());
 
+    // Every second, so a started replica takes calls within a second of its app
+    // listening (a held call at zero waits for exactly that); 15 misses in a row (as
+    // 3 × 5 s before) before a busy app counts as not ready.
     let readiness = Probe {
-        period_seconds: Some(5),
+        period_seconds: Some(1),
         timeout_seconds: Some(5),
-        failure_threshold: Some(3),
+        failure_threshold: Some(15),
         ..app_probe(ff)
     };
     // A slow GPU model load must not be killed: the startup probe allows
@@ -358,6 +361,12 @@ mod tests {
             ready.tcp_socket.as_ref().unwrap().port,
             IntOrString::Int(8080)
         );
+        assert_eq!(
+            ready.period_seconds,
+            Some(1),
+            "ready within a second of listening"
+        );
+        assert_eq!(ready.failure_threshold, Some(15));
         let startup = app.startup_probe.as_ref().unwrap();
         assert_eq!(startup.period_seconds, Some(1));
         assert_eq!(startup.failure_threshold, Some(600), "600 s default");

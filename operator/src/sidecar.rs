@@ -192,7 +192,10 @@ pub fn sidecar_container(
             port(QUEUE_PORT_NAME, SIDECAR_QUEUE_PORT),
             port(METRICS_PORT_NAME, SIDECAR_ADMIN_PORT),
         ]),
-        readiness_probe: Some(http_probe("/readyz", 5, 3)),
+        // Every second: a new replica joins its Service (and the gateway's replicas)
+        // within a second of being able to take a submit; its /readyz shares one store
+        // probe per 200 ms between callers.
+        readiness_probe: Some(http_probe("/readyz", 1, 3)),
         liveness_probe: Some(http_probe("/healthz", 10, 3)),
         resources: Some(ResourceRequirements {
             requests: Some(
