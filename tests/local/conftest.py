@@ -1,4 +1,6 @@
-"""Fixtures for the scale-to-zero tests: a real `redis-server`, a real
+"""Fixtures for tests/local (test modules import helpers from `local_proc` and
+tests/e2e's `helpers`, never from `conftest`: several suites run in one pytest session,
+each with a conftest module of that name). The fixtures: a real `redis-server`, a real
 `fal-operator local` (gateway + autoscaler + replicas as `fal-sidecar run`
 processes) in front of the example app, all on loopback.
 

@@ -19,7 +19,8 @@ import fal_client
 import fal_client.client as fal_client_module
 import httpx
 import pytest
-from conftest import REPO, function
+from helpers import REPO
+from local_proc import function
 from helpers import wait_until
 
 

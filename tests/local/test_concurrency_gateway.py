@@ -16,7 +16,8 @@ import threading
 from pathlib import Path
 
 import httpx
-from conftest import REPO, function
+from helpers import REPO
+from local_proc import function
 
 OVERLAP_APP = [sys.executable, "-u", str(REPO / "tests" / "e2e" / "overlap_app.py")]
 

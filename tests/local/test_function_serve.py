@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from conftest import OPERATOR_BIN
+from local_proc import OPERATOR_BIN
 from helpers import wait_until
 from served_files import LINES, SEED
 

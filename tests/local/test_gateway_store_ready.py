@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from conftest import Local, function
+from local_proc import Local, function
 from redis_ha_fixture import app_cmd
 from store_load import (
     assert_all_accepted,

@@ -20,7 +20,8 @@ import fal_client
 import fal_client.client as fal_client_module
 import httpx
 import pytest
-from conftest import REPO, alive, descendants, function
+from helpers import REPO, alive, descendants
+from local_proc import function
 from helpers import wait_until
 from redis_fixture import RedisServer
 from webhook_receiver import WebhookReceiver
@@ -382,7 +383,7 @@ def test_scale_to_zero_on_a_redis_cluster(tmp_path):
     """The gateway, the autoscaler and the replicas on a 3-master Redis Cluster: a
     submit at zero wakes the function (pub/sub across nodes), it completes, a sync call
     is served, and keepAlive takes the function back to zero."""
-    from conftest import Local
+    from local_proc import Local
     from redis_ha_fixture import RedisCluster
 
     cluster = RedisCluster(tmp_path / "cluster", masters=3).start()

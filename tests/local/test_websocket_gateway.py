@@ -17,7 +17,8 @@ import uuid
 import fal_client
 import fal_client.client as fal_client_module
 import pytest
-from conftest import REPO, function
+from helpers import REPO
+from local_proc import function
 from helpers import wait_until
 from websockets.asyncio.client import connect as aconnect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
