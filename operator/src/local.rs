@@ -81,6 +81,11 @@ pub struct LocalConfig {
     pub signing_key: PathBuf,
     /// Working directory of the replicas (relative commands resolve there).
     pub workdir: PathBuf,
+    /// The gateway's webhook retry schedule and allow-list, given to every replica: a
+    /// webhook is retried by whichever of them picks it from the shared outbox, so all
+    /// follow one schedule and one policy.
+    pub webhook_retry_delays: Vec<Duration>,
+    pub webhook_allow: Vec<String>,
 }
 
 /// How often a ready replica's `/readyz` is looked at (its app may be restarting).
@@ -300,6 +305,19 @@ impl LocalScaler {
             .arg(f.info.startup_timeout.as_secs().to_string())
             .arg("--drain-timeout")
             .arg(drain.to_string());
+        if !self.cfg.webhook_retry_delays.is_empty() {
+            let delays: Vec<String> = self
+                .cfg
+                .webhook_retry_delays
+                .iter()
+                .map(|d| d.as_secs_f64().to_string())
+                .collect();
+            cmd.arg("--webhook-retry-delays").arg(delays.join(","));
+        }
+        if !self.cfg.webhook_allow.is_empty() {
+            cmd.arg("--webhook-allow")
+                .arg(self.cfg.webhook_allow.join(","));
+        }
         if let Some(t) = f.request_timeout {
             cmd.arg("--request-timeout").arg(t.to_string());
         }

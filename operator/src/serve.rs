@@ -214,6 +214,8 @@ pub async fn run_local(mut opts: LocalOptions) -> Result<()> {
             state_dir: opts.state_dir.clone(),
             signing_key,
             workdir,
+            webhook_retry_delays: opts.gateway.delivery.retry_delays.clone(),
+            webhook_allow: opts.webhook_allow.clone(),
         },
         opts.functions.clone(),
     );

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import fal_client
 import fal_client.client as fal_client_module
@@ -403,3 +404,17 @@ def test_scale_to_zero_on_a_redis_cluster(tmp_path):
     finally:
         loc.close()
         cluster.close()
+
+
+def test_replicas_follow_the_gateways_webhook_schedule_and_allow_list(make_local):
+    """A webhook is retried by whichever process takes it from the shared outbox (the
+    gateway or a replica): every replica gets local's --webhook-retry-delays and
+    --webhook-allow. (A 30-minute soak found a webhook retried on the replicas' default
+    15 s … 900 s schedule next to the gateway's, whose 300 s steps kept meeting a
+    receiver that was down every 150 s.)"""
+    loc = make_local([function("hooks", minReplicas=1)], "--webhook-allow", "203.0.113.7")
+    (rep,) = loc.wait_processes("default/hooks", 1)
+    argv = Path(f"/proc/{rep['pid']}/cmdline").read_bytes().split(b"\0")
+    args = [a.decode() for a in argv]
+    assert args[args.index("--webhook-retry-delays") + 1] == "0.3,0.5,1,1,2", args
+    assert args[args.index("--webhook-allow") + 1] == "203.0.113.7", args
