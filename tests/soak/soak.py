@@ -216,7 +216,11 @@ class Soak:
         masters = self.cluster.masters()
         assert node0 in masters, f"node0 is not a master: {self.cluster.describe()}"
         self.cut_master = node0
-        self.fail_master = next(m for m in masters if m is not node0)
+        # The master killed for a failover holds a function's queue (its keys share a
+        # hash tag: one slot per function), and is not the one whose links are cut.
+        owners = [self.cluster.master_for_key(f"fal:{{{NS}/{fn}}}:ready") for fn in FUNCTIONS]
+        self.fail_master = next((m for m in owners if m is not node0),
+                                next(m for m in masters if m is not node0))
 
         # The receiver's keys come from the gateway, which is not up yet: fetched on demand.
         self.receiver = WebhookReceiver(lambda: f"{self.local.run_url}/.well-known/jwks.json")
