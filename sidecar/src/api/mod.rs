@@ -206,6 +206,13 @@ async fn forward_to_app(
         Some(up) if websocket::is_upgrade(req.headers()) => {
             websocket::forward(app, up, req, None).await
         }
+        // A body over the limit is refused as such, whether or not a slot is free.
+        Some(_)
+            if proxy::declared_length(req.headers())
+                .is_some_and(|n| n > app.cfg.max_body_bytes as u64) =>
+        {
+            closing(proxy::too_large(app.cfg.max_body_bytes))
+        }
         Some(up) => match app.slots.get() {
             // A slot for the call until its response body is done, or 503 at once.
             Some(slots) => match slots.try_take() {
