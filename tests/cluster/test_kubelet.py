@@ -52,6 +52,29 @@ def test_containers_share_the_pod_network_and_volumes(cluster: Cluster, namespac
     assert not os.path.exists("/pod-data")
 
 
+def test_a_volume_over_the_kubelets_own_directory_hides_no_later_volume(cluster: Cluster, namespace):
+    """Volume sources live in the kubelet's state dir. An emptyDir mounted over a
+    directory that holds that state (the chart mounts one at /tmp; CI clones under /tmp)
+    must not hide the sources of the volumes mounted after it, nor resolv.conf."""
+    from kube import STATE
+    covered = str(STATE.resolve().parent)
+    script = (f'test -z "$(ls -A {covered})" && echo covered > /pod-data/ok && '
+              'grep -q nameserver /etc/resolv.conf && cat /pod-data/ok && sleep 3600')
+    cluster.apply(pod("cover", namespace, [{
+        "name": "c", "image": "busybox", "command": ["sh", "-c", script], "workingDir": "/",
+        "volumeMounts": [{"name": "cover", "mountPath": covered},
+                         {"name": "data", "mountPath": "/pod-data"}]}],
+        volumes=[{"name": "cover", "emptyDir": {}}, {"name": "data", "emptyDir": {}}]))
+
+    def started():
+        p = cluster.json("get", "pod", "cover", "-n", namespace)
+        return "covered" in cluster.pod_log(p, "c") and p
+
+    p = wait_until(started, 60, "the container to see both volumes")
+    cs = p["status"]["containerStatuses"][0]
+    assert cs["restartCount"] == 0 and "running" in cs["state"], cs
+
+
 def test_failed_container_restarts(cluster: Cluster, namespace):
     cluster.apply(pod("crash", namespace, [{"name": "c", "image": "busybox",
                                             "command": ["sh", "-c", "sleep 0.2; exit 3"]}]))

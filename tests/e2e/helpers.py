@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,10 +28,43 @@ HTTP_TIMEOUT = httpx.Timeout(15.0, connect=5.0)
 TERMINAL_STATUS = "COMPLETED"
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_ISSUED: set[int] = set()
+_PORT_FLOOR = 10000
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, taken from BELOW the kernel's ephemeral range.
+
+    `bind(0)` hands out ephemeral ports, the same pool every outgoing connection draws
+    its local port from: between picking the port and the server binding it, a Redis
+    Cluster bus link or a client could take it as its source port (CI saw exactly that:
+    "Address already in use" on a port free_port had returned). Ports under the range
+    are never used as source ports; each is issued once per test process so two
+    consecutive calls never return the same one."""
+    low = _ephemeral_low()
+    if low - _PORT_FLOOR < 1000:  # an unusual range: fall back to the kernel's choice
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+    for _ in range(1000):
+        port = random.randrange(_PORT_FLOOR, low)
+        if port in _ISSUED:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _ISSUED.add(port)
+        return port
+    raise RuntimeError(f"no free port between {_PORT_FLOOR} and {low}")
 
 
 def port_is_free(port: int) -> bool:

@@ -48,13 +48,25 @@ func runContainerHelper(args []string) {
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
 		helperFail("making / private: %v", err)
 	}
-	for _, b := range spec.Binds {
+	// Every source is opened before anything is mounted: a volume mounted over a
+	// directory that holds a later source (an emptyDir at /tmp while the cluster's
+	// state lives under /tmp) would hide that source. The mounts then take the open
+	// file (/proc/self/fd/N), not the path.
+	srcs := make([]string, len(spec.Binds))
+	for i, b := range spec.Binds {
+		fd, err := unix.Open(b.Src, unix.O_PATH|unix.O_CLOEXEC, 0)
+		if err != nil {
+			helperFail("volume source %s: %v", b.Src, err)
+		}
+		srcs[i] = fmt.Sprintf("/proc/self/fd/%d", fd)
+	}
+	for i, b := range spec.Binds {
 		if b.File {
 			// Mounted over the host's file, in this namespace only; never created.
 		} else if err := os.MkdirAll(b.Dst, 0o755); err != nil {
 			helperFail("mount point %s: %v", b.Dst, err)
 		}
-		if err := unix.Mount(b.Src, b.Dst, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+		if err := unix.Mount(srcs[i], b.Dst, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
 			helperFail("mounting %s at %s: %v", b.Src, b.Dst, err)
 		}
 		if b.ReadOnly {
