@@ -55,13 +55,14 @@ def test_containers_share_the_pod_network_and_volumes(cluster: Cluster, namespac
 def test_a_volume_over_the_kubelets_own_directory_hides_no_later_volume(cluster: Cluster, namespace):
     """Volume sources live in the kubelet's state dir. An emptyDir mounted over a
     directory that holds that state (the chart mounts one at /tmp; CI clones under /tmp)
-    must not hide the sources of the volumes mounted after it, nor resolv.conf."""
+    must not hide the sources of the volumes mounted after it, resolv.conf, nor the
+    "image" directory a container without workingDir starts in."""
     from kube import STATE
     covered = str(STATE.resolve().parent)
     script = (f'test -z "$(ls -A {covered})" && echo covered > /pod-data/ok && '
               'grep -q nameserver /etc/resolv.conf && cat /pod-data/ok && sleep 3600')
     cluster.apply(pod("cover", namespace, [{
-        "name": "c", "image": "busybox", "command": ["sh", "-c", script], "workingDir": "/",
+        "name": "c", "image": "busybox", "command": ["sh", "-c", script],
         "volumeMounts": [{"name": "cover", "mountPath": covered},
                          {"name": "data", "mountPath": "/pod-data"}]}],
         volumes=[{"name": "cover", "emptyDir": {}}, {"name": "data", "emptyDir": {}}]))

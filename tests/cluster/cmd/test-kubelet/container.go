@@ -117,7 +117,7 @@ func (c *container) helperSpec(argv, env []string) helperSpec {
 	w := c.w
 	spec := helperSpec{Netns: w.netns, Dir: c.spec.WorkingDir, Argv: argv, Env: env}
 	if spec.Dir == "" {
-		spec.Dir = w.k.cfg.workDir
+		spec.ImageDir = w.k.cfg.workDir
 	}
 	for _, m := range c.spec.VolumeMounts {
 		src, ok := w.volumes[m.Name]

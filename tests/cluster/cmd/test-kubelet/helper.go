@@ -27,9 +27,12 @@ type bind struct {
 type helperSpec struct {
 	Netns string
 	Binds []bind
-	Dir   string
-	Argv  []string
-	Env   []string
+	Dir   string // the container's workingDir, entered after the mounts
+	// The "image filesystem" root, for containers without a workingDir: opened before
+	// the mounts (a volume over a directory above it must not hide it).
+	ImageDir string
+	Argv     []string
+	Env      []string
 }
 
 func helperFail(format string, args ...any) {
@@ -52,6 +55,14 @@ func runContainerHelper(args []string) {
 	// directory that holds a later source (an emptyDir at /tmp while the cluster's
 	// state lives under /tmp) would hide that source. The mounts then take the open
 	// file (/proc/self/fd/N), not the path.
+	imageDir := -1
+	if spec.Dir == "" {
+		fd, err := unix.Open(spec.ImageDir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			helperFail("image directory %s: %v", spec.ImageDir, err)
+		}
+		imageDir = fd
+	}
 	srcs := make([]string, len(spec.Binds))
 	for i, b := range spec.Binds {
 		fd, err := unix.Open(b.Src, unix.O_PATH|unix.O_CLOEXEC, 0)
@@ -85,7 +96,11 @@ func runContainerHelper(args []string) {
 		}
 		unix.Close(fd)
 	}
-	if err := os.Chdir(spec.Dir); err != nil {
+	if imageDir >= 0 {
+		if err := unix.Fchdir(imageDir); err != nil {
+			helperFail("image directory %s: %v", spec.ImageDir, err)
+		}
+	} else if err := os.Chdir(spec.Dir); err != nil {
 		helperFail("workingDir %s: %v", spec.Dir, err)
 	}
 	path := spec.Argv[0]
