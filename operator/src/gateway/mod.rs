@@ -553,7 +553,7 @@ impl Gateway {
             }
             tokio::select! {
                 _ = tokio::time::sleep(MAINTENANCE_INTERVAL) => {}
-                _ = fal_sidecar::server::wait_true(&mut stop) => return,
+                _ = fal_sidecar::shutdown::wait_true(&mut stop) => return,
             }
         }
     }
@@ -596,7 +596,7 @@ impl Gateway {
             }
             tokio::select! {
                 _ = tokio::time::sleep(REPORT_INTERVAL) => {}
-                _ = fal_sidecar::server::wait_true(&mut stop) => return,
+                _ = fal_sidecar::shutdown::wait_true(&mut stop) => return,
             }
         }
     }
