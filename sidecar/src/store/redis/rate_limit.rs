@@ -1,7 +1,7 @@
 //! Per-key rate limits in the shared store: every gateway replica spends one budget.
 //! A [`Leased`](crate::auth::ratelimit::Leased) limiter takes tokens here in batches
-//! (`rate_limit.lua`, GCRA on the server's clock); keys without a limit never reach
-//! Redis.
+//! (`lua/rate_limit.lua`, GCRA on the server's clock); keys without a limit never
+//! reach Redis.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -13,7 +13,7 @@ use crate::auth::ratelimit::{Rate, TokenSource};
 
 fn script() -> &'static Script {
     static S: OnceLock<Script> = OnceLock::new();
-    S.get_or_init(|| Script::new(include_str!("rate_limit.lua")))
+    S.get_or_init(|| Script::new(include_str!("lua/rate_limit.lua")))
 }
 
 /// The store key of a key id's rate state.
