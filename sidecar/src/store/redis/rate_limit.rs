@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use redis::{Script, Value};
 
-use super::{array, int_of, RedisHub};
+use super::reply::{array, int_of};
+use super::RedisHub;
 use crate::auth::ratelimit::{Rate, TokenSource};
 
 fn script() -> &'static Script {
@@ -29,7 +30,7 @@ impl RedisHub {
         key_id: &str,
         rate: Rate,
         want: u64,
-    ) -> super::StoreResult<Result<u64, Duration>> {
+    ) -> crate::store::StoreResult<Result<u64, Duration>> {
         let mut inv = script().prepare_invoke();
         inv.key(rate_key(key_id))
             .arg(rate.interval_us())
