@@ -2,7 +2,7 @@
 """Redis-backend benchmarks (issue 4), every baseline in the same run:
 
 1. raw submit rate: redis-benchmark running the sidecar's own submit Lua script
-   (extracted from sidecar/src/store/redis.rs) vs HTTP submits through a sidecar
+   (sidecar/src/store/redis/lua/) vs HTTP submits through a sidecar
    (`--max-concurrency 0`, so no worker competes) measured with wrk;
 2. submit → app start latency: sequential submits to a sidecar whose idle worker waits
    on Redis pub/sub; the app records when each request arrives;
@@ -42,9 +42,9 @@ def free_port() -> int:
 
 
 def lua(name: str) -> str:
-    src = (REPO / "sidecar/src/store/redis.rs").read_text()
-    grab = lambda n: re.search(r'const %s: &str = r#"(.*?)"#;' % n, src, re.S).group(1)
-    return grab("PRELUDE") + grab(name)
+    """The store's script `name` (SUBMIT, ...) as the sidecar sends it: the prelude first."""
+    scripts = REPO / "sidecar/src/store/redis/lua"
+    return (scripts / "prelude.lua").read_text() + (scripts / f"{name.lower()}.lua").read_text()
 
 
 def cli(port: int, *args: str) -> str:

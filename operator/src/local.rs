@@ -382,7 +382,7 @@ impl LocalScaler {
         let ready = loop {
             tokio::select! {
                 _ = child.wait() => break false,
-                _ = fal_sidecar::server::wait_true(&mut stop) => break false,
+                _ = fal_sidecar::shutdown::wait_true(&mut stop) => break false,
                 _ = tokio::time::sleep(Duration::from_millis(10)) => {
                     if http_get(&admin, "/readyz", Duration::from_secs(2)).await == Some(200) {
                         break true;
@@ -398,7 +398,7 @@ impl LocalScaler {
             loop {
                 tokio::select! {
                     _ = child.wait() => break,
-                    _ = fal_sidecar::server::wait_true(&mut stop) => break,
+                    _ = fal_sidecar::shutdown::wait_true(&mut stop) => break,
                     _ = check.tick() => self.recheck(&key, &id, &admin).await,
                 }
             }

@@ -8,6 +8,7 @@
 //! - `worker` — claims jobs, calls the app with retries, forwards cancels;
 //! - `webhook` — payloads, Ed25519 signing, SSRF guard, the outbox delivery loop;
 //! - `server` — accept loops with limits and graceful drain;
+//! - `shutdown` — the stop flags every layer waits on (`wait_true`);
 //! - `child`, `logs` — `run` mode: the app as a child process and its log lines;
 //! - `config`, `runtime` — flags/env and the wiring `main` calls.
 
@@ -21,6 +22,7 @@ pub mod logs;
 pub mod metrics;
 pub mod runtime;
 pub mod server;
+pub mod shutdown;
 pub mod slots;
 pub mod store;
 pub mod supervisor;

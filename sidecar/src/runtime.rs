@@ -393,7 +393,7 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                    _ = server::wait_true(&mut quit) => return,
+                    _ = crate::shutdown::wait_true(&mut quit) => return,
                 }
             }
         })

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use crate::api::proxy::ConnState;
 use crate::edge;
+use crate::shutdown::wait_true;
 use crate::upstream::Body;
 
 #[derive(Debug, Clone, Copy)]
@@ -243,11 +244,6 @@ pub async fn serve<S, F, Fut>(
 fn refusal(r: edge::Refusal) -> Response<Body> {
     let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST);
     crate::api::closing(crate::api::error(status, &r.detail, None))
-}
-
-/// Resolves once the flag is true (and never holds a borrow across an await).
-pub async fn wait_true(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|v| *v).await.map(|_| ());
 }
 
 #[cfg(test)]

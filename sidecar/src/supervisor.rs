@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use crate::child::{self, ChildError};
 use crate::logs::Running;
 use crate::metrics::Metrics;
-use crate::server::wait_true;
+use crate::shutdown::wait_true;
 use crate::store::Store;
 
 /// Time the app gets to exit after SIGTERM when the sidecar stops.

@@ -268,7 +268,7 @@ impl Workers {
                         self.send_cancel(&job);
                     }
                 }
-                _ = crate::server::wait_true(&mut abandon) => break Called::Abandoned,
+                _ = crate::shutdown::wait_true(&mut abandon) => break Called::Abandoned,
                 _ = tokio::time::sleep_until(lease.next_renew), if renewing.is_none() => {
                     lease.renew_sent(tokio::time::Instant::now());
                     renewing = Some(self.store.renew(&id, token, self.cfg.lease));

@@ -199,7 +199,7 @@ impl Autoscaler {
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
                 _ = tick.tick() => self.evaluate_all(false).await,
-                _ = fal_sidecar::server::wait_true(&mut stop) => return,
+                _ = fal_sidecar::shutdown::wait_true(&mut stop) => return,
             }
         }
     }

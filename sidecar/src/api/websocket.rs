@@ -339,7 +339,7 @@ where
             tracing::debug!(error = %e, "a WebSocket splice ended with an error");
         },
         _ = quiet => tracing::debug!("a WebSocket was closed after its idle timeout"),
-        _ = crate::server::wait_true(&mut cut) => tracing::debug!("a WebSocket was cut at the drain deadline"),
+        _ = crate::shutdown::wait_true(&mut cut) => tracing::debug!("a WebSocket was cut at the drain deadline"),
     }
 }
 

@@ -1,19 +1,20 @@
 //! Per-key rate limits in the shared store: every gateway replica spends one budget.
 //! A [`Leased`](crate::auth::ratelimit::Leased) limiter takes tokens here in batches
-//! (`rate_limit.lua`, GCRA on the server's clock); keys without a limit never reach
-//! Redis.
+//! (`lua/rate_limit.lua`, GCRA on the server's clock); keys without a limit never
+//! reach Redis.
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use redis::{Script, Value};
 
-use super::{array, int_of, RedisHub};
+use super::reply::{array, int_of};
+use super::RedisHub;
 use crate::auth::ratelimit::{Rate, TokenSource};
 
 fn script() -> &'static Script {
     static S: OnceLock<Script> = OnceLock::new();
-    S.get_or_init(|| Script::new(include_str!("rate_limit.lua")))
+    S.get_or_init(|| Script::new(include_str!("lua/rate_limit.lua")))
 }
 
 /// The store key of a key id's rate state.
@@ -29,7 +30,7 @@ impl RedisHub {
         key_id: &str,
         rate: Rate,
         want: u64,
-    ) -> super::StoreResult<Result<u64, Duration>> {
+    ) -> crate::store::StoreResult<Result<u64, Duration>> {
         let mut inv = script().prepare_invoke();
         inv.key(rate_key(key_id))
             .arg(rate.interval_us())

@@ -33,8 +33,10 @@ use std::time::Duration;
 
 use redis::Value;
 
-use super::{int_of, Conn, Durability, RedisHub, RedisStore};
+use super::reply::int_of;
+use super::{Durability, RedisHub, RedisStore};
 use crate::job::now_ms;
+use crate::store::redis_conn::Conn;
 use crate::store::{StoreError, StoreResult, READY_TIMEOUT};
 
 /// How long a probe result is reused (probes from several clients at once run once).
