@@ -64,6 +64,28 @@ def test_echo_large_ordered_close_code_refusal_and_http(make_sidecar):
                what="the closed socket uncounted")
 
 
+def test_bytes_in_the_handshakes_segment_pass_both_ways(make_sidecar):
+    """A client's first frame sent in the same write as its handshake, and the app's
+    greeting sent in the same write as its 101: both are read with the handshakes, before
+    the switch, and must still reach the other side, first and in order."""
+    import socket
+
+    sc = make_sidecar(app_cmd=[sys.executable, "-u", str(REPO / "tests" / "e2e" / "early_bytes_app.py")])
+    with socket.create_connection(("127.0.0.1", sc.listen_port), timeout=10) as s:
+        s.sendall(b"GET /raw HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\nEARLY;")
+        got = b""
+        while not got.endswith(b"EARLY;"):
+            chunk = s.recv(65536)
+            assert chunk, f"closed early: {got!r}"
+            got += chunk
+        head, rest = got.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        assert rest == b"GREETING;EARLY;", rest
+        s.sendall(b"MORE")
+        assert s.recv(65536) == b"MORE"
+
+
 def test_fal_client_realtime_through_the_run_host(make_sidecar, monkeypatch):
     """fal_client.realtime (msgpack frames) and ws_connect, unmodified, through the
     sidecar's run host (`/{owner}/{alias}/realtime`), with the key header and with a

@@ -14,10 +14,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use hyper::body::{Body as _, Incoming};
+use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::{closing, error, App};
@@ -252,15 +255,110 @@ pub async fn forward_routed(
                 return;
             }
         };
-        splice(
-            TokioIo::new(client),
-            TokioIo::new(app_side),
-            idle,
-            sockets.cut.subscribe(),
-        )
-        .await;
+        // The sockets themselves when both sides are plain TCP (always, from our
+        // listeners): no hyper or guard layer under every read and write.
+        let (mut client, from_client) = Side::client(client);
+        let (mut app_side, from_app) = Side::app(app_side);
+        if let Err(e) = forward_early(&mut client, &mut app_side, &from_client, &from_app).await {
+            tracing::debug!(error = %e, "a WebSocket ended before its first bytes passed");
+            return;
+        }
+        splice(client, app_side, idle, sockets.cut.subscribe()).await;
     });
     to_client
+}
+
+/// One end of a splice: its TCP socket when the upgraded connection could be taken
+/// apart (our listeners serve `TokioIo<edge::Guarded<TcpStream>>`, handshakes go out
+/// over `TokioIo<TcpStream>`), else hyper's upgraded connection.
+enum Side {
+    Tcp(TcpStream),
+    Upgraded(TokioIo<Upgraded>),
+}
+
+impl Side {
+    /// The client's end, and the bytes read from it but not yet passed on.
+    fn client(u: Upgraded) -> (Side, Bytes) {
+        match u.downcast::<TokioIo<crate::edge::Guarded<TcpStream>>>() {
+            Ok(parts) => {
+                let (stream, held) = parts.io.into_inner().into_inner();
+                let early = if held.is_empty() {
+                    parts.read_buf
+                } else {
+                    [&parts.read_buf[..], &held[..]].concat().into()
+                };
+                (Side::Tcp(stream), early)
+            }
+            Err(u) => {
+                tracing::debug!("a WebSocket's client side stays on hyper's upgraded connection");
+                (Side::Upgraded(TokioIo::new(u)), Bytes::new())
+            }
+        }
+    }
+
+    /// The app's end, and the bytes read from it but not yet passed on.
+    fn app(u: Upgraded) -> (Side, Bytes) {
+        match u.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => (Side::Tcp(parts.io.into_inner()), parts.read_buf),
+            Err(u) => (Side::Upgraded(TokioIo::new(u)), Bytes::new()),
+        }
+    }
+}
+
+impl AsyncRead for Side {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Side::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Side::Upgraded(u) => Pin::new(u).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Side {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Side::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Side::Upgraded(u) => Pin::new(u).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Side::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Side::Upgraded(u) => Pin::new(u).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Side::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Side::Upgraded(u) => Pin::new(u).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Bytes each side sent right behind its handshake and that were read before the
+/// switch go to the other side first.
+async fn forward_early(
+    client: &mut Side,
+    app: &mut Side,
+    from_client: &[u8],
+    from_app: &[u8],
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    if !from_client.is_empty() {
+        app.write_all(from_client).await?;
+    }
+    if !from_app.is_empty() {
+        client.write_all(from_app).await?;
+    }
+    Ok(())
 }
 
 /// The end-to-end headers plus the upgrade pair (`Connection: upgrade`, `Upgrade`),
@@ -311,16 +409,27 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let last = Arc::new(AtomicU64::new(crate::job::now_ms()));
-    let mut a = Active {
-        inner: &mut a,
-        last: last.clone(),
+    let copy = async {
+        if idle.is_none() {
+            // Nothing to time: the bytes go straight through.
+            return tokio::io::copy_bidirectional_with_sizes(
+                &mut a,
+                &mut b,
+                SPLICE_BUFFER,
+                SPLICE_BUFFER,
+            )
+            .await;
+        }
+        let mut a = Active {
+            inner: &mut a,
+            last: last.clone(),
+        };
+        let mut b = Active {
+            inner: &mut b,
+            last: last.clone(),
+        };
+        tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, SPLICE_BUFFER, SPLICE_BUFFER).await
     };
-    let mut b = Active {
-        inner: &mut b,
-        last: last.clone(),
-    };
-    let copy =
-        tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, SPLICE_BUFFER, SPLICE_BUFFER);
     let quiet = async {
         let Some(idle) = idle else {
             return std::future::pending().await;

@@ -75,6 +75,13 @@ impl<T> Guarded<T> {
         }
     }
 
+    /// The connection and the bytes read from it but not yet given to hyper: after a
+    /// protocol switch the splice takes the socket itself (no guard, no hyper layers).
+    pub fn into_inner(mut self) -> (T, Vec<u8>) {
+        let rest = self.held.split_off(self.given);
+        (self.io, rest)
+    }
+
     fn refuse(&mut self, r: Refused) {
         tracing::debug!(status = r.refusal.status, detail = %r.refusal.detail, "request refused by the edge policy");
         self.shared.refuse(r.request, r.refusal);
