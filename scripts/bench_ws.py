@@ -173,7 +173,11 @@ def main():
         ngx_front, ngx_back = free_port(), free_port()
         (work / "nginx.conf").write_text(NGINX_CONF.format(dir=work, front=ngx_front, back=ngx_back,
                                                            app=direct_port))
+        # Proxies start on their CPU (not moved there later): a process sizes its thread
+        # pools from the CPUs it may use, as it would on a node of its own.
+        pin(0, cpu_proxy)
         ngx = procs.spawn([nginx, "-p", str(work), "-c", str(work / "nginx.conf"), "-g", "daemon off;"])
+        pin(0, cpu_client)
         wait(lambda: accepts(ngx_front), what="nginx")
         for pid in [ngx.pid, *descendants(ngx.pid)]:
             pin(pid, cpu_proxy)
@@ -187,11 +191,13 @@ def main():
         manifest = work / "fn.yaml"
         manifest.write_text(json.dumps(fn))
         run_p, queue_p, admin_p = free_port(), free_port(), free_port()
+        pin(0, cpu_proxy)
         local = procs.spawn([a.operator, "local", "-f", str(manifest), "--store", f"redis://127.0.0.1:{redis_port}/0",
                              "--listen", f"127.0.0.1:{run_p}", "--queue-listen", f"127.0.0.1:{queue_p}",
                              "--admin-listen", f"127.0.0.1:{admin_p}", "--sidecar-bin", a.sidecar,
                              "--state-dir", str(work / "state")],
                             env={**os.environ, "RUST_LOG": "warn"}, cwd=str(REPO))
+        pin(0, cpu_client)
         wait(lambda: accepts(admin_p), what="fal-operator local")
         wait(lambda: get_json(f"http://127.0.0.1:{admin_p}/functions")[0]["readyReplicas"] == replicas,
              timeout=120, what="the replicas")
