@@ -126,20 +126,29 @@ impl Workers {
         abandon: watch::Receiver<bool>,
     ) {
         let mut set = tokio::task::JoinSet::new();
+        // One idle worker at a time looks for work (see `work`).
+        let turn = Arc::new(tokio::sync::Mutex::new(()));
         // 0 workers = API only: submits, status and cancel are served, another replica
         // runs the requests (the gateway's mode).
         for n in 0..self.cfg.concurrency {
             let me = self.clone();
-            let (stop, abandon) = (stop_claiming.clone(), abandon.clone());
+            let (stop, abandon, turn) = (stop_claiming.clone(), abandon.clone(), turn.clone());
             let name = format!("{}/worker-{n}", me.cfg.replica);
-            set.spawn(async move { me.work(name, stop, abandon).await });
+            set.spawn(async move { me.work(name, turn, stop, abandon).await });
         }
         while set.join_next().await.is_some() {}
     }
 
+    /// One worker's loop. Idle workers take turns (`turn`): only the holder claims and,
+    /// finding nothing, waits for the queue to change while the others wait for the
+    /// turn; a claim that finds a job hands the turn on at once, so a burst is taken
+    /// one claim after the other by as many workers as it needs. An idle replica thus
+    /// costs the store one claim a second and a submit one claim, whatever
+    /// `maxConcurrency`, and idle workers hold no call slot.
     async fn work(
         &self,
         name: String,
+        turn: Arc<tokio::sync::Mutex<()>>,
         mut stop: watch::Receiver<bool>,
         abandon: watch::Receiver<bool>,
     ) {
@@ -153,6 +162,13 @@ impl Workers {
                 // requests wait (their start timeout still applies).
                 app.wait_up(&mut stop).await;
                 continue;
+            }
+            let my_turn = tokio::select! {
+                t = turn.lock() => t,
+                _ = stop.changed() => continue,
+            };
+            if self.app.as_ref().is_some_and(|a| !a.is_up()) {
+                continue; // went down while this worker waited for its turn
             }
             changes.borrow_and_update();
             // A slot first (direct calls may hold them all), kept for the run; given back
@@ -170,6 +186,7 @@ impl Workers {
             let sent = tokio::time::Instant::now();
             match self.store.claim(&name, self.cfg.lease).await {
                 Ok(Some(job)) => {
+                    drop(my_turn); // there may be more: the next worker looks at once
                     self.process(job, sent, abandon.clone()).await;
                     drop(slot);
                 }
