@@ -139,3 +139,19 @@ sidecar peak RSS, proxy load:   $((LOAD_HWM / 1024)) MiB
 sidecar peak RSS, after submits: $((SUBMIT_HWM / 1024)) MiB
 (wrk -t$THREADS -c$CONNS -d${DUR}s, $(nproc) cores shared by load generator and servers)
 REPORT
+
+# BENCH_PNG=path: the comparison as a picture (scripts/benchplot.py; matplotlib in a venv
+# of its own when the system python has none).
+if [ -n "${BENCH_PNG:-}" ]; then
+  python3 - "$BENCH_PNG" "$CONNS" "$D_RPS $D_P50 $D_P99" "$N_RPS $N_P50 $N_P99" "$S_RPS $S_P50 $S_P99" <<'PY'
+import sys
+sys.path.insert(0, "scripts")
+from benchplot import plot
+def row(s):
+    rps, p50, p99 = map(float, s.split())
+    return {"rps": rps, "p50_ms": p50, "p99_ms": p99}
+out, conns, d, n, s = sys.argv[1:]
+plot(out, f"fal-sidecar vs an nginx reverse proxy in front of the same app ({conns} conns)",
+     [("nginx proxy", row(n)), ("fal-sidecar", row(s))], baseline="nginx proxy")
+PY
+fi

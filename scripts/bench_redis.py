@@ -132,6 +132,7 @@ def main() -> None:
     ap.add_argument("sidecar")
     ap.add_argument("--max-depth", type=int, default=1_000_000)
     ap.add_argument("--seconds", type=int, default=6)
+    ap.add_argument("--png", help="draw the submit comparison here (scripts/benchplot.py)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fal-bench-redis."))
     procs: list[subprocess.Popen] = []
@@ -269,6 +270,14 @@ def main() -> None:
         print("|---:|---:|---:|---:|")
         for depth, card, pos, p50, p99 in status_rows:
             print(f"| {card:,} | {pos:,} | {p50:.3f} | {p99:.3f} |")
+        if args.png:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from benchplot import plot
+            plot(args.png, "Redis submits: HTTP through fal-sidecar vs redis-benchmark of the same script",
+                 [("redis-benchmark", {"rps": raw_rps}),
+                  ("HTTP via sidecar", {"rps": http_rps, "p50_ms": http_p50, "p99_ms": http_p99}),
+                  ("submit→app start", {"p50_ms": start_p50, "p99_ms": start_p99})],
+                 baseline="redis-benchmark", units=("submits/s", "ms"))
         if len(status_rows) > 1:
             print(f"\nstatus p50 at {status_rows[-1][1]:,} / at {status_rows[0][1]:,}: "
                   f"{status_rows[-1][3] / status_rows[0][3]:.2f} (target <= 2)")

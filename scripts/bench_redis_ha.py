@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--functions", type=int, default=16)
+    ap.add_argument("--png", help="draw the comparison here (scripts/benchplot.py)")
     args = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "fal-sidecar", "--example", "store_bench",
                     "--locked"], check=True, cwd=REPO)
@@ -125,6 +126,13 @@ def main() -> None:
               f"**{cpu['one Redis'] / cpu['3-master cluster']:.2f}x** capacity when Redis is the bottleneck")
         r0, r1 = med["primary+replica, --store-replicas 0"], med["primary+replica, --store-replicas 1"]
         print(f"--store-replicas 1 / 0 throughput: **{r1[0] / r0[0]:.2f}x**, p50 {r0[1]:.2f} -> {r1[1]:.2f} ms")
+        if args.png:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from benchplot import plot
+            plot(args.png, f"Queue submits past one Redis ({args.concurrency} concurrent)",
+                 [(k.replace("primary+replica, ", "").replace("--store-replicas", "replicas"),
+                   {"rps": rps, "p50_ms": p50, "p99_ms": p99}) for k, (rps, p50, p99, _) in med.items()],
+                 baseline="one Redis", units=("submits/s", "ms"))
     finally:
         stop_all(procs)
         shutil.rmtree(work, ignore_errors=True)

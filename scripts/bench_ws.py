@@ -150,6 +150,7 @@ def main():
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--idle-sockets", type=int, default=5000)
     ap.add_argument("--pin", action="store_true", help="client and apps on CPU 0, proxies on CPU 1")
+    ap.add_argument("--png", help="draw the comparison here (scripts/benchplot.py)")
     a = ap.parse_args()
     if a.pin and (os.cpu_count() or 1) < 2:
         sys.exit("--pin needs 2 CPUs")
@@ -252,6 +253,14 @@ def main():
 gateway (fal-operator local) RSS: {before / 1024:.1f} MB idle, {during / 1024:.1f} MB with {opened} sockets open
 → **{per_socket:.1f} KiB per open idle socket** (target ≤ 16 KiB)
 """)
+        if a.png:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from benchplot import plot
+            plot(a.png, f"WebSocket echo ({'pinned' if a.pin else 'shared cores'}): msg/s over 100 sockets, "
+                 "RTT of one",
+                 [(lbl, {"rps": tpm[k], "p50_ms": pct(rt[k], 50), "p99_ms": pct(rt[k], 99)})
+                  for k, lbl in [("direct", "direct"), ("nginx", "2 nginx hops"), ("gateway", "gateway+sidecar")]],
+                 baseline="direct", units=("messages/s", "ms round trip"))
     finally:
         procs.stop()
         shutil.rmtree(work, ignore_errors=True)
