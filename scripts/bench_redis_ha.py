@@ -48,13 +48,17 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--functions", type=int, default=16)
     ap.add_argument("--png", help="draw the comparison here (scripts/benchplot.py)")
+    ap.add_argument("--store-bench", help="a built store_bench example (default: build it now)")
     args = ap.parse_args()
-    subprocess.run(["cargo", "build", "--release", "-q", "-p", "fal-sidecar", "--example", "store_bench",
-                    "--locked"], check=True, cwd=REPO)
-    target = subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps"], check=True,
-                            capture_output=True, text=True, cwd=REPO).stdout
-    import json
-    binary = Path(json.loads(target)["target_directory"]) / "release" / "examples" / "store_bench"
+    if args.store_bench:
+        binary = Path(args.store_bench)
+    else:
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "fal-sidecar", "--example", "store_bench",
+                        "--locked"], check=True, cwd=REPO)
+        target = subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps"], check=True,
+                                capture_output=True, text=True, cwd=REPO).stdout
+        import json
+        binary = Path(json.loads(target)["target_directory"]) / "release" / "examples" / "store_bench"
     work = Path(tempfile.mkdtemp(prefix="fal-bench-ha."))
     procs: list[subprocess.Popen] = []
     try:

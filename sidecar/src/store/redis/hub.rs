@@ -11,6 +11,7 @@ use futures_util::StreamExt;
 use redis::Value;
 use tokio::sync::{broadcast, watch};
 
+use super::group_wait::GroupWait;
 use super::scripts::Scripts;
 use super::{key_prefix, ready, RedisStore};
 use crate::job::now_ms;
@@ -66,6 +67,11 @@ pub struct RedisHub {
     /// The server, for error messages (no credentials).
     pub(super) server: String,
     pub(super) durability: Durability,
+    /// The runtime that made the hub: its background tasks run there.
+    pub(super) runtime: tokio::runtime::Handle,
+    /// With `--store-replicas`: the writers that group durable writes under one WAIT
+    /// (started by the first of them).
+    pub(super) group: std::sync::OnceLock<GroupWait>,
     pub(super) scripts: Scripts,
     channels: std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<Channels>>>,
     activity: broadcast::Sender<Activity>,
@@ -147,6 +153,8 @@ impl RedisHub {
             next_wait: Default::default(),
             server,
             durability,
+            runtime: tokio::runtime::Handle::current(),
+            group: std::sync::OnceLock::new(),
             scripts: Scripts::new(),
             channels: Default::default(),
             activity,

@@ -32,6 +32,7 @@
 //! `lua/` (the scripts), `reply` (reading their replies), `ready` (the readiness probe),
 //! `rate_limit` (the shared key rate limits); where it connects is `store::redis_conn`.
 
+mod group_wait;
 mod hub;
 pub mod rate_limit;
 pub mod ready;

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use redis::Value;
 use tokio::sync::{broadcast, watch};
 
+use super::group_wait::{GroupWait, Outcome};
 use super::hub::{Channels, Durability, RedisHub, Subscribe};
 use super::key_prefix;
 use super::ready;
@@ -135,12 +136,13 @@ impl RedisStore {
             .await
     }
 
-    /// With `--store-replicas N`: the script and `WAIT N` go out as one pipeline on one
-    /// connection (in a cluster: to the node that owns the function's slot), so the
-    /// WAIT counts the replicas that have *this* write. A pipeline the cluster client
-    /// re-sends after a failover runs the script again on the new primary (the submit
-    /// script recognises its own job) and waits there. Fewer replicas than N within the
-    /// bound, or any error: `Unavailable` (503), never a silent acknowledgement.
+    /// With `--store-replicas N`: the script goes out in the function's next group of
+    /// durable writes, `EVALSHA … WAIT N` on one connection (in a cluster: to the node
+    /// that owns the function's slot), so the WAIT counts the replicas that have *this*
+    /// write ([`GroupWait`]). A pipeline the cluster client re-sends after a failover
+    /// runs the script again on the new primary (the submit script recognises its own
+    /// job) and waits there. Fewer replicas than N within the bound, or any error:
+    /// `Unavailable` (503), never a silent acknowledgement.
     async fn run_replicated(
         &self,
         s: &Scripted,
@@ -158,39 +160,37 @@ impl RedisStore {
             keys.extend(s.per_id.iter().map(|k| format!("{}{k}{id}", self.prefix)));
         }
         keys.extend(extra.iter().cloned());
-        let pipe = |eval: &str, script: &[u8]| {
-            let mut p = redis::pipe();
-            let c = p.cmd(eval).arg(script).arg(keys.len()).arg(&keys);
+        let eval = |eval: &str, script: &[u8]| {
+            let mut c = redis::cmd(eval);
+            c.arg(script).arg(keys.len()).arg(&keys);
             c.arg(self.prefix.as_str());
             for a in args {
                 c.arg(*a);
             }
-            p.cmd("WAIT").arg(replicas).arg(timeout.as_millis() as u64);
-            p
+            c
         };
-        let hash = s.script.get_hash().to_string();
-        let by_hash = pipe("EVALSHA", hash.as_bytes());
-        let by_hash = &by_hash;
-        let conn = self.hub.wait_conn();
+        let group = self.hub.group.get_or_init(|| GroupWait::start(&self.hub));
+        let cmd = eval("EVALSHA", s.script.get_hash().as_bytes());
+        match group.run(Arc::from(self.prefix.as_str()), cmd).await {
+            Outcome::Done(r) => return r,
+            Outcome::NoScript => {}
+        }
+        // Not cached on this node yet (a new or restarted primary): send it whole, with
+        // a WAIT of its own.
+        let mut whole = redis::pipe();
+        whole
+            .add_command(eval("EVAL", s.script_source.as_bytes()))
+            .cmd("WAIT")
+            .arg(replicas)
+            .arg(timeout.as_millis() as u64);
+        let whole = &whole;
         let reply = self
             .hub
-            .guard_on(conn, |mut c| async move {
-                by_hash.query_async::<(Value, i64)>(&mut c).await
+            .guard_on(self.hub.wait_conn(), |mut c| async move {
+                whole.query_async::<(Value, i64)>(&mut c).await
             })
             .await;
-        let (value, confirmed) = match reply {
-            Err(StoreError::Unavailable(why)) if why.to_ascii_uppercase().contains("NOSCRIPT") => {
-                // Not cached on this node yet (a new or restarted primary): send it whole.
-                let whole = pipe("EVAL", s.script_source.as_bytes());
-                let whole = &whole;
-                self.hub
-                    .guard_on(conn, |mut c| async move {
-                        whole.query_async::<(Value, i64)>(&mut c).await
-                    })
-                    .await?
-            }
-            other => other?,
-        };
+        let (value, confirmed) = reply?;
         if confirmed < i64::from(replicas) {
             return Err(StoreError::Unavailable(format!(
                 "only {confirmed} of {replicas} redis replicas confirmed the write within {timeout:?} \
