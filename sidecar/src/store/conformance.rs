@@ -611,6 +611,99 @@ pub async fn tenant_is_kept(s: Arc<dyn Store>) {
     assert_eq!(c.record.spec.tenant.as_deref(), Some("team-a"));
 }
 
+/// A queued request comes back whole (status, claim), whatever the store keeps of it
+/// in memory while it waits; one that ends while queued keeps it too.
+pub async fn queued_requests_are_whole(s: Arc<dyn Store>) {
+    let mut j = spec(Priority::Normal);
+    j.headers = vec![
+        ("content-type".into(), "application/json".into()),
+        ("user-agent".into(), "fal-client/0.5".into()),
+        ("x-custom".into(), "ünïcode ok".into()),
+    ];
+    j.query = Some("a=1&b=2".into());
+    j.webhook_url = Some("http://127.0.0.1:9/hook".into());
+    j.tenant = Some("team-a".into());
+    j.start_deadline_ms = Some(now_ms() + 3_600_000);
+    let cancelled = {
+        let mut c = j.clone();
+        c.id = crate::job::new_id();
+        c
+    };
+    s.submit(j.clone(), Bytes::from_static(b"{\"x\":1}"), 10)
+        .await
+        .unwrap();
+    s.submit(cancelled.clone(), Bytes::from_static(b"{}"), 10)
+        .await
+        .unwrap();
+    let st = s.status(&j.id).await.unwrap().unwrap();
+    assert_eq!(st.queue_position, Some(0));
+    assert_eq!(st.record.phase, Phase::Queued);
+    assert_eq!(st.record.spec.headers, j.headers);
+    assert_eq!(st.record.spec.query, j.query);
+    assert_eq!(st.record.spec.webhook_url, j.webhook_url);
+    assert_eq!(st.record.spec.start_deadline_ms, j.start_deadline_ms);
+    assert_eq!(st.record.spec.submitted_at_ms, j.submitted_at_ms);
+    assert_eq!(
+        s.status(&cancelled.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .queue_position,
+        Some(1)
+    );
+    assert_eq!(
+        s.load().await.unwrap().oldest_queued_ms,
+        Some(j.submitted_at_ms)
+    );
+    assert_eq!(
+        s.cancel(&cancelled.id).await.unwrap(),
+        CancelOutcome::Removed
+    );
+    let st = s.status(&cancelled.id).await.unwrap().unwrap();
+    assert_eq!(st.record.phase, Phase::Completed);
+    assert_eq!(
+        st.record.spec.headers, j.headers,
+        "a cancelled record is whole"
+    );
+    assert_eq!(s.result(&cancelled.id).await.unwrap().unwrap().status, 499);
+    let c = s.claim("w", LEASE).await.unwrap().unwrap();
+    assert_eq!(c.record.spec.id, j.id);
+    assert_eq!(c.record.spec.headers, j.headers);
+    assert_eq!(c.record.spec.query, j.query);
+    assert_eq!(c.record.spec.tenant, j.tenant);
+    assert_eq!(c.body.as_ref(), b"{\"x\":1}");
+    assert_eq!((c.record.attempts, c.record.phase), (1, Phase::Running));
+    assert!(s.claim("w", LEASE).await.unwrap().is_none());
+}
+
+/// An Idempotency-Key goes with its request when retention purges it.
+pub async fn retention_purges_keys(s: Arc<dyn Store>) {
+    let j = keyed("purge-me", b"{}");
+    s.submit(j.clone(), Bytes::from_static(b"{}"), 10)
+        .await
+        .unwrap();
+    let c = s.claim("w", LEASE).await.unwrap().unwrap();
+    s.complete(&j.id, c.token, app_end(200, now_ms(), 0.1), ok_result("{}"))
+        .await
+        .unwrap();
+    let again = keyed("purge-me", b"{}");
+    let r = s
+        .submit(again.clone(), Bytes::from_static(b"{}"), 10)
+        .await
+        .unwrap();
+    assert_eq!((r.id.as_str(), r.replayed), (j.id.as_str(), true));
+    let sweep = s
+        .sweep(now_ms() + 10_000, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(sweep.purged, 1);
+    let r = s
+        .submit(again.clone(), Bytes::from_static(b"{}"), 10)
+        .await
+        .unwrap();
+    assert_eq!((r.id.as_str(), r.replayed), (again.id.as_str(), false));
+}
+
 /// Generates one `#[tokio::test]` per conformance case for a backend.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -620,7 +713,8 @@ macro_rules! conformance_tests {
             stale_token_rejected_and_attempts_exhausted, cancel_everywhere, start_timeout,
             queue_bound, webhook_outbox, release_keeps_place, requeue_counts_the_attempt,
             retention_purges, changes_wake_waiters, idempotency_keys, idempotency_concurrent,
-            tenant_is_kept, ready_when_healthy);
+            tenant_is_kept, ready_when_healthy, queued_requests_are_whole,
+            retention_purges_keys);
     };
     (@cases $factory:expr; $($case:ident),*) => {
         mod conformance {

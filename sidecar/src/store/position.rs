@@ -1,22 +1,43 @@
-//! Queue positions in O(log n): one Fenwick tree per priority, indexed by sequence
-//! number (offset by a base that moves forward as the queue drains).
+//! The queue: its order and positions in O(log n). Entries sit in one ordered map (by
+//! priority, then sequence number); one Fenwick tree per priority, indexed by sequence
+//! number (offset by a base that moves forward as the queue drains), counts them.
 //!
 //! position(normal job s) = queued normal jobs with seq < s
 //! position(low job s)    = all queued normal jobs + queued low jobs with seq < s
 
+use std::collections::BTreeMap;
+
 use crate::job::Priority;
+
+/// Map key: the priority in the top bit, the sequence number below (so the map's order
+/// is (priority, seq), in 8 bytes).
+const LOW: u64 = 1 << 63;
+
+fn key(priority: Priority, seq: u64) -> u64 {
+    debug_assert!(seq < LOW);
+    match priority {
+        Priority::Normal => seq,
+        Priority::Low => LOW | seq,
+    }
+}
+
+fn unkey(k: u64) -> (Priority, u64) {
+    if k & LOW == 0 {
+        (Priority::Normal, k)
+    } else {
+        (Priority::Low, k & !LOW)
+    }
+}
 
 #[derive(Debug, Default, Clone)]
 struct Fenwick {
     base: u64,
-    tree: Vec<i64>,
+    tree: Vec<i32>,
     count: u64,
-    /// Sequence numbers present (only needed when rebuilding).
-    present: std::collections::BTreeSet<u64>,
 }
 
 impl Fenwick {
-    fn add_raw(&mut self, seq: u64, delta: i64) {
+    fn add_raw(&mut self, seq: u64, delta: i32) {
         let mut i = (seq - self.base) as usize + 1;
         while i <= self.tree.len() {
             self.tree[i - 1] += delta;
@@ -32,52 +53,29 @@ impl Fenwick {
         let mut i = ((seq - self.base) as usize).min(self.tree.len());
         let mut sum = 0i64;
         while i > 0 {
-            sum += self.tree[i - 1];
+            sum += i64::from(self.tree[i - 1]);
             i -= i & i.wrapping_neg();
         }
         sum as u64
     }
 
-    fn insert(&mut self, seq: u64) {
-        if !self.present.insert(seq) {
-            return;
-        }
-        self.count += 1;
-        if seq < self.base || (seq - self.base) as usize >= self.tree.len() {
-            self.rebuild(seq);
-        } else {
-            self.add_raw(seq, 1);
-        }
+    fn covers(&self, seq: u64) -> bool {
+        seq >= self.base && ((seq - self.base) as usize) < self.tree.len()
     }
 
-    fn remove(&mut self, seq: u64) {
-        if !self.present.remove(&seq) {
-            return;
-        }
-        self.count -= 1;
-        self.add_raw(seq, -1);
-        // Keep memory proportional to the queue, not to every id ever seen.
-        if self.tree.len() > 4096 && self.tree.len() > 4 * (self.count as usize + 1) {
-            self.rebuild(self.present.iter().next().copied().unwrap_or(self.base));
-        }
-    }
-
-    /// Rebuilds so that the tree covers the present entries plus `seq`, with headroom.
-    fn rebuild(&mut self, seq: u64) {
-        let lo = self.present.iter().next().copied().unwrap_or(seq).min(seq);
-        let hi = self
-            .present
-            .iter()
-            .next_back()
-            .copied()
-            .unwrap_or(seq)
-            .max(seq);
+    /// Rebuilds so that the tree covers `present` (ascending) plus `seq`, with headroom.
+    fn rebuild<I>(&mut self, seq: u64, present: I)
+    where
+        I: DoubleEndedIterator<Item = u64> + Clone,
+    {
+        let lo = present.clone().next().unwrap_or(seq).min(seq);
+        let hi = present.clone().next_back().unwrap_or(seq).max(seq);
         let span = (hi - lo + 1) as usize;
         let len = (span * 2).max(1024).next_power_of_two();
         self.base = lo;
         self.tree = vec![0; len];
         // O(n) construction.
-        for &s in &self.present {
+        for s in present {
             self.tree[(s - lo) as usize] += 1;
         }
         for i in 1..=len {
@@ -90,30 +88,91 @@ impl Fenwick {
     }
 }
 
-/// Queue-position index over both priorities.
-#[derive(Debug, Default, Clone)]
-pub struct PositionIndex {
+/// The queue over both priorities, holding one `V` per entry.
+#[derive(Debug, Clone)]
+pub struct Queue<V> {
+    entries: BTreeMap<u64, V>,
     trees: [Fenwick; 2],
 }
 
-impl PositionIndex {
-    pub fn insert(&mut self, priority: Priority, seq: u64) {
-        self.trees[priority.index()].insert(seq);
+impl<V> Default for Queue<V> {
+    fn default() -> Self {
+        Queue {
+            entries: BTreeMap::new(),
+            trees: Default::default(),
+        }
     }
-    pub fn remove(&mut self, priority: Priority, seq: u64) {
-        self.trees[priority.index()].remove(seq);
+}
+
+impl<V> Queue<V> {
+    /// Sequence numbers of one priority's entries, ascending.
+    fn seqs(
+        entries: &BTreeMap<u64, V>,
+        priority: Priority,
+    ) -> impl DoubleEndedIterator<Item = u64> + Clone + '_ {
+        entries
+            .range(key(priority, 0)..=key(priority, LOW - 1))
+            .map(|(k, _)| unkey(*k).1)
     }
+
+    /// Adds an entry (replaces the value of one already there).
+    pub fn insert(&mut self, priority: Priority, seq: u64, value: V) {
+        if self.entries.insert(key(priority, seq), value).is_some() {
+            return;
+        }
+        let tree = &mut self.trees[priority.index()];
+        tree.count += 1;
+        if tree.covers(seq) {
+            tree.add_raw(seq, 1);
+        } else {
+            tree.rebuild(seq, Self::seqs(&self.entries, priority));
+        }
+    }
+
+    pub fn remove(&mut self, priority: Priority, seq: u64) -> Option<V> {
+        let value = self.entries.remove(&key(priority, seq))?;
+        let tree = &mut self.trees[priority.index()];
+        tree.count -= 1;
+        tree.add_raw(seq, -1);
+        // Keep memory proportional to the queue, not to every id ever seen.
+        if tree.tree.len() > 4096 && tree.tree.len() > 4 * (tree.count as usize + 1) {
+            let mut present = Self::seqs(&self.entries, priority);
+            let first = present.next().unwrap_or(tree.base);
+            tree.rebuild(first, Self::seqs(&self.entries, priority));
+        }
+        Some(value)
+    }
+
+    /// 0-indexed number of entries ahead of (priority, seq).
     pub fn position(&self, priority: Priority, seq: u64) -> u64 {
         match priority {
             Priority::Normal => self.trees[0].prefix(seq),
             Priority::Low => self.trees[0].count + self.trees[1].prefix(seq),
         }
     }
-    pub fn len(&self) -> u64 {
-        self.trees[0].count + self.trees[1].count
+
+    /// The entry that runs next.
+    pub fn first(&self) -> Option<(Priority, u64, &V)> {
+        self.entries.iter().next().map(|(k, v)| {
+            let (p, s) = unkey(*k);
+            (p, s, v)
+        })
     }
+
+    /// The oldest entry of one priority.
+    pub fn first_of(&self, priority: Priority) -> Option<(u64, &V)> {
+        self.entries
+            .range(key(priority, 0)..=key(priority, LOW - 1))
+            .next()
+            .map(|(k, v)| (unkey(*k).1, v))
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.entries.is_empty()
     }
 }
 
@@ -128,7 +187,7 @@ mod tests {
 
     #[test]
     fn matches_a_scan_under_random_churn() {
-        let mut idx = PositionIndex::default();
+        let mut idx = Queue::default();
         let mut live: Vec<(Priority, u64)> = Vec::new();
         let mut state = 0x2545F4914F6CDD1Du64;
         let mut rnd = || {
@@ -145,7 +204,7 @@ mod tests {
                 } else {
                     Priority::Normal
                 };
-                idx.insert(p, seq);
+                idx.insert(p, seq, seq * 10);
                 live.push((p, seq));
                 seq += 1;
             } else {
@@ -156,27 +215,42 @@ mod tests {
                     0
                 };
                 let (p, s) = live.remove(i);
-                idx.remove(p, s);
+                assert_eq!(idx.remove(p, s), Some(s * 10));
+                assert_eq!(idx.remove(p, s), None);
             }
             if round % 97 == 0 {
                 for &(p, s) in live.iter().take(50) {
                     assert_eq!(idx.position(p, s), naive(&live, p, s), "round {round}");
                 }
+                let mut sorted = live.clone();
+                sorted.sort();
+                assert_eq!(
+                    idx.first().map(|(p, s, v)| (p, s, *v)),
+                    sorted.first().map(|&(p, s)| (p, s, s * 10))
+                );
             }
-            assert_eq!(idx.len(), live.len() as u64);
+            assert_eq!(idx.len(), live.len());
         }
     }
 
     #[test]
     fn normal_before_low_then_fifo() {
-        let mut idx = PositionIndex::default();
-        idx.insert(Priority::Low, 1);
-        idx.insert(Priority::Normal, 2);
-        idx.insert(Priority::Normal, 3);
+        let mut idx = Queue::default();
+        idx.insert(Priority::Low, 1, "a");
+        idx.insert(Priority::Normal, 2, "b");
+        idx.insert(Priority::Normal, 3, "c");
+        idx.insert(Priority::Normal, 3, "c2"); // replaces, counted once
+        assert_eq!(idx.len(), 3);
         assert_eq!(idx.position(Priority::Normal, 2), 0);
         assert_eq!(idx.position(Priority::Normal, 3), 1);
         assert_eq!(idx.position(Priority::Low, 1), 2);
+        assert_eq!(idx.first(), Some((Priority::Normal, 2, &"b")));
+        assert_eq!(idx.first_of(Priority::Low), Some((1, &"a")));
         idx.remove(Priority::Normal, 2);
         assert_eq!(idx.position(Priority::Low, 1), 1);
+        // A job given back goes to its old place, before the tree's base.
+        idx.insert(Priority::Normal, 2, "b");
+        assert_eq!(idx.position(Priority::Normal, 3), 1);
+        assert_eq!(idx.position(Priority::Low, 1), 2);
     }
 }
