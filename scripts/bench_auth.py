@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gateway import NGINX_TMPL, REPO, Procs, accepts, free_port, get_json, wait  # noqa: E402
+from bench_gateway import REPO, Procs, accepts, free_port, get_json, nginx_app_cmd, start_redis, wait  # noqa: E402
 
 
 def wrk(url: str, duration: int, conns: int, header: str | None) -> float:
@@ -72,16 +72,8 @@ def main():
     spawn = procs.spawn
 
     try:
-        redis_port = free_port()
-        spawn(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "no", "--dir", str(work)])
-        wait(lambda: accepts(redis_port), what="redis")
-        ngx = work / "nginx"
-        ngx.mkdir()
-        (ngx / "tmpl.conf").write_text(NGINX_TMPL.format(dir=ngx))
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        nginx_cmd = ["sh", "-c", f'sed "s/@PORT@/$PORT/g" {ngx}/tmpl.conf > {ngx}/$PORT.conf && '
-                     f'exec {nginx} -p {ngx} -c {ngx}/$PORT.conf -g "daemon off;"']
+        redis_port = start_redis(procs, work)
+        nginx_cmd = nginx_app_cmd(work)
         fast = {"apiVersion": "fal.serverless.dev/v1alpha1", "kind": "FalFunction",
                 "metadata": {"name": "fast", "namespace": "bench"},
                 "spec": {"image": "bench:1", "command": nginx_cmd, "minReplicas": 1, "maxReplicas": 1,

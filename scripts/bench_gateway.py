@@ -147,6 +147,26 @@ class Procs:
                 os.killpg(p.pid, signal.SIGKILL)
 
 
+def start_redis(procs: "Procs", work: Path) -> int:
+    """A throwaway redis-server (no persistence) on a free port; returns once it accepts."""
+    port = free_port()
+    procs.spawn(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(work)])
+    wait(lambda: accepts(port), what="redis")
+    return port
+
+
+def nginx_app_cmd(work: Path) -> list[str]:
+    """A FalFunction command running nginx `return 200` (NGINX_TMPL) as the app on the
+    $PORT its replica is given."""
+    d = work / "nginx"
+    d.mkdir(exist_ok=True)
+    (d / "tmpl.conf").write_text(NGINX_TMPL.format(dir=d))
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    return ["sh", "-c", f'sed "s/@PORT@/$PORT/g" {d}/tmpl.conf > {d}/$PORT.conf && '
+                        f'exec {nginx} -p {d} -c {d}/$PORT.conf -g "daemon off;"']
+
+
 def median3(runs):
     return tuple(statistics.median(r[i] for r in runs) for i in range(3))
 
@@ -171,18 +191,10 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
     try:
-        redis_port = free_port()
-        spawn(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "no", "--dir", str(work)])
-        wait(lambda: accepts(redis_port), what="redis")
+        redis_port = start_redis(procs, work)
         wrapper = work / "arrival_app.py"
         wrapper.write_text(WRAPPER)
-        ngx_dir = work / "nginx"
-        ngx_dir.mkdir()
-        (ngx_dir / "tmpl.conf").write_text(NGINX_TMPL.format(dir=ngx_dir))
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        nginx_cmd = ["sh", "-c", f'sed "s/@PORT@/$PORT/g" {ngx_dir}/tmpl.conf > {ngx_dir}/$PORT.conf && '
-                     f'exec {nginx} -p {ngx_dir} -c {ngx_dir}/$PORT.conf -g "daemon off;"']
+        nginx_cmd = nginx_app_cmd(work)
         app_cmd = [sys.executable, str(wrapper), str(REPO / "examples" / "app.py")]
 
         def ff(name, cmd, **spec):

@@ -30,14 +30,13 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gateway import NGINX_TMPL, Procs, accepts, free_port, get_json, wait, wrk  # noqa: E402
+from bench_gateway import Procs, accepts, free_port, get_json, nginx_app_cmd, start_redis, wait, wrk  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,16 +144,8 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="fal-bench-hop."))
     procs = Procs()
     try:
-        redis_port = free_port()
-        procs.spawn(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                     "--appendonly", "no", "--dir", str(work)])
-        wait(lambda: accepts(redis_port), what="redis")
-        ngx_dir = work / "nginx"
-        ngx_dir.mkdir()
-        (ngx_dir / "tmpl.conf").write_text(NGINX_TMPL.format(dir=ngx_dir))
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        app_cmd = ["sh", "-c", f'sed "s/@PORT@/$PORT/g" {ngx_dir}/tmpl.conf > {ngx_dir}/$PORT.conf && '
-                   f'exec {nginx} -p {ngx_dir} -c {ngx_dir}/$PORT.conf -g "daemon off;"']
+        redis_port = start_redis(procs, work)
+        app_cmd = nginx_app_cmd(work)
         fn = {"apiVersion": "fal.serverless.dev/v1alpha1", "kind": "FalFunction",
               "metadata": {"name": "fast", "namespace": "bench"},
               "spec": {"image": "bench:1", "command": app_cmd, "keepAlive": 3600, "minReplicas": 1,
@@ -185,6 +176,7 @@ def main():
         proxy_p = free_port()
         (proxy_dir / "proxy.conf").write_text(PROXY_TMPL.format(
             workers=1 if a.pin else "auto", dir=proxy_dir, upstream=side_addr, port=proxy_p))
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         proxy = spawn_on(procs, hop_cpu, [nginx, "-p", str(proxy_dir), "-c", str(proxy_dir / "proxy.conf"),
                                           "-g", "daemon off;"])
         wait(lambda: accepts(proxy_p), what="the nginx proxy")

@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gateway import REPO, Procs, accepts, free_port, wait  # noqa: E402
+from bench_gateway import REPO, Procs, accepts, free_port, start_redis, wait  # noqa: E402
 
 SEED = '''from fal_serverless import isolated
 
@@ -59,10 +59,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="fal-bench-serve."))
     procs = Procs()
     try:
-        redis_port = free_port()
-        procs.spawn(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                     "--appendonly", "no", "--dir", str(work)])
-        wait(lambda: accepts(redis_port), what="redis")
+        redis_port = start_redis(procs, work)
         run_p, queue_p, admin_p = free_port(), free_port(), free_port()
         env = {**os.environ, "FAL_PYTHON": sys.executable, "RUST_LOG": "warn"}
         procs.spawn([a.operator, "local", "--store", f"redis://127.0.0.1:{redis_port}/0",

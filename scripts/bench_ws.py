@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gateway import REPO, Procs, accepts, free_port, get_json, wait  # noqa: E402
+from bench_gateway import REPO, Procs, accepts, free_port, get_json, start_redis, wait  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests" / "e2e"))
 from helpers import descendants  # noqa: E402
@@ -162,10 +162,7 @@ def main():
     try:
         app = work / "echo_app.py"
         app.write_text(ECHO_APP)
-        redis_port = free_port()
-        procs.spawn(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                     "--appendonly", "no", "--dir", str(work)])
-        wait(lambda: accepts(redis_port), what="redis")
+        redis_port = start_redis(procs, work)
         direct_port = free_port()
         procs.spawn([sys.executable, str(app)], env={**os.environ, "PORT": str(direct_port)})
         wait(lambda: accepts(direct_port), what="the direct app")
