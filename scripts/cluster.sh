@@ -19,14 +19,15 @@
 # versions and the build modules, and the Go module/build caches go there too unless
 # GOMODCACHE/GOCACHE are set.
 #
-# Addresses (N = FAL_CLUSTER_NET, 0-255; everything on the reserved 198.18.0.0/15 and
+# Addresses (N = FAL_CLUSTER_NET, 0-31; everything on the reserved 198.18.0.0/15 and
 # loopback, nothing on other interfaces):
 #   198.18.N.0/24  pod network on bridge falkN; 198.18.N.1 the node (the apiserver
 #                  listens there, on FAL_CLUSTER_PORT; kubeconfig points there),
 #                  pods .2-.253, 198.18.N.254 the Service router (below)
-#   198.19.N.0/24  Services: .1 the `kubernetes` Service, .10 kube-dns (CoreDNS)
+#   198.19.8N.0/21 Services (2,046 of them: a benchmark makes 1,000 functions, each with
+#                  its Service): .1 the `kubernetes` Service, .10 kube-dns (CoreDNS)
 # kube-proxy (nftables mode) runs in a network namespace of its own, falkNsvc, whose
-# eth0 sits on the bridge at 198.18.N.254; the host and the pods route 198.19.N.0/24
+# eth0 sits on the bridge at 198.18.N.254; the host and the pods route 198.19.8N.0/21
 # there, it DNATs to the endpoints and masquerades (masqueradeAll), so replies come
 # back through it. Its rules are in that namespace only: two clusters' kube-proxies
 # (whose nftables table name is fixed) never meet, the host's ruleset is untouched, and
@@ -57,7 +58,9 @@ NET=${FAL_CLUSTER_NET:-0} # pod network: bridge falkN, pods in 198.18.N.0/24 (re
 BRIDGE=falk$NET
 NODE_IP=198.18.$NET.1
 SVC_NS=falk${NET}svc SVC_ROUTER=198.18.$NET.254 # kube-proxy's namespace and its address
-SERVICE_CIDR=198.19.$NET.0/24 API_SVC_IP=198.19.$NET.1 DNS_IP=198.19.$NET.10
+case $NET in ([0-9] | [12][0-9] | 3[01]) ;; (*) echo "FAL_CLUSTER_NET must be 0-31, not $NET" >&2; exit 2 ;; esac
+SVC_NET=198.19.$((8 * NET)) # the first /24 of the network's Service range
+SERVICE_CIDR=$SVC_NET.0/21 API_SVC_IP=$SVC_NET.1 DNS_IP=$SVC_NET.10
 DOMAIN=cluster.local
 CACHE=${FAL_CLUSTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fal-serverless/cluster}
 export GOMODCACHE=${GOMODCACHE:-$CACHE/go/mod} GOCACHE=${GOCACHE:-$CACHE/go/cache}

@@ -21,7 +21,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -467,14 +467,47 @@ pub async fn check_crd_installed(client: &Client) -> Result<(), String> {
     }
 }
 
-/// Runs the controller until SIGTERM/SIGINT.
-pub async fn run(ctx: Arc<Context>) {
+/// Objects per page of the controller's lists (the API's own default is all; kube-rs's
+/// 500).
+const LIST_PAGE_SIZE: u32 = 100;
+
+/// A FalFunction as the controller's cache keeps it: without the fields only the API
+/// server's bookkeeping reads.
+fn slim_for_cache(ff: &mut FalFunction) {
+    ff.metadata.managed_fields = None;
+    if let Some(annotations) = ff.metadata.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// Runs the controller until SIGTERM/SIGINT, reconciling at most `concurrency`
+/// FalFunctions at a time (kube-rs's default is unbounded: every function at once
+/// after a start or a relist).
+pub async fn run(ctx: Arc<Context>, concurrency: u16) {
     let client = ctx.client.clone();
     let functions: Api<FalFunction> = Api::all(client.clone());
-    // Only our own Deployments, Services, build Jobs and NetworkPolicies are cached, not
-    // every one in the cluster.
-    let owned = watcher::Config::default().labels(MANAGED_SELECTOR);
-    let mut controller = Controller::new(functions, watcher::Config::default().any_semantic())
+    // The cache holds every FalFunction for the controller's life: without the
+    // bookkeeping no reconcile reads (managedFields, kubectl's last-applied copy of the
+    // spec) each takes about a third of the memory. Lists come in pages of
+    // LIST_PAGE_SIZE, so a start with thousands of functions never decodes 500 at once.
+    let (reader, writer) = reflector::store();
+    let cached = reflector(
+        writer,
+        watcher(
+            functions,
+            watcher::Config::default()
+                .any_semantic()
+                .page_size(LIST_PAGE_SIZE),
+        )
+        .modify(slim_for_cache),
+    )
+    .applied_objects();
+    // Only our own Deployments, Services, build Jobs and NetworkPolicies are watched
+    // (their metadata only: kube-rs's `owns`), not every one in the cluster.
+    let owned = watcher::Config::default()
+        .labels(MANAGED_SELECTOR)
+        .page_size(LIST_PAGE_SIZE);
+    let mut controller = Controller::for_stream(cached, reader)
         .owns(Api::<Deployment>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned.clone())
         // A served file's build Job: its end rolls the pods (or reports pip's error).
@@ -484,6 +517,7 @@ pub async fn run(ctx: Arc<Context>) {
         controller = controller.owns(Api::<NetworkPolicy>::all(client), owned);
     }
     controller
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

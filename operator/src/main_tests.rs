@@ -74,6 +74,11 @@ fn gateway_and_local_flags() {
     assert!(
         Cli::try_parse_from(["fal-operator", "controller", "--store-secret", "nokey"]).is_err()
     );
+    assert!(
+        Cli::try_parse_from(["fal-operator", "controller", "--reconcile-concurrency", "0"])
+            .is_err(),
+        "0 would mean unbounded to kube-rs"
+    );
 }
 
 #[test]
@@ -95,6 +100,7 @@ fn flags_fill_the_config() {
         objects,
         metrics_addr,
         leader_elect,
+        reconcile_concurrency,
         ..
     } = cli.command
     else {
@@ -102,6 +108,7 @@ fn flags_fill_the_config() {
     };
     assert_eq!(metrics_addr, "127.0.0.1:9000".parse().unwrap());
     assert!(!leader_elect);
+    assert_eq!(reconcile_concurrency, 8, "bounded by default");
     let (catalog, config) = objects.load(Some("fal-ns".into())).unwrap();
     assert!(catalog.get("GPU-T4").is_some());
     assert_eq!(config.sidecar_image, "reg/sidecar:1");

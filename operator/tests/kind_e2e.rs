@@ -78,7 +78,7 @@ async fn falfunction_becomes_a_running_function() {
         metrics,
         Some("kind-e2e".into()),
     ));
-    let controller = tokio::spawn(controller::run(ctx));
+    let controller = tokio::spawn(controller::run(ctx, 8));
 
     // Day one: apply a FalFunction (XS so it fits a kind node).
     let image = std::env::var("FAL_E2E_APP_IMAGE")

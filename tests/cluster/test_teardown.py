@@ -33,10 +33,10 @@ def port_free(port: int) -> bool:
 
 def free_slot() -> tuple[int, int]:
     """A network number and apiserver port no cluster of this machine uses (run.sh
-    hands out 0-20 with 16443 + 10 n; this test takes 200 and up)."""
+    hands out 0-20 with 16443 + 10 n; this test takes 24-31, the last that cluster.sh has)."""
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-    for net in range(200, 250):
-        port = 20000 + 10 * (net - 200)
+    for net in range(24, 32):
+        port = 20000 + 10 * (net - 24)
         if f" falk{net}:" in links or f" falk{net}@" in links:
             continue
         if all(port_free(p) for p in range(port, port + 6)):
@@ -48,9 +48,15 @@ def run(*cmd: str) -> str:
     return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
 
 
+def service_net(net: int) -> str:
+    """The first /24 of network `net`'s Service range (scripts/cluster.sh: 198.19.8N.0/21)."""
+    return f"198.19.{8 * net}."
+
+
 def snapshot(net: int, state: Path) -> dict:
     """What the host shows that a cluster on network `net` could have added."""
-    mine = re.compile(rf"\bfalk{net}(svc|-\d+|h\d+|p\d+)?\b|198\.1[89]\.{net}\.|{re.escape(str(state))}")
+    mine = re.compile(rf"\bfalk{net}(svc|-\d+|h\d+|p\d+)?\b|198\.18\.{net}\.|{re.escape(service_net(net))}|"
+                      rf"{re.escape(str(state))}")
     return {
         "nftables": run("nft", "list", "ruleset"),
         "links": [l for l in run("ip", "-o", "link").splitlines() if mine.search(l)],
@@ -97,7 +103,7 @@ def test_down_removes_everything_up_added_and_two_clusters_coexist(cluster: Clus
     try:
         second = Cluster(state / "kubeconfig")
         # Both clusters route their Services and answer names at the same time.
-        assert dns_answers(kubelet_bin, f"198.19.{net}.10")
+        assert dns_answers(kubelet_bin, f"{service_net(net)}10")
         assert dns_answers(kubelet_bin, session_dns)
         # Something of everything down has to remove: a claim's directory, a mount
         # point made on the host, pods, kube-proxy's rules (in its namespace).
@@ -115,7 +121,7 @@ def test_down_removes_everything_up_added_and_two_clusters_coexist(cluster: Clus
         volume_dir = pv["spec"]["hostPath"]["path"]
         assert os.path.isdir(volume_dir) and os.path.isdir(mount_point)
         rules = run("ip", "netns", "exec", f"falk{net}svc", "nft", "list", "table", "ip", "kube-proxy")
-        assert f"198.19.{net}.10" in rules  # kube-dns, programmed by this cluster's kube-proxy
+        assert f"{service_net(net)}10" in rules  # kube-dns, programmed by this cluster's kube-proxy
         assert "kube-proxy" not in before["nftables"]
         pids = [int(p.read_text()) for p in (state / "run").glob("*.pid")]
         pids += [int(p) for p in run("ip", "netns", "pids", f"falk{net}svc").split()]

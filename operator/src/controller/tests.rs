@@ -711,3 +711,32 @@ async fn installed_crd_passes_the_check() {
 
 mod network_policy;
 mod source;
+
+#[test]
+fn the_cache_keeps_functions_without_the_api_servers_bookkeeping() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
+    let mut ff = steady_function();
+    ff.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
+        manager: Some("kubectl".into()),
+        ..Default::default()
+    }]);
+    ff.metadata.annotations = Some(
+        [
+            (
+                "kubectl.kubernetes.io/last-applied-configuration",
+                "{\"spec\":{}}",
+            ),
+            ("team", "a"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+    );
+    let spec = ff.spec.clone();
+    slim_for_cache(&mut ff);
+    assert_eq!(ff.metadata.managed_fields, None);
+    let annotations = ff.metadata.annotations.unwrap();
+    assert_eq!(annotations.len(), 1, "{annotations:?}");
+    assert_eq!(annotations["team"], "a");
+    assert_eq!(ff.spec, spec);
+}
