@@ -10,32 +10,53 @@ use fal_sidecar::job::now_ms;
 use fal_sidecar::store::Store;
 use tokio::sync::watch;
 
-use super::{Gateway, MAINTENANCE_INTERVAL, REPORT_INTERVAL};
+use super::{Gateway, MAINTENANCE_INTERVAL, QUIET_SWEEP_INTERVAL, REPORT_INTERVAL};
 
 impl Gateway {
     /// Housekeeping of every function, every [`MAINTENANCE_INTERVAL`]: the store's sweep
     /// (start deadlines, expired leases of dead replicas, retention) and the webhook
     /// outbox, so both go on at zero replicas. One loop, not a task per function: a
-    /// gateway knowing a thousand idle functions stays small.
+    /// gateway knowing a thousand idle functions stays small. A quiet function (no
+    /// request through here since its last sweep) is swept again when its store said
+    /// something falls due, at the latest after [`QUIET_SWEEP_INTERVAL`]: a thousand
+    /// idle functions are not a thousand sweeps every round.
     pub async fn run_maintenance(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let retention = self.cfg.retention;
         loop {
             for e in self.entries() {
-                if let Err(err) = e.store.sweep(now_ms(), retention).await {
-                    tracing::debug!(function = %e.key, error = %err, "gateway housekeeping failed");
+                let now = now_ms();
+                let active = e.active.swap(false, Ordering::Relaxed);
+                if !active && now < e.next_sweep_ms.load(Ordering::Relaxed) {
                     continue;
                 }
+                let sweep = match e.store.sweep(now, retention).await {
+                    Ok(sweep) => sweep,
+                    Err(err) => {
+                        tracing::debug!(function = %e.key, error = %err, "gateway housekeeping failed");
+                        e.next_sweep_ms.store(0, Ordering::Relaxed);
+                        continue;
+                    }
+                };
                 // Drain what is due now (bounded passes; the rest waits a round).
+                let mut busy = sweep.changed();
                 for _ in 0..8 {
                     match e.deliverer.deliver_due().await {
-                        Ok(true) => {}
+                        Ok(true) => busy = true,
                         Ok(false) => break,
                         Err(err) => {
                             tracing::debug!(function = %e.key, error = %err, "reading the webhook outbox failed");
+                            busy = true;
                             break;
                         }
                     }
                 }
+                let next = if busy {
+                    0
+                } else {
+                    let quiet = now + QUIET_SWEEP_INTERVAL.as_millis() as u64;
+                    sweep.next_due_ms.map_or(quiet, |due| due.min(quiet))
+                };
+                e.next_sweep_ms.store(next, Ordering::Relaxed);
             }
             tokio::select! {
                 _ = tokio::time::sleep(MAINTENANCE_INTERVAL) => {}

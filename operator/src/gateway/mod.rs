@@ -37,7 +37,7 @@ pub use admin::{functions_json, handle_admin, Admin, Describe};
 pub use routing::{function_from_host, handle_queue, handle_run, is_queue_path, split_function};
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -64,6 +64,11 @@ pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the gateway sweeps a function's queue (start deadlines, expired leases,
 /// retention) and polls its webhook outbox when no change event woke it.
 pub const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(2);
+/// The longest a quiet function goes unswept: one with no request through this gateway
+/// since its last sweep, and nothing due (start deadline, lease end, end of retention,
+/// webhook) before then. It covers what other processes add meanwhile (a submit or a
+/// claim through another gateway or a replica, which sweep it themselves while active).
+pub const QUIET_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Settings of the gateway.
 #[derive(Debug, Clone)]
@@ -195,6 +200,11 @@ pub struct Entry {
     held: AtomicU64,
     last_sync_ms: AtomicU64,
     reported: AtomicU64,
+    /// A request came through here since the last sweep: sweep at the next round.
+    active: AtomicBool,
+    /// When housekeeping next has work for this function, as of its last sweep (unix
+    /// ms; see [`QUIET_SWEEP_INTERVAL`]).
+    next_sweep_ms: AtomicU64,
     /// Woken when a slot frees up or the replica set changes.
     capacity: Notify,
     /// When a request found the function at zero (for `fal_cold_start_seconds`).
@@ -370,6 +380,8 @@ impl Gateway {
             held: AtomicU64::new(0),
             last_sync_ms: AtomicU64::new(0),
             reported: AtomicU64::new(0),
+            active: AtomicBool::new(true),
+            next_sweep_ms: AtomicU64::new(0),
             capacity: Notify::new(),
             cold_since: Mutex::new(None),
             deliverer,

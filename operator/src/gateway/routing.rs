@@ -86,6 +86,10 @@ impl Gateway {
 
     fn count(&self, entry: &Entry, kind: Kind) {
         entry.counters[kind as usize].inc();
+        // Read first: no write to the shared line while it is already set.
+        if !entry.active.load(Ordering::Relaxed) {
+            entry.active.store(true, Ordering::Relaxed);
+        }
     }
 
     /// The key check of a request to `entry` (see

@@ -704,6 +704,62 @@ pub async fn retention_purges_keys(s: Arc<dyn Store>) {
     assert_eq!((r.id.as_str(), r.replayed), (again.id.as_str(), false));
 }
 
+/// A sweep says when the next one would find work (gateways sweep quiet functions only
+/// then): a start deadline, a lease end, the end of retention, a webhook due.
+pub async fn sweep_says_when_work_falls_due(s: Arc<dyn Store>) {
+    // Clocks: Redis counts leases on its own clock; allow for that and slow machines.
+    let near = |got: Option<u64>, want: u64, what: &str| {
+        let got = got.unwrap_or_else(|| panic!("{what}: no next due time"));
+        assert!(
+            got.abs_diff(want) < 5_000,
+            "{what}: next due {got}, expected about {want}"
+        );
+    };
+    let hour = Duration::from_secs(3600);
+    let sweep = s.sweep(now_ms(), hour).await.unwrap();
+    assert_eq!(sweep.next_due_ms, None, "an empty store has nothing due");
+    assert!(!sweep.changed());
+
+    let mut j = spec(Priority::Normal);
+    let deadline = now_ms() + 600_000;
+    j.start_deadline_ms = Some(deadline);
+    s.submit(j.clone(), Bytes::new(), 10).await.unwrap();
+    let sweep = s.sweep(now_ms(), hour).await.unwrap();
+    assert_eq!(sweep.next_due_ms, Some(deadline), "the start deadline");
+
+    let lease = Duration::from_secs(120);
+    let c = s.claim("w", lease).await.unwrap().unwrap();
+    let sweep = s.sweep(now_ms(), hour).await.unwrap();
+    near(sweep.next_due_ms, now_ms() + 120_000, "the lease end");
+
+    s.complete(&j.id, c.token, app_end(200, now_ms(), 0.1), ok_result("{}"))
+        .await
+        .unwrap();
+    let sweep = s.sweep(now_ms(), hour).await.unwrap();
+    near(
+        sweep.next_due_ms,
+        now_ms() + 3_600_000,
+        "the end of retention",
+    );
+    assert!(!sweep.changed());
+
+    let mut hooked = spec(Priority::Normal);
+    hooked.webhook_url = Some("http://hooks.example/h".into());
+    s.submit(hooked.clone(), Bytes::new(), 10).await.unwrap();
+    let c = s.claim("w", lease).await.unwrap().unwrap();
+    s.complete(
+        &hooked.id,
+        c.token,
+        app_end(200, now_ms(), 0.1),
+        ok_result("{}"),
+    )
+    .await
+    .unwrap();
+    let sweep = s.sweep(now_ms(), hour).await.unwrap();
+    let due = sweep.next_due_ms.expect("the webhook");
+    assert!(due <= now_ms(), "the webhook is due now: {due}");
+}
+
 /// Generates one `#[tokio::test]` per conformance case for a backend.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -714,7 +770,7 @@ macro_rules! conformance_tests {
             queue_bound, webhook_outbox, release_keeps_place, requeue_counts_the_attempt,
             retention_purges, changes_wake_waiters, idempotency_keys, idempotency_concurrent,
             tenant_is_kept, ready_when_healthy, queued_requests_are_whole,
-            retention_purges_keys);
+            retention_purges_keys, sweep_says_when_work_falls_due);
     };
     (@cases $factory:expr; $($case:ident),*) => {
         mod conformance {

@@ -1071,13 +1071,30 @@ impl Store for EmbeddedStore {
             }
             let ended = self.end_queued(inner, due);
             sweep.start_timeouts = ended.0.len() as u64;
+            let retention_ms = retention.as_millis() as u64;
+            sweep.next_due_ms = [
+                inner.deadlines.first().map(|(d, _)| *d),
+                inner
+                    .running
+                    .iter()
+                    .filter_map(|key| match inner.jobs.get(key) {
+                        Some(Entry::Full(r)) => Some(r.lease_until_ms),
+                        _ => None,
+                    })
+                    .min(),
+                inner.completed.first().map(|(at, _)| at + retention_ms),
+                inner.outbox.values().map(|d| d.next_attempt_ms).min(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             ended
         };
         self.commit_finished(keys, end_ops).await?;
         if let Some(e) = err {
             return Err(e);
         }
-        if sweep != Sweep::default() {
+        if sweep.changed() {
             self.bump();
         }
         Ok(sweep)

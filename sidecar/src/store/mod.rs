@@ -123,6 +123,19 @@ pub struct Sweep {
     pub leases_expired: u64,
     pub lost: u64,
     pub purged: u64,
+    /// When, as far as the store knows after this pass, the next sweep or webhook
+    /// delivery would find work (unix ms, the caller's clock): the first start
+    /// deadline, lease end, end of retention or outbox entry. `None`: nothing that time
+    /// alone brings due (new submits and completions bring their own). A past time when
+    /// work is left over now.
+    pub next_due_ms: Option<u64>,
+}
+
+impl Sweep {
+    /// Whether the pass changed anything (waiters are told).
+    pub fn changed(&self) -> bool {
+        self.start_timeouts + self.leases_expired + self.lost + self.purged > 0
+    }
 }
 
 #[async_trait]

@@ -601,8 +601,9 @@ impl Store for RedisStore {
             leases_expired: num(r.get(1), "leases expired")?,
             lost: 0,
             purged: num(r.get(2), "purged")?,
+            next_due_ms: u64::try_from(num::<i64>(r.get(3), "next due")?).ok(),
         };
-        if sweep != Sweep::default() {
+        if sweep.changed() {
             self.bump();
         }
         Ok(sweep)

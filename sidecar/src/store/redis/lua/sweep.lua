@@ -7,7 +7,9 @@
 --   P queue, P deadlines, P running, P completed, P activity, P outbox,
 --   P outbox_attempts
 -- ARGV: P, now, retention cutoff, timeout completion, timeout result, at, batch
--- Returns {start timeouts, leases expired, purged}
+-- Returns {start timeouts, leases expired, purged, next due}: next due is when a sweep or
+-- a webhook delivery would next find work (the caller's clock, ms; -1 none): the first
+-- start deadline, lease end (Redis' clock, shifted), end of retention, outbox entry.
 local batch = tonumber(ARGV[7])
 local st, le, pu = 0, 0, 0
 local due = redis.call('ZRANGEBYSCORE', P .. 'deadlines', '-inf', ARGV[2], 'LIMIT', 0, batch)
@@ -54,4 +56,17 @@ while scanned < batch * 4 do
   if #old < batch then break end
 end
 if st + le + pu > 0 then redis.call('PUBLISH', P .. 'events', 'sweep') end
-return {st, le, pu}
+local now = tonumber(ARGV[2])
+local next_due = -1
+local function earliest(key, shift)
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if first[2] then
+    local t = math.max(tonumber(first[2]) + shift, 0)
+    if next_due < 0 or t < next_due then next_due = t end
+  end
+end
+earliest(P .. 'deadlines', 0)
+earliest(P .. 'running', now - rnow)
+earliest(P .. 'completed', now - tonumber(ARGV[3]))
+earliest(P .. 'outbox', 0)
+return {st, le, pu, math.floor(next_due)}
