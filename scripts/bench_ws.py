@@ -4,11 +4,13 @@
 1. echo round trip, one socket, sequential small messages: p50/p99 through the gateway
    of `fal-operator local` (→ the replica's fal-sidecar → the app) vs straight to an
    app of the same kind, and vs two nginx WebSocket proxies in the same two positions
-   (nginx → nginx → the app);
+   (nginx → nginx → the app, one nginx process each, as the gateway and the sidecar are
+   two processes); the function has one replica, so every path ends in one app process;
 2. messages/s over 100 sockets echoing at once, gateway vs straight (target ≥ 0.8×) and
    vs the nginx pair;
 3. the gateway's memory per open idle socket: RSS of `fal-operator local` before and
-   with 5,000 sockets open through it (target ≤ 16 KiB).
+   with 5,000 sockets open through it (target ≤ 16 KiB), to a second function with as
+   many replicas as the sockets need (maxConcurrency is at most 1,024).
 
 The app is an asyncio `websockets` echo server (one process can hold thousands of
 sockets; examples/realtime_app.py is a thread per connection). The client is Python
@@ -111,10 +113,11 @@ async def hold_open(url: str, n: int, ready: asyncio.Event, release: asyncio.Eve
     return len(opened)
 
 
+# One nginx process per position (the gateway's, the sidecar's), as ours are two.
 NGINX_CONF = """
 worker_processes 1;
 error_log stderr error;
-pid {dir}/nginx.pid;
+pid {dir}/nginx-{name}.pid;
 events {{ worker_connections 20000; }}
 http {{
   access_log off;
@@ -125,8 +128,7 @@ http {{
   proxy_read_timeout 3600s;
   proxy_buffering off;
   tcp_nodelay on;
-  server {{ listen 127.0.0.1:{front}; location / {{ proxy_pass http://127.0.0.1:{back}; }} }}
-  server {{ listen 127.0.0.1:{back}; location / {{ proxy_pass http://127.0.0.1:{app}; }} }}
+  server {{ listen 127.0.0.1:{listen}; location / {{ proxy_pass http://127.0.0.1:{to}; }} }}
 }}
 """
 
@@ -169,25 +171,31 @@ def main():
         # Two nginx WebSocket proxies in the gateway's and the sidecar's positions.
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         ngx_front, ngx_back = free_port(), free_port()
-        (work / "nginx.conf").write_text(NGINX_CONF.format(dir=work, front=ngx_front, back=ngx_back,
-                                                           app=direct_port))
         # Proxies start on their CPU (not moved there later): a process sizes its thread
         # pools from the CPUs it may use, as it would on a node of its own.
-        pin(0, cpu_proxy)
-        ngx = procs.spawn([nginx, "-p", str(work), "-c", str(work / "nginx.conf"), "-g", "daemon off;"])
-        pin(0, cpu_client)
-        wait(lambda: accepts(ngx_front), what="nginx")
-        for pid in [ngx.pid, *descendants(ngx.pid)]:
-            pin(pid, cpu_proxy)
+        for name, listen, to in (("front", ngx_front, ngx_back), ("back", ngx_back, direct_port)):
+            conf = work / f"nginx-{name}.conf"
+            conf.write_text(NGINX_CONF.format(dir=work, name=name, listen=listen, to=to))
+            pin(0, cpu_proxy)
+            ngx = procs.spawn([nginx, "-p", str(work), "-c", str(conf), "-g", "daemon off;"])
+            pin(0, cpu_client)
+            wait(lambda: accepts(listen), what=f"nginx ({name})")
+            for pid in [ngx.pid, *descendants(ngx.pid)]:
+                pin(pid, cpu_proxy)
+        # "ws" (echo and throughput): one replica, one app process like the direct path
+        # and nginx's. "idle" (memory of open sockets): as many replicas as the sockets
+        # need (maxConcurrency is at most 1,024).
         per_replica = 1024
         replicas = max(1, -(-a.idle_sockets // 1000))
-        fn = {"apiVersion": "fal.serverless.dev/v1alpha1", "kind": "FalFunction",
-              "metadata": {"name": "ws", "namespace": "bench"},
-              "spec": {"image": "bench:1", "command": [sys.executable, str(app)], "minReplicas": replicas,
-                       "maxReplicas": replicas, "maxConcurrency": per_replica, "keepAlive": 3600,
-                       "auth": "public"}}
+
+        def function(name: str, n: int) -> dict:
+            return {"apiVersion": "fal.serverless.dev/v1alpha1", "kind": "FalFunction",
+                    "metadata": {"name": name, "namespace": "bench"},
+                    "spec": {"image": "bench:1", "command": [sys.executable, str(app)], "minReplicas": n,
+                             "maxReplicas": n, "maxConcurrency": per_replica, "keepAlive": 3600,
+                             "auth": "public"}}
         manifest = work / "fn.yaml"
-        manifest.write_text(json.dumps(fn))
+        manifest.write_text("\n---\n".join(json.dumps(function(*f)) for f in (("ws", 1), ("idle", replicas))))
         run_p, queue_p, admin_p = free_port(), free_port(), free_port()
         pin(0, cpu_proxy)
         local = procs.spawn([a.operator, "local", "-f", str(manifest), "--store", f"redis://127.0.0.1:{redis_port}/0",
@@ -197,8 +205,8 @@ def main():
                             env={**os.environ, "RUST_LOG": "warn"}, cwd=str(REPO))
         pin(0, cpu_client)
         wait(lambda: accepts(admin_p), what="fal-operator local")
-        wait(lambda: get_json(f"http://127.0.0.1:{admin_p}/functions")[0]["readyReplicas"] == replicas,
-             timeout=120, what="the replicas")
+        wait(lambda: sum(f["readyReplicas"] for f in get_json(f"http://127.0.0.1:{admin_p}/functions"))
+             == 1 + replicas, timeout=120, what="the replicas")
         if a.pin:
             # gateway and sidecars on the proxy CPU, the apps (python) on the client's
             for pid in [local.pid, *descendants(local.pid)]:
@@ -221,10 +229,11 @@ def main():
 
         async def idle():
             ready, release = asyncio.Event(), asyncio.Event()
-            task = asyncio.create_task(hold_open(gateway, a.idle_sockets, ready, release))
+            task = asyncio.create_task(hold_open(f"ws://127.0.0.1:{run_p}/bench/idle/", a.idle_sockets,
+                                                 ready, release))
             await ready.wait()
             await asyncio.sleep(3)
-            opened = get_json(f"http://127.0.0.1:{admin_p}/functions")[0]["syncCalls"]
+            opened = sum(f["syncCalls"] for f in get_json(f"http://127.0.0.1:{admin_p}/functions"))
             during = rss_kb(local.pid)
             release.set()
             await task
@@ -239,13 +248,13 @@ def main():
 |---|---|---|
 | straight to the app | {pct(rt['direct'], 50):.3f} ms | {pct(rt['direct'], 99):.3f} ms |
 | through the gateway and the sidecar | {pct(rt['gateway'], 50):.3f} ms | {pct(rt['gateway'], 99):.3f} ms |
-| through two nginx proxies | {pct(rt['nginx'], 50):.3f} ms | {pct(rt['nginx'], 99):.3f} ms |
+| through two nginx proxies (one process each) | {pct(rt['nginx'], 50):.3f} ms | {pct(rt['nginx'], 99):.3f} ms |
 
 | 100 sockets echoing at once, {a.seconds:g} s, median of {a.rounds} | messages/s | vs direct |
 |---|---|---|
 | straight to the app | {tpm['direct']:.0f} | 1.00× |
 | through the gateway and the sidecar | {tpm['gateway']:.0f} | {tpm['gateway'] / tpm['direct']:.2f}× (target ≥ 0.80×) |
-| through two nginx proxies | {tpm['nginx']:.0f} | {tpm['nginx'] / tpm['direct']:.2f}× |
+| through two nginx proxies (one process each) | {tpm['nginx']:.0f} | {tpm['nginx'] / tpm['direct']:.2f}× |
 
 gateway (fal-operator local) RSS: {before / 1024:.1f} MB idle, {during / 1024:.1f} MB with {opened} sockets open
 → **{per_socket:.1f} KiB per open idle socket** (target ≤ 16 KiB)
