@@ -70,6 +70,8 @@ where
         let handle = std::thread::Builder::new()
             .name(format!("fal-http-{n}"))
             .spawn(move || {
+                let slot = NEXT_SLOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                SLOT.with(|s| s.set(Some(slot)));
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -105,6 +107,22 @@ where
         }
     }
     Ok(handles)
+}
+
+/// Slots of the threads [`serve_per_thread`] starts, numbered from 0 across every
+/// listener of the process: a thread keeps its slot for its life.
+static NEXT_SLOT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+thread_local! {
+    static SLOT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// The slot of the current thread when it is one of [`serve_per_thread`]'s: its
+/// single-threaded runtime runs until the process ends, so a connection driven there
+/// serves the handlers of that thread with no cross-thread wake-up (the Redis hub keeps
+/// one per slot). `None` on every other thread.
+pub fn thread_slot() -> Option<usize> {
+    SLOT.with(|s| s.get())
 }
 
 fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {

@@ -22,6 +22,8 @@ use crate::store::{StoreError, StoreResult};
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections for writes that WAIT for replicas (`--store-replicas`).
 const WAIT_CONNECTIONS: usize = 8;
+/// Server threads that get a command connection of their own (more share `conn`).
+const LOCAL_SLOTS: usize = 16;
 
 /// What one shared connection subscribes to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +61,13 @@ pub struct Activity {
 /// two connections, not two thousand.
 pub struct RedisHub {
     pub(super) conn: Conn,
+    /// A command connection per server thread ([`crate::server::thread_slot`]), made
+    /// on that thread's first command and driven by its runtime: a handler's command
+    /// and its answer never cross threads (with one shared connection every submit
+    /// woke the thread that drives it and was woken back: 2 of the 3 busy threads'
+    /// time went to those wake-ups). Other threads use `conn`.
+    local: Box<[std::sync::OnceLock<Conn>]>,
+    target: Target,
     /// With `--store-replicas`: connections for the writes that WAIT. A WAIT holds its
     /// connection until the replicas answer, so every other command sent on it queues
     /// behind; several connections keep one WAIT from stalling every write.
@@ -145,6 +154,8 @@ impl RedisHub {
         let (activity, _) = broadcast::channel(4096);
         let follows_all = subscribe == Subscribe::All;
         let hub = Arc::new(RedisHub {
+            local: (0..LOCAL_SLOTS).map(|_| Default::default()).collect(),
+            target: target.clone(),
             follows_all,
             cluster: matches!(target, Target::Cluster { .. }),
             ready_all: Default::default(),
@@ -243,7 +254,16 @@ impl RedisHub {
         F: FnMut(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        self.guard_on(&self.conn, op).await
+        self.guard_on(self.command_conn(), op).await
+    }
+
+    /// The command connection for the current thread: its own on a server thread,
+    /// else the shared one.
+    pub(super) fn command_conn(&self) -> &Conn {
+        let Some(slot) = crate::server::thread_slot().and_then(|i| self.local.get(i)) else {
+            return &self.conn;
+        };
+        slot.get_or_init(|| self.target.connect().unwrap_or_else(|_| self.conn.clone()))
     }
 
     /// The next connection for a write that WAITs (round robin).
