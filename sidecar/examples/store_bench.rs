@@ -1,5 +1,7 @@
-//! Submits straight into a Redis store (no HTTP): many functions at once, for
-//! comparing one Redis with a cluster and for the cost of `--store-replicas`.
+//! Submits straight into a store (no HTTP): many functions at once, for comparing one
+//! Redis with a cluster, for the cost of `--store-replicas`, and for the embedded
+//! store's group commit (`URL` = `embedded:DIR`: a redb file per function under `DIR`,
+//! every submit acknowledged after the fsync'd commit that holds it, as in the sidecar).
 //!
 //! `cargo run --release -p fal-sidecar --example store_bench -- URL FUNCTIONS SECONDS CONCURRENCY [REPLICAS]`
 //! prints one line: `submits_per_s p50_ms p99_ms errors`.
@@ -10,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fal_sidecar::job::{new_id, now_ms, JobSpec, Priority};
+use fal_sidecar::store::embedded::EmbeddedStore;
 use fal_sidecar::store::redis::{Durability, RedisHub, Subscribe};
 use fal_sidecar::store::Store;
 
@@ -43,17 +46,27 @@ async fn main() {
     let seconds: u64 = args[3].parse().expect("SECONDS");
     let concurrency: usize = args[4].parse().expect("CONCURRENCY");
     let replicas: u32 = args.get(5).map_or(0, |r| r.parse().expect("REPLICAS"));
-    let durability = Durability {
-        replicas,
-        timeout: Duration::from_millis(2000),
+    let stores: Vec<Arc<dyn Store>> = if let Some(dir) = url.strip_prefix("embedded:") {
+        (0..functions)
+            .map(|i| {
+                let dir = std::path::Path::new(dir).join(format!("f{i}"));
+                EmbeddedStore::open(&dir, 3).expect("open the embedded store") as Arc<dyn Store>
+            })
+            .collect()
+    } else {
+        let durability = Durability {
+            replicas,
+            timeout: Duration::from_millis(2000),
+        };
+        let hub =
+            RedisHub::connect_with(url, Subscribe::One("fal:{bench/none}:".into()), durability)
+                .expect("connect");
+        hub.ping().await.expect("ping");
+        let run = new_id();
+        (0..functions)
+            .map(|i| hub.store(&format!("bench-{run}/f{i}"), 3) as Arc<dyn Store>)
+            .collect()
     };
-    let hub = RedisHub::connect_with(url, Subscribe::One("fal:{bench/none}:".into()), durability)
-        .expect("connect");
-    hub.ping().await.expect("ping");
-    let run = new_id();
-    let stores: Vec<_> = (0..functions)
-        .map(|i| hub.store(&format!("bench-{run}/f{i}"), 3))
-        .collect();
     let body = Bytes::from_static(br#"{"prompt": "a cat"}"#);
     let end = Instant::now() + Duration::from_secs(seconds);
     let errors = Arc::new(AtomicU64::new(0));
