@@ -69,6 +69,20 @@ def start_redis(work: Path, name: str, *extra: str) -> tuple[int, subprocess.Pop
     raise SystemExit(f"redis-server {name} did not start")
 
 
+def empty_and_compact(port: int) -> None:
+    """FLUSHALL, then an AOF rewrite that finishes before the next round starts. With
+    `auto-aof-rewrite-percentage 0` no rewrite lands inside a round: ~150,000 submits
+    append ~70 MB, and a rewrite (a fork and a full write) in the middle of a round cut
+    its rate by a third, in whichever round crossed the size."""
+    cli(port, "FLUSHALL")
+    cli(port, "BGREWRITEAOF")
+    for _ in range(600):
+        info = cli(port, "INFO", "persistence")
+        if "aof_rewrite_in_progress:0" in info and "aof_rewrite_scheduled:0" in info:
+            return
+        time.sleep(0.05)
+
+
 def stop_all(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         p.terminate()
@@ -190,25 +204,13 @@ def main() -> None:
 
         # Alternating rounds, medians: the machine's CPU is shared (and on a VM, stolen),
         # so one round of each path says little. Every round starts from an empty queue
-        # and a compacted AOF, and no automatic AOF rewrite runs inside a round: 150,000
-        # submits append ~70 MB, so a rewrite (a fork and a full write) would otherwise
-        # land in whichever round crossed the size and cut its rate by a third.
+        # and a compacted AOF (`empty_and_compact`).
         cli(rport, "CONFIG", "SET", "auto-aof-rewrite-percentage", "0")
-
-        def fresh() -> None:
-            cli(rport, "FLUSHALL")
-            cli(rport, "BGREWRITEAOF")
-            for _ in range(600):
-                if "aof_rewrite_in_progress:0" in cli(rport, "INFO", "persistence") \
-                        and "aof_rewrite_scheduled:0" in cli(rport, "INFO", "persistence"):
-                    break
-                time.sleep(0.05)
-
         raws, https = [], []
         for _ in range(args.rounds):
-            fresh()
+            empty_and_compact(rport)
             raws.append(raw_round())
-            fresh()
+            empty_and_compact(rport)
             https.append(wrk(f"{api_run}/fal/queue/submit/", args.seconds, 64, str(lua_body)))
         cli(rport, "CONFIG", "SET", "auto-aof-rewrite-percentage", "100")
         raw_rps = statistics.median(raws)

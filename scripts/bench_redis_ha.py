@@ -26,7 +26,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from bench_redis import cli, free_port, start_redis as server, stop_all  # noqa: E402
+from bench_redis import cli, free_port, start_redis, stop_all  # noqa: E402
+
+
+def server(work: Path, name: str, *extra: str):
+    """A redis-server of this bench: AOF everysec, no automatic rewrite (a fork and a full
+    write that landed in whichever variant's round crossed the size)."""
+    return start_redis(work, name, "--auto-aof-rewrite-percentage", "0", *extra)
 
 
 def cpu_seconds(port: int) -> float:
