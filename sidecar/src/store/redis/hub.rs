@@ -1,8 +1,8 @@
-//! The connection hub: one command connection (and with `--store-replicas` a pool for
-//! the writes that `WAIT`) and one pub/sub subscription, shared by the stores of every
-//! function a process serves; the subscription feeds each store's `changes()` and
-//! `cancellations()`. Where it connects (one server, a cluster, Sentinel) is
-//! `store::redis_conn`.
+//! The connection hub: one command connection (plus one per HTTP server thread, and with
+//! `--store-replicas` a pool for the writes that `WAIT`) and one pub/sub subscription,
+//! shared by the stores of every function a process serves; the subscription feeds each
+//! store's `changes()` and `cancellations()`. Where it connects (one server, a cluster,
+//! Sentinel) is `store::redis_conn`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,9 +56,10 @@ pub struct Activity {
     pub kind: String,
 }
 
-/// One Redis connection (multiplexed) and one subscription, shared by the stores of
-/// every function a process serves: a gateway that knows a thousand functions holds
-/// two connections, not two thousand.
+/// Multiplexed Redis connections (a shared one, and one per HTTP server thread that
+/// sends commands) and one subscription, shared by the stores of every function a
+/// process serves: a gateway that knows a thousand functions holds a handful of
+/// connections, not two thousand.
 pub struct RedisHub {
     pub(super) conn: Conn,
     /// A command connection per server thread ([`crate::server::thread_slot`]), made
