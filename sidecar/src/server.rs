@@ -125,6 +125,12 @@ pub fn thread_slot() -> Option<usize> {
     SLOT.with(|s| s.get())
 }
 
+/// Gives the current thread a slot (tests: a thread that stands for a server thread).
+#[cfg(test)]
+pub(crate) fn set_thread_slot(slot: usize) {
+    SLOT.with(|s| s.set(Some(slot)));
+}
+
 fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let sock = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?

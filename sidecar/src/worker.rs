@@ -618,19 +618,13 @@ const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
-    use async_trait::async_trait;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::sync::mpsc;
 
     use super::*;
-    use crate::job::{JobSpec, LogLine, Phase, Priority};
+    use crate::job::{Phase, Priority};
     use crate::store::conformance::spec;
-    use crate::store::embedded::EmbeddedStore;
-    use crate::store::{
-        CancelOutcome, Delivery, JobStatus, Load, StoreError, StoreResult, Submitted, Sweep,
-    };
+    use crate::store::testing::{FlakyStore, Renew};
 
     #[test]
     fn lease_clock_counts_from_the_send_with_a_margin() {
@@ -650,104 +644,6 @@ mod tests {
         // The margin is at most 1 s.
         let c = LeaseClock::new(t0, Duration::from_secs(30));
         assert_eq!(c.held_until, t0 + Duration::from_secs(29));
-    }
-
-    #[derive(Clone, Copy)]
-    enum Renew {
-        Ok,
-        /// The store answers Unavailable (connection refused).
-        Fail,
-        /// The store never answers (a partition; the real store times out after 5 s).
-        Hang,
-    }
-
-    /// The embedded store, with renewals that fail or hang on demand.
-    struct FlakyStore {
-        inner: Arc<EmbeddedStore>,
-        renew: Mutex<Renew>,
-    }
-
-    #[async_trait]
-    impl Store for FlakyStore {
-        async fn submit(
-            &self,
-            spec: JobSpec,
-            body: Bytes,
-            max_queue: usize,
-        ) -> StoreResult<Submitted> {
-            self.inner.submit(spec, body, max_queue).await
-        }
-        async fn status(&self, id: &str) -> StoreResult<Option<JobStatus>> {
-            self.inner.status(id).await
-        }
-        async fn result(&self, id: &str) -> StoreResult<Option<StoredResult>> {
-            self.inner.result(id).await
-        }
-        async fn cancel(&self, id: &str) -> StoreResult<CancelOutcome> {
-            self.inner.cancel(id).await
-        }
-        async fn claim(&self, worker: &str, lease: Duration) -> StoreResult<Option<Claimed>> {
-            self.inner.claim(worker, lease).await
-        }
-        async fn renew(&self, id: &str, token: u64, lease: Duration) -> StoreResult<Lease> {
-            let mode = *self.renew.lock().unwrap();
-            match mode {
-                Renew::Ok => self.inner.renew(id, token, lease).await,
-                Renew::Fail => Err(StoreError::Unavailable("connection refused".into())),
-                Renew::Hang => std::future::pending().await,
-            }
-        }
-        async fn release(&self, id: &str, token: u64) -> StoreResult<bool> {
-            self.inner.release(id, token).await
-        }
-        async fn requeue(&self, id: &str, token: u64) -> StoreResult<bool> {
-            self.inner.requeue(id, token).await
-        }
-        async fn complete(
-            &self,
-            id: &str,
-            token: u64,
-            completion: Completion,
-            result: StoredResult,
-        ) -> StoreResult<bool> {
-            self.inner.complete(id, token, completion, result).await
-        }
-        async fn append_logs(&self, id: &str, lines: Vec<LogLine>) -> StoreResult<()> {
-            self.inner.append_logs(id, lines).await
-        }
-        async fn ready(&self) -> StoreResult<()> {
-            self.inner.ready().await
-        }
-        async fn sweep(&self, now_ms: u64, retention: Duration) -> StoreResult<Sweep> {
-            self.inner.sweep(now_ms, retention).await
-        }
-        async fn due_deliveries(
-            &self,
-            now_ms: u64,
-            limit: usize,
-            lease: Duration,
-        ) -> StoreResult<Vec<Delivery>> {
-            self.inner.due_deliveries(now_ms, limit, lease).await
-        }
-        async fn delivery_attempted(
-            &self,
-            request_id: &str,
-            attempts: u32,
-            next_attempt_ms: Option<u64>,
-        ) -> StoreResult<()> {
-            self.inner
-                .delivery_attempted(request_id, attempts, next_attempt_ms)
-                .await
-        }
-        async fn load(&self) -> StoreResult<Load> {
-            self.inner.load().await
-        }
-        fn changes(&self) -> watch::Receiver<u64> {
-            self.inner.changes()
-        }
-        fn cancellations(&self) -> tokio::sync::broadcast::Receiver<String> {
-            self.inner.cancellations()
-        }
     }
 
     /// An app on a loopback port: `POST /test` answers after `answer_after` (never when
@@ -821,11 +717,7 @@ mod tests {
         Arc<FlakyStore>,
         mpsc::UnboundedReceiver<&'static str>,
     ) {
-        let dir = std::env::temp_dir().join(format!("fal-worker-{}", uuid::Uuid::new_v4()));
-        let store = Arc::new(FlakyStore {
-            inner: EmbeddedStore::open(&dir, 3).unwrap(),
-            renew: Mutex::new(renew),
-        });
+        let store = Arc::new(FlakyStore::new(renew));
         let (port, events) = fake_app(answer_after).await;
         let workers = Arc::new(Workers {
             store: store.clone(),

@@ -19,6 +19,8 @@ pub mod redis_conn;
 
 #[cfg(test)]
 pub mod conformance;
+#[cfg(test)]
+pub(crate) mod testing;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -265,6 +265,71 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_changes_reads_the_outbox_at_most_every_recheck_floor() {
+        use crate::store::testing::{FlakyStore, Renew};
+        use std::sync::atomic::Ordering;
+        let store = Arc::new(FlakyStore::new(Renew::Ok));
+        let policy = Arc::new(ssrf::Policy::new(&[], false).unwrap());
+        let cfg = DeliveryConfig {
+            retry_delays: vec![],
+            attempt_timeout: Duration::from_secs(5),
+            // No idle polls in the window: every read here is one a change asked for.
+            idle_poll: Duration::from_secs(3600),
+        };
+        let deliverer = Arc::new(
+            Deliverer::new(
+                store.clone(),
+                Arc::new(Signer::from_seed([7; 32])),
+                policy,
+                cfg,
+                Arc::new(Metrics::new()),
+            )
+            .unwrap(),
+        );
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let run = tokio::spawn(deliverer.run(stop_rx));
+        // The loop's first read, before the burst.
+        while store.outbox_reads.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let before = store.outbox_reads.load(Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        // 640 submits from 64 tasks: 640 changes, each one used to wake the loop.
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..64 {
+            let store = store.clone();
+            tasks.spawn(async move {
+                for _ in 0..10 {
+                    let spec = crate::store::conformance::spec(crate::job::Priority::Normal);
+                    store.submit(spec, Bytes::new(), usize::MAX).await.unwrap();
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        let elapsed = started.elapsed();
+        let during = store.outbox_reads.load(Ordering::Relaxed) - before;
+        let most = (elapsed.as_millis() / RECHECK_FLOOR.as_millis()) as usize + 2;
+        assert!(
+            during <= most,
+            "{during} outbox reads for 640 changes in {elapsed:?}: more than one per {RECHECK_FLOOR:?}"
+        );
+        // The last changes are not forgotten: the loop reads again after them.
+        let after_burst = store.outbox_reads.load(Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while store.outbox_reads.load(Ordering::Relaxed) == after_burst {
+            let s = crate::store::conformance::spec(crate::job::Priority::Normal);
+            store.submit(s, Bytes::new(), usize::MAX).await.unwrap();
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no outbox read after a change"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop_tx.send(true).unwrap();
+        run.await.unwrap();
+    }
+
     fn result(status: u16, body: &'static str) -> StoredResult {
         StoredResult {
             status,

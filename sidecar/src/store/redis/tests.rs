@@ -404,3 +404,75 @@ mod cluster {
         assert!(holding > 1, "12 functions all landed on one shard");
     }
 }
+
+/// Connected clients of the server at `port`, less the one asking.
+fn clients(port: u16) -> usize {
+    let info = ask(port, b"INFO clients\r\n").expect("INFO clients");
+    let n: usize = info
+        .lines()
+        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("connected_clients");
+    n - 1
+}
+
+#[tokio::test]
+async fn a_server_thread_sends_its_commands_on_a_connection_of_its_own() {
+    let port = spawn_server(&[]);
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let hub = RedisHub::connect(&url, Subscribe::One("fal:{test/own}:".into())).unwrap();
+    let store = hub.store("test/own", 3);
+    let spec = || crate::store::conformance::spec(crate::job::Priority::Normal);
+    // Here (no server thread): the shared connection, and the subscription.
+    store.submit(spec(), Bytes::new(), 100).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while clients(port) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the subscription never connected"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(clients(port), 2);
+    // A server thread: its first command opens its connection, driven by its own
+    // runtime; its next commands reuse it.
+    let on_thread = store.clone();
+    let positions = std::thread::spawn(move || {
+        crate::server::set_thread_slot(0);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut positions = Vec::new();
+            for _ in 0..3 {
+                let s = crate::store::conformance::spec(crate::job::Priority::Normal);
+                positions.push(
+                    on_thread
+                        .submit(s, Bytes::new(), 100)
+                        .await
+                        .unwrap()
+                        .position,
+                );
+            }
+            (positions, clients(port))
+        })
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        positions.0,
+        vec![1, 2, 3],
+        "the thread's submits queue behind the first"
+    );
+    assert_eq!(positions.1, 3, "one more connection, for the server thread");
+    // Back here: still the shared connection.
+    assert_eq!(
+        store
+            .submit(spec(), Bytes::new(), 100)
+            .await
+            .unwrap()
+            .position,
+        4
+    );
+}
