@@ -47,6 +47,27 @@ def lua(name: str) -> str:
     return (scripts / "prelude.lua").read_text() + (scripts / f"{name.lower()}.lua").read_text()
 
 
+# wrk's script for HTTP submits (the same small JSON body as the raw rounds).
+SUBMIT_WRK = ('wrk.method = "POST"\nwrk.body = \'{"prompt": "a cat"}\'\n'
+              'wrk.headers["Content-Type"] = "application/json"\n')
+
+
+def raw_submits(port: int, n: int, ids: str, body: str = '{"prompt": "a cat"}') -> float:
+    """redis-benchmark -c64 running the sidecar's submit script `n` times straight into
+    the Redis at `port` (ids `ids` + a random number); submits per second."""
+    sha = cli(port, "SCRIPT", "LOAD", lua("SUBMIT"))
+    now = str(int(time.time() * 1000))
+    spec = json.dumps({"id": "x", "owner": "bench", "endpoint": "/", "method": "POST",
+                       "headers": [["content-type", "application/json"]], "priority": "normal",
+                       "submitted_at_ms": int(now)})
+    out = subprocess.run(
+        ["redis-benchmark", "-p", str(port), "-c", "64", "-n", str(n), "-r", "2000000000", "-q",
+         "EVALSHA", sha, "0", PREFIX, f"{ids}__rand_int__", spec, body, "0", "",
+         "1000000000", now, "", "bench", now, "", ""],
+        check=True, capture_output=True, text=True).stdout
+    return float(re.findall(r"([\d.]+) requests per second", out)[-1])
+
+
 def cli(port: int, *args: str) -> str:
     return subprocess.run(["redis-cli", "-p", str(port), *args], check=True, capture_output=True, text=True).stdout.strip()
 
@@ -184,23 +205,9 @@ def main() -> None:
             return f"http://127.0.0.1:{l}", f"http://127.0.0.1:{q}"
 
         # --- 1. raw script rate vs HTTP submits --------------------------------------------
-        sha = cli(rport, "SCRIPT", "LOAD", lua("SUBMIT"))
-        spec = json.dumps({"id": "x", "owner": "bench", "endpoint": "/", "method": "POST",
-                           "headers": [["content-type", "application/json"]], "priority": "normal",
-                           "submitted_at_ms": int(time.time() * 1000)})
         api_run, api_queue = sidecar("api", 0)
         lua_body = work / "submit.lua"
-        lua_body.write_text('wrk.method = "POST"\nwrk.body = \'{"prompt": "a cat"}\'\n'
-                            'wrk.headers["Content-Type"] = "application/json"\n')
-
-        def raw_round() -> float:
-            now = str(int(time.time() * 1000))
-            out = subprocess.run(
-                ["redis-benchmark", "-p", str(rport), "-c", "64", "-n", str(args.raw_submits), "-r", "2000000000",
-                 "-q", "EVALSHA", sha, "0", PREFIX, "raw-__rand_int__", spec, '{"prompt": "a cat"}', "0", "",
-                 "1000000000", now, "", "bench", now, "", ""],
-                check=True, capture_output=True, text=True).stdout
-            return float(re.findall(r"([\d.]+) requests per second", out)[-1])
+        lua_body.write_text(SUBMIT_WRK)
 
         # Alternating rounds, medians: the machine's CPU is shared (and on a VM, stolen),
         # so one round of each path says little. Every round starts from an empty queue
@@ -209,7 +216,7 @@ def main() -> None:
         raws, https = [], []
         for _ in range(args.rounds):
             empty_and_compact(rport)
-            raws.append(raw_round())
+            raws.append(raw_submits(rport, args.raw_submits, "raw-"))
             empty_and_compact(rport)
             https.append(wrk(f"{api_run}/fal/queue/submit/", args.seconds, 64, str(lua_body)))
         cli(rport, "CONFIG", "SET", "auto-aof-rewrite-percentage", "100")
@@ -276,11 +283,7 @@ def main() -> None:
         status_rows = []
         filled = 0
         for depth in depths:
-            subprocess.run(
-                ["redis-benchmark", "-p", str(rport), "-c", "64", "-n", str(depth - filled), "-r", "2000000000",
-                 "-q", "EVALSHA", sha, "0", PREFIX, f"fill{depth}-__rand_int__", spec, "{}", "0", "",
-                 "1000000000", str(int(time.time() * 1000)), "", "bench", str(int(time.time() * 1000)), "", ""],
-                check=True, capture_output=True)
+            raw_submits(rport, depth - filled, f"fill{depth}-", body="{}")
             filled = depth
             with httpx.Client() as c:
                 url = c.post(f"{api_queue}/bench/app/echo", json={}).json()["status_url"]

@@ -15,7 +15,6 @@ Usage: scripts/bench_submit_cpu.py --store redis|embedded [--rounds 3] BIN_OR_ra
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -26,30 +25,14 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench_redis import FUNCTION, PREFIX, cli, free_port, lua, start_redis
+from bench_redis import FUNCTION, SUBMIT_WRK, free_port, raw_submits, start_redis
 
 TICK = os.sysconf("SC_CLK_TCK")
-WRK_SCRIPT = ('wrk.method = "POST"\nwrk.body = \'{"prompt": "a cat"}\'\n'
-              'wrk.headers["Content-Type"] = "application/json"\n')
 
 
 def cpu_ticks(pid: int) -> int:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])
-
-
-def raw_round(port: int, submits: int) -> float:
-    sha = cli(port, "SCRIPT", "LOAD", lua("SUBMIT"))
-    now = str(int(time.time() * 1000))
-    spec = json.dumps({"id": "x", "owner": "bench", "endpoint": "/", "method": "POST",
-                       "headers": [["content-type", "application/json"]], "priority": "normal",
-                       "submitted_at_ms": int(now)})
-    out = subprocess.run(
-        ["redis-benchmark", "-p", str(port), "-c", "64", "-n", str(submits), "-r", "2000000000", "-q",
-         "EVALSHA", sha, "0", PREFIX, "raw-__rand_int__", spec, '{"prompt": "a cat"}', "0", "",
-         "1000000000", now, "", "bench", now, "", ""],
-        check=True, capture_output=True, text=True).stdout
-    return float(re.findall(r"([\d.]+) requests per second", out)[-1])
 
 
 def sidecar_round(binary: str, work: Path, store: list[str], seconds: int, conns: int) -> tuple[float, float]:
@@ -67,7 +50,7 @@ def sidecar_round(binary: str, work: Path, store: list[str], seconds: int, conns
             except Exception:
                 time.sleep(0.05)
         script = work / "submit.lua"
-        script.write_text(WRK_SCRIPT)
+        script.write_text(SUBMIT_WRK)
         before = cpu_ticks(p.pid)
         out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "-s", str(script),
                               f"http://127.0.0.1:{l}/fal/queue/submit/"],
@@ -103,7 +86,7 @@ def main() -> None:
                 if b == "raw":
                     if args.store != "redis":
                         raise SystemExit("`raw` needs --store redis")
-                    results[b].append((raw_round(port, args.raw_submits), 0.0))
+                    results[b].append((raw_submits(port, args.raw_submits, "raw-"), 0.0))
                 else:
                     results[b].append(sidecar_round(b, work, store, args.seconds, args.conns))
                 rps, us = results[b][-1]

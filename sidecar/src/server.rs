@@ -70,8 +70,7 @@ where
         let handle = std::thread::Builder::new()
             .name(format!("fal-http-{n}"))
             .spawn(move || {
-                let slot = NEXT_SLOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                SLOT.with(|s| s.set(Some(slot)));
+                set_thread_slot(NEXT_SLOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -125,8 +124,7 @@ pub fn thread_slot() -> Option<usize> {
     SLOT.with(|s| s.get())
 }
 
-/// Gives the current thread a slot (tests: a thread that stands for a server thread).
-#[cfg(test)]
+/// Gives the current thread a slot (a server thread; in tests, one that stands for it).
 pub(crate) fn set_thread_slot(slot: usize) {
     SLOT.with(|s| s.set(Some(slot)));
 }
