@@ -225,6 +225,13 @@ pub trait Store: Send + Sync + 'static {
     /// one receiver per waiter: check, then `changed().await`, without a race.
     fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
 
+    /// A counter that moves when jobs may have ended, so their webhooks may have been
+    /// queued in the outbox (the webhook loop waits on it). A store may move it more
+    /// often than that: by default it is [`Store::changes`].
+    fn outbox_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes()
+    }
+
     /// Ids of running jobs whose cancellation was requested, as they are requested
     /// (the worker that holds one forwards the cancel to the app).
     fn cancellations(&self) -> tokio::sync::broadcast::Receiver<String>;

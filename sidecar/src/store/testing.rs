@@ -119,6 +119,9 @@ impl Store for FlakyStore {
     fn changes(&self) -> watch::Receiver<u64> {
         self.inner.changes()
     }
+    fn outbox_changes(&self) -> watch::Receiver<u64> {
+        self.inner.outbox_changes()
+    }
     fn cancellations(&self) -> tokio::sync::broadcast::Receiver<String> {
         self.inner.cancellations()
     }

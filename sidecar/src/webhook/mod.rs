@@ -130,7 +130,7 @@ impl Deliverer {
 
     /// Runs until `stop` turns true.
     pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut changes = self.store.changes();
+        let mut changes = self.store.outbox_changes();
         loop {
             if *stop.borrow() {
                 return;
@@ -144,7 +144,8 @@ impl Deliverer {
             }
             tokio::select! {
                 _ = changes.changed() => {
-                    // Every submit is a change: under a burst, read the outbox at most
+                    // With the embedded store every submit is a change (with Redis,
+                    // only jobs that end are): under a burst, read the outbox at most
                     // every RECHECK_FLOOR, and meanwhile nobody waits on the change
                     // signal, so a submit wakes no other thread for it.
                     tokio::select! {

@@ -35,15 +35,29 @@ pub enum Subscribe {
 }
 
 /// Pub/sub fan-out of one function: status streams and workers wait on `changed`,
-/// workers hear cancels on `cancels`.
+/// the webhook loop on `ended`, workers hear cancels on `cancels`.
 pub(super) struct Channels {
     pub(super) changed: watch::Sender<u64>,
+    /// Moves only when jobs may have ended (and queued their webhooks): see
+    /// [`ENDING_EVENTS`].
+    pub(super) ended: watch::Sender<u64>,
     pub(super) cancels: broadcast::Sender<String>,
 }
+
+/// The events that the scripts which end jobs (`finish` in prelude.lua) publish. A
+/// submit, a claim, a release or new logs end nothing, so they do not wake the webhook
+/// loop for an outbox read that would find nothing new.
+pub(super) const ENDING_EVENTS: &[&[u8]] = &[b"complete", b"cancel", b"end", b"sweep"];
 
 impl Channels {
     pub(super) fn bump(&self) {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// A change that may have ended jobs.
+    pub(super) fn bump_ended(&self) {
+        self.bump();
+        self.ended.send_modify(|v| *v = v.wrapping_add(1));
     }
 }
 
@@ -207,6 +221,7 @@ impl RedisHub {
                 let capacity = if self.follows_all { 4 } else { 1024 };
                 let c = Arc::new(Channels {
                     changed: watch::channel(0u64).0,
+                    ended: watch::channel(0u64).0,
                     cancels: broadcast::channel(capacity).0,
                 });
                 map.retain(|_, w| w.strong_count() > 0);
@@ -240,7 +255,7 @@ impl RedisHub {
             .values()
             .filter_map(std::sync::Weak::upgrade)
             .collect();
-        live.iter().for_each(|c| c.bump());
+        live.iter().for_each(|c| c.bump_ended());
     }
 
     pub(super) fn unavailable(&self, e: impl std::fmt::Display) -> StoreError {
@@ -367,7 +382,11 @@ async fn subscribe_loop(target: Target, subscribe: Subscribe, hub: std::sync::We
                                     });
                                 }
                                 if let Some(c) = chans {
-                                    c.bump();
+                                    if kind == "events" && ENDING_EVENTS.contains(&msg.get_payload_bytes()) {
+                                        c.bump_ended();
+                                    } else {
+                                        c.bump();
+                                    }
                                 }
                             }
                         },

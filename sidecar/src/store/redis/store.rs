@@ -437,7 +437,7 @@ impl Store for RedisStore {
             other => return Err(corrupt(format!("cancel outcome {other:?}"))),
         };
         if outcome != CancelOutcome::NotFound && outcome != CancelOutcome::AlreadyCompleted {
-            self.bump();
+            self.chans.bump_ended();
         }
         Ok(outcome)
     }
@@ -471,7 +471,7 @@ impl Store for RedisStore {
             let r = array(reply)?;
             let ended: u32 = num(r.first(), "ended count")?;
             if ended > 0 {
-                self.bump();
+                self.chans.bump_ended();
             }
             if r.len() < 10 {
                 if ended >= SCRIPT_BATCH {
@@ -550,7 +550,7 @@ impl Store for RedisStore {
             .await?;
         let ok = int_of(&reply) == Some(1);
         if ok {
-            self.bump();
+            self.chans.bump_ended();
         }
         Ok(ok)
     }
@@ -604,7 +604,7 @@ impl Store for RedisStore {
             next_due_ms: u64::try_from(num::<i64>(r.get(3), "next due")?).ok(),
         };
         if sweep.changed() {
-            self.bump();
+            self.chans.bump_ended();
         }
         Ok(sweep)
     }
@@ -678,6 +678,10 @@ impl Store for RedisStore {
 
     fn changes(&self) -> watch::Receiver<u64> {
         self.chans.changed.subscribe()
+    }
+
+    fn outbox_changes(&self) -> watch::Receiver<u64> {
+        self.chans.ended.subscribe()
     }
 
     fn cancellations(&self) -> broadcast::Receiver<String> {

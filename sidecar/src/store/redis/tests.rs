@@ -476,3 +476,49 @@ async fn a_server_thread_sends_its_commands_on_a_connection_of_its_own() {
         4
     );
 }
+
+/// The webhook loop waits on `outbox_changes`: submits and claims (which queue no
+/// webhook) leave it alone, a completion moves it here and on every other replica.
+#[tokio::test]
+async fn only_jobs_that_end_wake_the_webhook_loop() {
+    let port = server_port();
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let function = format!("test/{}", uuid::Uuid::new_v4());
+    let a = RedisStore::open(&url, &function, 3).await.unwrap();
+    let b = RedisStore::open(&url, &function, 3).await.unwrap();
+    let (mut a_out, mut b_out) = (a.outbox_changes(), b.outbox_changes());
+    // Both subscriptions are live, and each hub's bump on subscribing has happened.
+    let numsub = format!(
+        "*3\r\n$6\r\nPUBSUB\r\n$6\r\nNUMSUB\r\n${}\r\n{}events\r\n",
+        key_prefix(&function).len() + 6,
+        key_prefix(&function)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ask(port, numsub.as_bytes()).is_ok_and(|r| r.ends_with(":2\r\n"))
+        || *a_out.borrow() == 0
+        || *b_out.borrow() == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "subscriptions never came up");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    a_out.borrow_and_update();
+    let b_before = *b_out.borrow_and_update();
+    let mut claimed = Vec::new();
+    for _ in 0..20 {
+        let s = crate::store::conformance::spec(crate::job::Priority::Normal);
+        a.submit(s, Bytes::new(), 100).await.unwrap();
+        claimed.push(a.claim("w", Duration::from_secs(30)).await.unwrap().unwrap());
+    }
+    assert!(!a_out.has_changed().unwrap(), "a submit or a claim woke the webhook loop");
+    let c = &claimed[0];
+    let (done, result) = system_end(SystemEnd::Cancelled, now_ms(), 1);
+    assert!(a.complete(&c.record.spec.id, c.token, done, result).await.unwrap());
+    assert!(a_out.has_changed().unwrap(), "a completion did not wake the webhook loop");
+    // The other replica hears it over pub/sub, after the submits and claims (one
+    // connection delivers in order): the completion is the only move.
+    tokio::time::timeout(Duration::from_secs(5), b_out.changed())
+        .await
+        .expect("the other replica never heard the completion")
+        .unwrap();
+    assert_eq!(*b_out.borrow(), b_before + 1);
+}

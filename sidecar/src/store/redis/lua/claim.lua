@@ -47,6 +47,7 @@ while ended < batch do
       redis.call('ZADD', P .. 'running', lease_until, id)
       redis.call('SET', P .. 'activity', now)
       redis.call('PUBLISH', P .. 'events', 'claim')
+      if ended > 0 then redis.call('PUBLISH', P .. 'events', 'end') end
       local r = redis.call('HMGET', jk, 'spec', 'seq', 'cancel', 'body')
       return {ended, id, r[1], r[2], attempts + 1, tok, lease_until, now, r[3], r[4] or ''}
     end
