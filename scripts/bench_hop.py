@@ -191,8 +191,12 @@ def main():
         for url, _ in paths.values():  # warm every pool
             wrk(url, 1, a.conns)
         runs: dict[str, list[dict]] = {k: [] for k in paths}
-        for _ in range(a.rounds):
-            for name, (url, pids) in paths.items():
+        # Each round starts with another path (over 3 rounds every path runs once
+        # first, once second, once last), so no path always follows the same one.
+        order = list(paths)
+        for r in range(a.rounds):
+            for name in order[r % len(order):] + order[:r % len(order)]:
+                url, pids = paths[name]
                 runs[name].append(measure(url, a.duration, a.conns, pids, load_cpu))
 
         def med(name, key):
