@@ -10,7 +10,7 @@ machine was, req/s the one that does. With --store redis, `raw` in place of a bi
 runs redis-benchmark of the submit script instead (the baseline of bench_redis.py).
 Medians over --rounds alternating rounds.
 
-Usage: scripts/bench_submit_cpu.py --store redis|embedded [--rounds 3] BIN_OR_raw...
+Usage: scripts/bench_submit_cpu.py --store redis|embedded [--rounds 3] [--listener run|queue] BIN_OR_raw...
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def sidecar_round(binary: str, work: Path, store: list[str], seconds: int, conns: int) -> tuple[float, float]:
+def sidecar_round(binary: str, work: Path, store: list[str], seconds: int, conns: int,
+                  listener: str = "run") -> tuple[float, float]:
     l, q, a = free_port(), free_port(), free_port()
     p = subprocess.Popen(
         [binary, "serve", "--upstream", "http://127.0.0.1:9", *store, "--listen", f"127.0.0.1:{l}",
@@ -53,7 +54,8 @@ def sidecar_round(binary: str, work: Path, store: list[str], seconds: int, conns
         script.write_text(SUBMIT_WRK)
         before = cpu_ticks(p.pid)
         out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "-s", str(script),
-                              f"http://127.0.0.1:{l}/fal/queue/submit/"],
+                              f"http://127.0.0.1:{l}/fal/queue/submit/" if listener == "run"
+                              else f"http://127.0.0.1:{q}/{FUNCTION}"],
                              check=True, capture_output=True, text=True).stdout
         used = (cpu_ticks(p.pid) - before) / TICK
     finally:
@@ -70,6 +72,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--conns", type=int, default=64)
+    ap.add_argument("--listener", choices=["run", "queue"], default="run",
+                    help="submit on the run listener (/fal/queue/submit/) or the queue listener "
+                         "(POST /{owner}/{app}, the fal clients' path)")
     ap.add_argument("--raw-submits", type=int, default=120_000)
     ap.add_argument("binaries", nargs="+", help="fal-sidecar builds, or `raw` (--store redis)")
     args = ap.parse_args()
@@ -88,7 +93,7 @@ def main() -> None:
                         raise SystemExit("`raw` needs --store redis")
                     results[b].append((raw_submits(port, args.raw_submits, "raw-"), 0.0))
                 else:
-                    results[b].append(sidecar_round(b, work, store, args.seconds, args.conns))
+                    results[b].append(sidecar_round(b, work, store, args.seconds, args.conns, args.listener))
                 rps, us = results[b][-1]
                 print(f"round {r + 1} {b}: {rps:,.0f}/s" + (f", {us:.1f} µs CPU per submit" if us else ""),
                       flush=True)

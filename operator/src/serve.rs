@@ -84,15 +84,17 @@ pub async fn serve_listeners(
             .await
             .map_err(io)?,
     );
-    let queue_l = server::bind(&listen.queue, "the queue host (--queue-listen)")
-        .await
-        .map_err(io)?;
+    drop(
+        server::bind(&listen.queue, "the queue host (--queue-listen)")
+            .await
+            .map_err(io)?,
+    );
     let admin_l = server::bind(&listen.admin, "metrics and probes (--admin-listen)")
         .await
         .map_err(io)?;
     let limits = ConnLimits::default();
     let drain = Duration::from_secs(30);
-    let threads = server::serve_per_thread(
+    let mut threads = server::serve_per_thread(
         &listen.run,
         "the run host (--listen)",
         fal_sidecar::runtime::http_threads(),
@@ -103,15 +105,21 @@ pub async fn serve_listeners(
         drain,
     )
     .map_err(io)?;
+    // Where the fal clients submit: per-thread servers too (a Redis connection each).
+    threads.extend(
+        server::serve_per_thread(
+            &listen.queue,
+            "the queue host (--queue-listen)",
+            fal_sidecar::runtime::http_threads(),
+            gw.clone(),
+            gateway::handle_queue,
+            limits,
+            stop,
+            drain,
+        )
+        .map_err(io)?,
+    );
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(server::serve(
-        queue_l,
-        gw.clone(),
-        gateway::handle_queue,
-        limits,
-        stop,
-        drain,
-    ));
     tasks.spawn(server::serve(
         admin_l,
         admin,

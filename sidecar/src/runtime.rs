@@ -214,10 +214,10 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
     let metrics = Arc::new(Metrics::new());
     let running = Running::default();
 
-    // Bind first: a port conflict should fail before the app is started. (The run
-    // listener, the hot path, is bound per server thread below; probe it here.)
+    // Bind first: a port conflict should fail before the app is started. (The run and
+    // queue listeners, the hot paths, are bound per server thread below; probe them here.)
     drop(server::bind(&common.listen, "the run API (--listen)").await?);
-    let queue_l = server::bind(&common.queue_listen, "the queue API (--queue-listen)").await?;
+    drop(server::bind(&common.queue_listen, "the queue API (--queue-listen)").await?);
     let admin_l = server::bind(&common.admin_listen, "metrics and probes (--admin-listen)").await?;
     let run_host_l = match &common.run_host_listen {
         Some(addr) => Some(server::bind(addr, "the run host (--run-host-listen)").await?),
@@ -297,7 +297,7 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
     };
     let drain = common.drain_timeout;
     let mut servers = tokio::task::JoinSet::new();
-    let run_threads = server::serve_per_thread(
+    let mut run_threads = server::serve_per_thread(
         &common.listen,
         "the run API (--listen)",
         http_threads(),
@@ -307,14 +307,18 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
         stop_rx.clone(),
         drain,
     )?;
-    servers.spawn(server::serve(
-        queue_l,
+    // The queue API is where the fal clients submit: the same per-thread servers (and
+    // so a Redis connection per thread), not the shared runtime.
+    run_threads.extend(server::serve_per_thread(
+        &common.queue_listen,
+        "the queue API (--queue-listen)",
+        http_threads(),
         app.clone(),
         api::handle_queue_host,
         limits,
         stop_rx.clone(),
         drain,
-    ));
+    )?);
     if let Some(l) = run_host_l {
         servers.spawn(server::serve(
             l,
