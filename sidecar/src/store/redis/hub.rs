@@ -34,6 +34,52 @@ pub enum Subscribe {
     All,
 }
 
+/// A server thread's own command connection. Its first command starts the
+/// connection, on the thread's runtime, and goes on the shared connection meanwhile:
+/// no request waits for a connection to be made (a handshake is round trips, and to a
+/// distant or slow Redis those would eat into the request's time bound). Once the new
+/// connection has answered a `PING` it takes the thread's commands; a failed attempt is
+/// retried a second later, on a later command.
+#[derive(Default)]
+struct LocalConn {
+    conn: std::sync::OnceLock<Conn>,
+    /// A connection attempt is under way (or waiting out its retry delay).
+    starting: std::sync::atomic::AtomicBool,
+}
+
+impl LocalConn {
+    fn start(self: &Arc<Self>, target: &Target) {
+        use std::sync::atomic::Ordering;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.starting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let slot = self.clone();
+        let conn = target.connect();
+        runtime.spawn(async move {
+            let answered = match conn {
+                Ok(mut c) => {
+                    let ping = redis::cmd("PING");
+                    match tokio::time::timeout(OP_TIMEOUT, ping.query_async::<Value>(&mut c)).await {
+                        Ok(Ok(_)) => Some(c),
+                        _ => None,
+                    }
+                }
+                Err(_) => None,
+            };
+            match answered {
+                Some(c) => drop(slot.conn.set(c)),
+                None => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    slot.starting.store(false, Ordering::Release);
+                }
+            }
+        });
+    }
+}
+
 /// Pub/sub fan-out of one function: status streams and workers wait on `changed`,
 /// the webhook loop on `ended`, workers hear cancels on `cancels`.
 pub(super) struct Channels {
@@ -77,11 +123,12 @@ pub struct Activity {
 pub struct RedisHub {
     pub(super) conn: Conn,
     /// A command connection per server thread ([`crate::server::thread_slot`]), made
-    /// on that thread's first command and driven by its runtime: a handler's command
+    /// by that thread's first command and driven by its runtime: a handler's command
     /// and its answer never cross threads (with one shared connection every submit
     /// woke the thread that drives it and was woken back: 2 of the 3 busy threads'
-    /// time went to those wake-ups). Other threads use `conn`.
-    local: Box<[std::sync::OnceLock<Conn>]>,
+    /// time went to those wake-ups). Other threads use `conn`, and so does a server
+    /// thread until its own connection answers (see [`LocalConn`]).
+    local: Box<[Arc<LocalConn>]>,
     target: Target,
     /// With `--store-replicas`: connections for the writes that WAIT. A WAIT holds its
     /// connection until the replicas answer, so every other command sent on it queues
@@ -169,7 +216,7 @@ impl RedisHub {
         let (activity, _) = broadcast::channel(4096);
         let follows_all = subscribe == Subscribe::All;
         let hub = Arc::new(RedisHub {
-            local: (0..LOCAL_SLOTS).map(|_| Default::default()).collect(),
+            local: (0..LOCAL_SLOTS).map(|_| Arc::default()).collect(),
             target: target.clone(),
             follows_all,
             cluster: matches!(target, Target::Cluster { .. }),
@@ -273,13 +320,17 @@ impl RedisHub {
         self.guard_on(self.command_conn(), op).await
     }
 
-    /// The command connection for the current thread: its own on a server thread,
-    /// else the shared one.
+    /// The command connection for the current thread: its own on a server thread once
+    /// that answers, else the shared one.
     pub(super) fn command_conn(&self) -> &Conn {
         let Some(slot) = crate::server::thread_slot().and_then(|i| self.local.get(i)) else {
             return &self.conn;
         };
-        slot.get_or_init(|| self.target.connect().unwrap_or_else(|_| self.conn.clone()))
+        if let Some(own) = slot.conn.get() {
+            return own;
+        }
+        slot.start(&self.target);
+        &self.conn
     }
 
     /// The next connection for a write that WAITs (round robin).

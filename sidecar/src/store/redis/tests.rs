@@ -434,38 +434,53 @@ async fn a_server_thread_sends_its_commands_on_a_connection_of_its_own() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(clients(port), 2);
-    // A server thread: its first command opens its connection, driven by its own
-    // runtime; its next commands reuse it.
+    // A server thread: its first command goes on the shared connection and starts the
+    // thread's own, driven by its runtime; once that has answered, the thread's
+    // commands go on it.
     let on_thread = store.clone();
-    let positions = std::thread::spawn(move || {
+    let thread = std::thread::spawn(move || {
         crate::server::set_thread_slot(0);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async {
-            let mut positions = Vec::new();
-            for _ in 0..3 {
-                let s = crate::store::conformance::spec(crate::job::Priority::Normal);
-                positions.push(
-                    on_thread
-                        .submit(s, Bytes::new(), 100)
-                        .await
-                        .unwrap()
-                        .position,
+            let s = || crate::store::conformance::spec(crate::job::Priority::Normal);
+            let mut positions = vec![on_thread.submit(s(), Bytes::new(), 100).await.unwrap().position];
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while clients(port) < 3 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the thread's connection never came up"
                 );
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            (positions, clients(port))
+            // Taken once it has answered its PING: then the newest connection is the one
+            // that runs the thread's scripts.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while newest_client_last_command(port) != "evalsha" {
+                let r = on_thread.submit(s(), Bytes::new(), 100).await.unwrap();
+                positions.push(r.position);
+                assert!(std::time::Instant::now() < deadline, "the thread never used its connection");
+            }
+            for _ in 0..2 {
+                positions.push(on_thread.submit(s(), Bytes::new(), 100).await.unwrap().position);
+            }
+            (positions, clients(port), newest_client_last_command(port))
         })
-    })
-    .join()
-    .unwrap();
+    });
+    // Joined off this runtime: it drives the shared connection the thread starts on.
+    let (positions, during, last_cmd) = tokio::task::spawn_blocking(move || thread.join().unwrap())
+        .await
+        .unwrap();
+    let n = positions.len() as u64;
     assert_eq!(
-        positions.0,
-        vec![1, 2, 3],
+        positions,
+        (1..=n).collect::<Vec<_>>(),
         "the thread's submits queue behind the first"
     );
-    assert_eq!(positions.1, 3, "one more connection, for the server thread");
+    assert_eq!(during, 3, "one more connection, for the server thread");
+    assert_eq!(last_cmd, "evalsha", "the thread's submits go on its connection");
     // Back here: still the shared connection.
     assert_eq!(
         store
@@ -473,8 +488,27 @@ async fn a_server_thread_sends_its_commands_on_a_connection_of_its_own() {
             .await
             .unwrap()
             .position,
-        4
+        n + 1
     );
+}
+
+/// The last command of the most recently connected client (`CLIENT LIST`), other than
+/// the connection asking.
+fn newest_client_last_command(port: u16) -> String {
+    let list = ask(port, b"CLIENT LIST\r\n").expect("CLIENT LIST");
+    list.lines()
+        .filter(|l| !l.contains("cmd=client|list"))
+        .filter_map(|l| {
+            let field = |k: &str| {
+                l.split(' ')
+                    .find_map(|f| f.strip_prefix(k))
+                    .map(str::to_string)
+            };
+            Some((field("id=")?.parse::<u64>().ok()?, field("cmd=")?))
+        })
+        .max_by_key(|(id, _)| *id)
+        .map(|(_, cmd)| cmd)
+        .unwrap_or_default()
 }
 
 /// The webhook loop waits on `outbox_changes`: submits and claims (which queue no
