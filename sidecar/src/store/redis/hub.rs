@@ -62,7 +62,8 @@ impl LocalConn {
             let answered = match conn {
                 Ok(mut c) => {
                     let ping = redis::cmd("PING");
-                    match tokio::time::timeout(OP_TIMEOUT, ping.query_async::<Value>(&mut c)).await {
+                    match tokio::time::timeout(OP_TIMEOUT, ping.query_async::<Value>(&mut c)).await
+                    {
                         Ok(Ok(_)) => Some(c),
                         _ => None,
                     }

@@ -446,7 +446,13 @@ async fn a_server_thread_sends_its_commands_on_a_connection_of_its_own() {
             .unwrap();
         rt.block_on(async {
             let s = || crate::store::conformance::spec(crate::job::Priority::Normal);
-            let mut positions = vec![on_thread.submit(s(), Bytes::new(), 100).await.unwrap().position];
+            let mut positions = vec![
+                on_thread
+                    .submit(s(), Bytes::new(), 100)
+                    .await
+                    .unwrap()
+                    .position,
+            ];
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
             while clients(port) < 3 {
                 assert!(
@@ -461,10 +467,19 @@ async fn a_server_thread_sends_its_commands_on_a_connection_of_its_own() {
             while newest_client_last_command(port) != "evalsha" {
                 let r = on_thread.submit(s(), Bytes::new(), 100).await.unwrap();
                 positions.push(r.position);
-                assert!(std::time::Instant::now() < deadline, "the thread never used its connection");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the thread never used its connection"
+                );
             }
             for _ in 0..2 {
-                positions.push(on_thread.submit(s(), Bytes::new(), 100).await.unwrap().position);
+                positions.push(
+                    on_thread
+                        .submit(s(), Bytes::new(), 100)
+                        .await
+                        .unwrap()
+                        .position,
+                );
             }
             (positions, clients(port), newest_client_last_command(port))
         })
@@ -480,7 +495,10 @@ async fn a_server_thread_sends_its_commands_on_a_connection_of_its_own() {
         "the thread's submits queue behind the first"
     );
     assert_eq!(during, 3, "one more connection, for the server thread");
-    assert_eq!(last_cmd, "evalsha", "the thread's submits go on its connection");
+    assert_eq!(
+        last_cmd, "evalsha",
+        "the thread's submits go on its connection"
+    );
     // Back here: still the shared connection.
     assert_eq!(
         store
@@ -532,7 +550,10 @@ async fn only_jobs_that_end_wake_the_webhook_loop() {
         || *a_out.borrow() == 0
         || *b_out.borrow() == 0
     {
-        assert!(std::time::Instant::now() < deadline, "subscriptions never came up");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "subscriptions never came up"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     a_out.borrow_and_update();
@@ -541,13 +562,27 @@ async fn only_jobs_that_end_wake_the_webhook_loop() {
     for _ in 0..20 {
         let s = crate::store::conformance::spec(crate::job::Priority::Normal);
         a.submit(s, Bytes::new(), 100).await.unwrap();
-        claimed.push(a.claim("w", Duration::from_secs(30)).await.unwrap().unwrap());
+        claimed.push(
+            a.claim("w", Duration::from_secs(30))
+                .await
+                .unwrap()
+                .unwrap(),
+        );
     }
-    assert!(!a_out.has_changed().unwrap(), "a submit or a claim woke the webhook loop");
+    assert!(
+        !a_out.has_changed().unwrap(),
+        "a submit or a claim woke the webhook loop"
+    );
     let c = &claimed[0];
     let (done, result) = system_end(SystemEnd::Cancelled, now_ms(), 1);
-    assert!(a.complete(&c.record.spec.id, c.token, done, result).await.unwrap());
-    assert!(a_out.has_changed().unwrap(), "a completion did not wake the webhook loop");
+    assert!(a
+        .complete(&c.record.spec.id, c.token, done, result)
+        .await
+        .unwrap());
+    assert!(
+        a_out.has_changed().unwrap(),
+        "a completion did not wake the webhook loop"
+    );
     // The other replica hears it over pub/sub, after the submits and claims (one
     // connection delivers in order): the completion is the only move.
     tokio::time::timeout(Duration::from_secs(5), b_out.changed())
