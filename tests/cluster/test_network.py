@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import uuid
 
 import httpx
@@ -49,6 +50,19 @@ def ask(ip: str, endpoint: str, **params):
     r = httpx.get(f"http://{ip}:{PORT}{endpoint}", params=params, timeout=15)
     r.raise_for_status()
     return r.json() if r.headers["content-type"] == "application/json" else r.text
+
+
+def proxy_rules(ip: str) -> str:
+    """The lines of kube-proxy's nftables ruleset that name `ip` (it runs in the
+    namespace scripts/cluster.sh gives it), for failure messages."""
+    ns = f"falk{os.environ.get('FAL_CLUSTER_NET', '0')}svc"
+    try:
+        out = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "ruleset"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"(cannot list: {e})"
+    lines = [line.strip() for line in out.stdout.splitlines() if ip in line]
+    return "\n".join(lines) or f"(none; nft said: {out.stderr.strip()[:300] or 'nothing'})"
 
 
 def cluster_ip(cluster: Cluster, namespace: str, name: str) -> str:
@@ -99,7 +113,13 @@ def test_services_route_from_pods_to_other_pods_and_back_to_themselves(cluster: 
             return r
         raise AssertionError(f"not refused (yet): {r}")  # wait_until reports the last one
 
-    got = wait_until(refused, 30, "a refused connection to a Service without endpoints")
+    # 60 s: past kube-proxy's 30 s full resync, should an event-driven sync be missed
+    # or fail (one fresh-clone run saw only timeouts for 30 s). If it still is not
+    # refused, the failure shows what kube-proxy holds for that address.
+    try:
+        got = wait_until(refused, 60, "a refused connection to a Service without endpoints")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\nkube-proxy's nftables rules for {nobody}:\n{proxy_rules(nobody)}") from None
     assert "refused" in got["error"].lower() or "unreachable" in got["error"].lower(), got
 
 
