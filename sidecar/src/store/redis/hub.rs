@@ -39,16 +39,27 @@ pub enum Subscribe {
 /// no request waits for a connection to be made (a handshake is round trips, and to a
 /// distant or slow Redis those would eat into the request's time bound). Once the new
 /// connection has answered a `PING` it takes the thread's commands; a failed attempt is
-/// retried a second later, on a later command.
+/// retried a second later, on a later command. A connection belongs to the hub's
+/// [`RedisHub::epoch`] it was made in: when the subscription breaks (Redis restarted,
+/// a failover) the thread goes back to the shared connection, which the background
+/// loops keep using and so repair at once, and makes a new one of its own; an idle
+/// thread's old connection would fail the first request that used it.
 #[derive(Default)]
 struct LocalConn {
-    conn: std::sync::OnceLock<Conn>,
+    conn: std::sync::RwLock<Option<(u64, Conn)>>,
     /// A connection attempt is under way (or waiting out its retry delay).
     starting: std::sync::atomic::AtomicBool,
 }
 
 impl LocalConn {
-    fn start(self: &Arc<Self>, target: &Target) {
+    fn current(&self, epoch: u64) -> Option<Conn> {
+        match &*self.conn.read().unwrap_or_else(|e| e.into_inner()) {
+            Some((e, c)) if *e == epoch => Some(c.clone()),
+            _ => None,
+        }
+    }
+
+    fn start(self: &Arc<Self>, target: &Target, epoch: u64) {
         use std::sync::atomic::Ordering;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
@@ -71,12 +82,12 @@ impl LocalConn {
                 Err(_) => None,
             };
             match answered {
-                Some(c) => drop(slot.conn.set(c)),
-                None => {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    slot.starting.store(false, Ordering::Release);
+                Some(c) => {
+                    *slot.conn.write().unwrap_or_else(|e| e.into_inner()) = Some((epoch, c));
                 }
+                None => tokio::time::sleep(Duration::from_secs(1)).await,
             }
+            slot.starting.store(false, Ordering::Release);
         });
     }
 }
@@ -130,6 +141,9 @@ pub struct RedisHub {
     /// time went to those wake-ups). Other threads use `conn`, and so does a server
     /// thread until its own connection answers (see [`LocalConn`]).
     local: Box<[Arc<LocalConn>]>,
+    /// Moves each time the subscription breaks or comes back: server threads' own
+    /// connections from before are not used again.
+    epoch: std::sync::atomic::AtomicU64,
     target: Target,
     /// With `--store-replicas`: connections for the writes that WAIT. A WAIT holds its
     /// connection until the replicas answer, so every other command sent on it queues
@@ -218,6 +232,7 @@ impl RedisHub {
         let follows_all = subscribe == Subscribe::All;
         let hub = Arc::new(RedisHub {
             local: (0..LOCAL_SLOTS).map(|_| Arc::default()).collect(),
+            epoch: Default::default(),
             target: target.clone(),
             follows_all,
             cluster: matches!(target, Target::Cluster { .. }),
@@ -318,20 +333,32 @@ impl RedisHub {
         F: FnMut(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        self.guard_on(self.command_conn(), op).await
+        self.guard_on(&self.command_conn(), op).await
     }
 
     /// The command connection for the current thread: its own on a server thread once
-    /// that answers, else the shared one.
-    pub(super) fn command_conn(&self) -> &Conn {
+    /// that answers (and was made since the subscription last broke), else the shared
+    /// one.
+    pub(super) fn command_conn(&self) -> Conn {
         let Some(slot) = crate::server::thread_slot().and_then(|i| self.local.get(i)) else {
-            return &self.conn;
+            return self.conn.clone();
         };
-        if let Some(own) = slot.conn.get() {
+        let epoch = self.epoch.load(std::sync::atomic::Ordering::Acquire);
+        if let Some(own) = slot.current(epoch) {
             return own;
         }
-        slot.start(&self.target);
-        &self.conn
+        slot.start(&self.target, epoch);
+        self.conn.clone()
+    }
+
+    #[cfg(test)]
+    pub(super) fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The server threads' own connections are made again (see [`LocalConn`]).
+    fn renew_thread_connections(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// The next connection for a write that WAITs (round robin).
@@ -407,7 +434,10 @@ async fn subscribe_loop(target: Target, subscribe: Subscribe, hub: std::sync::We
                 }
                 backoff = Duration::from_millis(100);
                 match hub.upgrade() {
-                    Some(h) => h.bump_all(),
+                    Some(h) => {
+                        h.renew_thread_connections();
+                        h.bump_all();
+                    }
                     None => return,
                 }
                 let (mut sink, mut stream) = pubsub.split();
@@ -451,6 +481,9 @@ async fn subscribe_loop(target: Target, subscribe: Subscribe, hub: std::sync::We
                     }
                 }
                 tracing::warn!(%server, "lost the redis subscription; reconnecting");
+                if let Some(h) = hub.upgrade() {
+                    h.renew_thread_connections();
+                }
                 failing = true;
             }
             Ok(Err(e)) => {

@@ -434,6 +434,11 @@ async fn a_server_thread_sends_its_commands_on_a_connection_of_its_own() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(clients(port), 2);
+    // The subscription is up and has renewed the threads' connections (none yet).
+    while hub.epoch() == 0 {
+        assert!(std::time::Instant::now() < deadline, "never subscribed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     // A server thread: its first command goes on the shared connection and starts the
     // thread's own, driven by its runtime; once that has answered, the thread's
     // commands go on it.
