@@ -67,11 +67,14 @@ def test_a_volume_over_the_kubelets_own_directory_hides_no_later_volume(cluster:
                          {"name": "data", "mountPath": "/pod-data"}]}],
         volumes=[{"name": "cover", "emptyDir": {}}, {"name": "data", "emptyDir": {}}]))
 
+    # The log can show "covered" before the kubelet has posted the container as running
+    # (a fresh-clone CI run read the status in between): wait for both.
     def started():
         p = cluster.json("get", "pod", "cover", "-n", namespace)
-        return "covered" in cluster.pod_log(p, "c") and p
+        cs = (p.get("status", {}).get("containerStatuses") or [{}])[0]
+        return "covered" in cluster.pod_log(p, "c") and "running" in cs.get("state", {}) and p
 
-    p = wait_until(started, 60, "the container to see both volumes")
+    p = wait_until(started, 60, "the container to see both volumes and run")
     cs = p["status"]["containerStatuses"][0]
     assert cs["restartCount"] == 0 and "running" in cs["state"], cs
 
