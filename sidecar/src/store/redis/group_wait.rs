@@ -11,9 +11,12 @@
 //! write that queued during the previous one. Before, every write sent a `WAIT` of its
 //! own and held one of the 8 connections for a replica round trip.
 //!
-//! A group holds the writes of one function only: in a cluster, one function's keys
+//! In a cluster a group holds the writes of one function only: one function's keys
 //! live in one slot, so a group goes to one node (the pipeline the cluster client
-//! routes), and a group's `WAIT` on that node counts replicas of that node.
+//! routes), and a group's `WAIT` on that node counts replicas of that node. With one
+//! primary (a single Redis, Sentinel) every write goes to the same node, so a group
+//! takes the queued writes of every function: the replication offset is the node's,
+//! and a `WAIT` after them covers them all.
 //!
 //! Nothing changes for a caller: its write is acknowledged only once N replicas
 //! confirmed it; a group that gets fewer, a lost connection or a timeout fails every
@@ -40,7 +43,7 @@ pub(super) enum Outcome {
 }
 
 struct Pending {
-    /// The function's key prefix: a group holds one function's writes.
+    /// The function's key prefix: in a cluster, a group holds one function's writes.
     prefix: Arc<str>,
     cmd: redis::Cmd,
     reply: oneshot::Sender<Outcome>,
@@ -50,10 +53,13 @@ struct Pending {
 struct Queue {
     pending: Mutex<VecDeque<Pending>>,
     more: Notify,
+    /// A cluster: a group holds one function's writes (one slot, one node).
+    per_function: bool,
 }
 
 impl Queue {
-    /// The oldest write and every other queued write of its function (in order).
+    /// The oldest write and every other queued write that can go with it (in order): of
+    /// its function in a cluster, of any function with one primary.
     fn take_group(&self) -> Vec<Pending> {
         let mut q = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let Some(first) = q.pop_front() else {
@@ -62,7 +68,7 @@ impl Queue {
         let mut group = vec![first];
         let mut i = 0;
         while i < q.len() && group.len() < MAX_GROUP {
-            if q[i].prefix == group[0].prefix {
+            if !self.per_function || q[i].prefix == group[0].prefix {
                 group.extend(q.remove(i));
             } else {
                 i += 1;
@@ -92,7 +98,10 @@ impl GroupWait {
     /// One writer per WAIT connection of `hub`, on the runtime that made the hub (the
     /// process's own, not a caller's: an HTTP thread's runtime ends before the hub).
     pub(super) fn start(hub: &Arc<RedisHub>) -> GroupWait {
-        let queue = Arc::new(Queue::default());
+        let queue = Arc::new(Queue {
+            per_function: hub.cluster,
+            ..Queue::default()
+        });
         let writers = (0..hub.wait_pool.len().max(1))
             .map(|i| {
                 let task = write_groups(Arc::downgrade(hub), queue.clone(), i);
@@ -191,5 +200,61 @@ fn fail(group: &mut Vec<Pending>, e: &StoreError) {
         let _ = p
             .reply
             .send(Outcome::Done(Err(StoreError::Unavailable(why.clone()))));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue(per_function: bool, prefixes: &[&str]) -> (Queue, Vec<oneshot::Receiver<Outcome>>) {
+        let q = Queue {
+            per_function,
+            ..Queue::default()
+        };
+        let mut answers = Vec::new();
+        for (i, p) in prefixes.iter().enumerate() {
+            let (reply, answer) = oneshot::channel();
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(i);
+            q.pending.lock().unwrap().push_back(Pending {
+                prefix: Arc::from(*p),
+                cmd,
+                reply,
+            });
+            answers.push(answer);
+        }
+        (q, answers)
+    }
+
+    fn order(group: &[Pending]) -> Vec<String> {
+        group
+            .iter()
+            .map(|p| String::from_utf8_lossy(&p.cmd.get_packed_command()).into_owned())
+            .map(|packed| packed.rsplit("\r\n").nth(1).unwrap_or_default().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn with_one_primary_a_group_takes_every_function_s_writes_in_order() {
+        let (q, _answers) = queue(false, &["a", "b", "a", "c"]);
+        assert_eq!(order(&q.take_group()), ["0", "1", "2", "3"]);
+        assert!(q.take_group().is_empty());
+    }
+
+    #[test]
+    fn in_a_cluster_a_group_holds_one_function_s_writes() {
+        let (q, _answers) = queue(true, &["a", "b", "a", "c"]);
+        assert_eq!(order(&q.take_group()), ["0", "2"]);
+        assert_eq!(order(&q.take_group()), ["1"]);
+        assert_eq!(order(&q.take_group()), ["3"]);
+    }
+
+    #[test]
+    fn a_group_stops_at_its_size_limit() {
+        let prefixes = vec!["a"; MAX_GROUP + 3];
+        let (q, _answers) = queue(false, &prefixes);
+        assert_eq!(q.take_group().len(), MAX_GROUP);
+        assert_eq!(q.take_group().len(), 3);
     }
 }
