@@ -5,10 +5,9 @@ of a `minReplicas: 0` FalFunction whose pods run under the test kubelet.
 - The function starts warm (max(min, 1) = 1 replica) and the autoscaler takes its
   Deployment to 0 with no load.
 - A queue submit through the gateway at zero wakes it: the `scale` subresource goes
-  0 → 1 (patched as field manager `fal-autoscaler`; that the Deployment's managedFields
-  show it is an expected failure, see MANAGED_FIELDS_BUG), a pod starts and runs the
-  request; keepAlive
-  later the scale is back at 0, the pod drains through its preStop hook and goes away,
+  0 → 1 (a server-side apply as field manager `fal-autoscaler`, which the Deployment's
+  managedFields show as the owner of spec.replicas), a pod starts and runs the request;
+  keepAlive later the scale is back at 0 (still owned by `fal-autoscaler`), the pod drains through its preStop hook and goes away,
   and the gateway still serves the status and the result from the store.
 - A sync call through the gateway at zero is held through the cold start and answered.
 
@@ -91,23 +90,6 @@ class Function:
                 if "f:replicas" in ((m.get("fieldsV1") or {}).get("f:spec") or {})]
 
 
-# A product bug this suite found (see the report in test_queue_submit_…): the autoscaler
-# patches deployments/{name}/scale with fieldManager=fal-autoscaler, but the apiserver
-# records no managedFields entry for it. A scale-subresource update is tracked only when
-# some manager already owns spec.replicas (the scale's managedFields are derived from the
-# owners of spec.replicas; with none, the field manager's skip-non-applied rule drops the
-# update), and nobody ever does: the operator's apply leaves replicas out on purpose, its
-# bootstrap scale patch is dropped the same way, and a scale to 0 erases ownership anyway
-# (autoscaling/v1 Scale omits replicas: 0). So `fal-autoscaler` never shows in
-# managedFields, contrary to README ("patches the Deployment's scale subresource as field
-# manager fal-autoscaler").
-MANAGED_FIELDS_BUG = (
-    "product bug: the autoscaler's scale-subresource patches (fieldManager=fal-autoscaler) leave "
-    "no managedFields entry on the Deployment, because no manager owns spec.replicas when they "
-    "are made (operator/src/autoscale/kube.rs KubeScaler::scale, operator/src/controller.rs "
-    "bootstrap patch_scale)")
-
-
 @pytest.fixture
 def zero_function(cluster: Cluster, crds, make_operator, node_redis, namespace, tmp_path):
     """Controller + gateway on the node's Redis, and a `minReplicas: 0` function that has
@@ -185,8 +167,8 @@ def test_queue_submit_wakes_a_function_at_zero_and_it_scales_back(zero_function:
 
         # The autoscaler wakes the function: the scale subresource goes 0 → 1.
         fn.wait_replicas(1, SCALE_DEADLINE, "woken by the queue submit")
-        managers = fn.replicas_managers()
-        manager_missing = not any(m.startswith("fal-autoscaler/") for m in managers)
+        # ... as the owner of spec.replicas, through the scale subresource.
+        assert "fal-autoscaler/Apply/scale" in fn.replicas_managers(), fn.replicas_managers()
 
         # A pod starts, claims the request from Redis and runs it.
         woken = wait_until(lambda: fn.pod_names(), COLD_START, "a pod of the woken function")
@@ -207,6 +189,8 @@ def test_queue_submit_wakes_a_function_at_zero_and_it_scales_back(zero_function:
         # keepAlive after the completion the autoscaler takes it back to zero, and the
         # pod goes through its preStop hook (the sidecar's drain) and away.
         fn.wait_replicas(0, SCALE_DEADLINE, f"back to zero {KEEP_ALIVE}s after the last request")
+        # The apply keeps its ownership at zero (a merge patch to 0 used to drop it).
+        assert "fal-autoscaler/Apply/scale" in fn.replicas_managers(), fn.replicas_managers()
         fn.wait_no_pods()
         kubelet_log = (STATE / "logs" / "test-kubelet.log").read_text(errors="replace")
         for pod in woken:
@@ -226,8 +210,6 @@ def test_queue_submit_wakes_a_function_at_zero_and_it_scales_back(zero_function:
                "ScaledUp and ScaledDown events from fal-autoscaler on the FalFunction")
     wait_until(at_zero_status, 60, "FalFunction Ready/ScaledToZero again")
     no_rbac_denials(fn)
-    if manager_missing:
-        pytest.xfail(f"{MANAGED_FIELDS_BUG}; owners of spec.replicas after the wake: {managers}")
 
 
 def test_sync_call_at_zero_is_held_through_a_cold_start(zero_function: Function):

@@ -136,12 +136,18 @@ impl Scaler for KubeScaler {
             self.mark_busy_pods(f).await;
         }
         let api: Api<Deployment> = Api::namespaced(self.client.clone(), &f.namespace);
-        let pp = PatchParams {
-            field_manager: Some(AUTOSCALER_FIELD_MANAGER.to_string()),
-            ..PatchParams::default()
-        };
-        let patch = json!({"spec": {"replicas": to}});
-        api.patch_scale(&f.name, &pp, &Patch::Merge(&patch))
+        // A server-side apply of the scale, forced: the apiserver then records
+        // `fal-autoscaler` as the owner of `spec.replicas` (subresource `scale`). A merge
+        // patch of the scale is recorded only when some manager already owns the field,
+        // and none does (the operator's apply leaves replicas out on purpose).
+        let pp = PatchParams::apply(AUTOSCALER_FIELD_MANAGER).force();
+        let patch = json!({
+            "apiVersion": "autoscaling/v1",
+            "kind": "Scale",
+            "metadata": {"name": f.name, "namespace": f.namespace},
+            "spec": {"replicas": to},
+        });
+        api.patch_scale(&f.name, &pp, &Patch::Apply(&patch))
             .await
             .map_err(|e| format!("patching {}/{} scale: {e}", f.namespace, f.name))?;
         let (reason, note) = if to > from {
@@ -234,6 +240,13 @@ mod tests {
         seen
     }
 
+    /// The scale the autoscaler applies (server-side, so it owns `spec.replicas`).
+    fn applied_scale(replicas: i32) -> Value {
+        json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
+               "metadata": {"name": "app", "namespace": "team-a"},
+               "spec": {"replicas": replicas}})
+    }
+
     fn scale_reply(uri: &str) -> Value {
         if uri.contains("/scale") {
             json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
@@ -285,9 +298,9 @@ mod tests {
         assert_eq!(seen[0].0, "PATCH");
         assert_eq!(
             seen[0].1,
-            "/apis/apps/v1/namespaces/team-a/deployments/app/scale?&fieldManager=fal-autoscaler"
+            "/apis/apps/v1/namespaces/team-a/deployments/app/scale?&force=true&fieldManager=fal-autoscaler"
         );
-        assert_eq!(seen[0].2, json!({"spec": {"replicas": 2}}));
+        assert_eq!(seen[0].2, applied_scale(2));
         assert_eq!(seen[1].0, "POST");
         assert_eq!(
             seen[1].1,
@@ -340,8 +353,8 @@ mod tests {
         );
         assert!(seen[3]
             .1
-            .ends_with("/deployments/app/scale?&fieldManager=fal-autoscaler"));
-        assert_eq!(seen[3].2, json!({"spec": {"replicas": 0}}));
+            .ends_with("/deployments/app/scale?&force=true&fieldManager=fal-autoscaler"));
+        assert_eq!(seen[3].2, applied_scale(0));
         assert_eq!(seen[4].2["reason"], "ScaledDown");
         assert!(seen[4].2["note"].as_str().unwrap().contains("30 s idle"));
     }
