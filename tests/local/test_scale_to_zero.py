@@ -71,9 +71,16 @@ def test_zero_until_a_submit_then_back_to_zero(make_local, fal):
 
 
 def test_sync_call_at_zero_is_held_then_answered(make_local):
-    loc = make_local([function("sync0", keepAlive=30)])
+    loc = make_local([function("sync0", keepAlive=30), function("unused", keepAlive=30)])
     key = "default/sync0"
     assert loc.processes(key) == []
+    # A function nobody has called has no request or socket series in the gateway yet
+    # (each costs memory in a gateway that knows thousands of functions); a request of a
+    # kind makes its series.
+    metrics = loc.http.get(f"{loc.admin_url}/metrics").text
+    for name in ("sync0", "unused"):
+        for series in ("fal_gateway_requests_total", "fal_gateway_websockets_open"):
+            assert f'{series}{{function="default/{name}"' not in metrics
     r = loc.http.post(f"{loc.run_url}/{key}/test", json={"n": 1})
     assert r.status_code == 200, r.text
     assert r.json()["input"] == {"n": 1}
@@ -84,6 +91,8 @@ def test_sync_call_at_zero_is_held_then_answered(make_local):
     metrics = loc.http.get(f"{loc.admin_url}/metrics").text
     assert "fal_cold_start_seconds_count 1" in metrics
     assert 'fal_gateway_requests_total{function="default/sync0",kind="sync"} 2' in metrics
+    assert 'fal_gateway_requests_total{function="default/sync0",kind="queue"}' not in metrics
+    assert 'fal_gateway_requests_total{function="default/unused"' not in metrics
 
 
 def test_nine_slow_requests_reach_exactly_three_replicas(make_local):

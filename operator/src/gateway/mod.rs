@@ -210,9 +210,10 @@ pub struct Entry {
     /// When a request found the function at zero (for `fal_cold_start_seconds`).
     cold_since: Mutex<Option<Instant>>,
     deliverer: Arc<Deliverer>,
-    /// `fal_gateway_requests_total` of this function by kind (looked up once, not per
-    /// request).
-    counters: [prometheus::IntCounter; 3],
+    /// `fal_gateway_requests_total` of this function by kind (looked up on the first
+    /// request of the kind, not per request; an idle function has no series: each costs
+    /// ~0.4 KB, which a gateway that knows thousands of functions keeps for nothing).
+    counters: [std::sync::OnceLock<prometheus::IntCounter>; 3],
 }
 
 impl Entry {
@@ -355,8 +356,9 @@ impl Gateway {
             },
             self.sidecar_metrics.clone(),
         );
-        app.sockets = Arc::new(api::websocket::Sockets::new(
-            self.metrics.websockets.with_label_values(&[key.as_str()]),
+        app.sockets = Arc::new(api::websocket::Sockets::labelled(
+            self.metrics.websockets.clone(),
+            &key,
             self.sidecar_metrics.websocket_upgrades.clone(),
         ));
         let app = Arc::new(app);
@@ -385,11 +387,7 @@ impl Gateway {
             capacity: Notify::new(),
             cold_since: Mutex::new(None),
             deliverer,
-            counters: ["sync", "queue", "per_app"].map(|kind| {
-                self.metrics
-                    .requests
-                    .with_label_values(&[key.as_str(), kind])
-            }),
+            counters: Default::default(),
         });
         self.functions
             .write()

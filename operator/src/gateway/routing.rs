@@ -85,7 +85,14 @@ impl Gateway {
     }
 
     fn count(&self, entry: &Entry, kind: Kind) {
-        entry.counters[kind as usize].inc();
+        entry.counters[kind as usize]
+            .get_or_init(|| {
+                let kind = ["sync", "queue", "per_app"][kind as usize];
+                self.metrics
+                    .requests
+                    .with_label_values(&[entry.key.as_str(), kind])
+            })
+            .inc();
         // Read first: no write to the shared line while it is already set.
         if !entry.active.load(Ordering::Relaxed) {
             entry.active.store(true, Ordering::Relaxed);

@@ -47,12 +47,50 @@ pub struct Sockets {
     open: AtomicUsize,
     /// Turns true to close every open socket (the drain deadline).
     cut: watch::Sender<bool>,
-    gauge: prometheus::IntGauge,
+    gauge: Gauge,
     upgrades: prometheus::IntCounterVec,
+}
+
+/// The open-sockets gauge: given, or one series of a labelled gauge made on first use
+/// (a gateway knows many functions, most of which never see a socket).
+enum Gauge {
+    Given(prometheus::IntGauge),
+    Labelled {
+        vec: prometheus::IntGaugeVec,
+        label: Box<str>,
+        made: std::sync::OnceLock<prometheus::IntGauge>,
+    },
+}
+
+impl Gauge {
+    fn get(&self) -> &prometheus::IntGauge {
+        match self {
+            Gauge::Given(g) => g,
+            Gauge::Labelled { vec, label, made } => {
+                made.get_or_init(|| vec.with_label_values(&[&**label]))
+            }
+        }
+    }
 }
 
 impl Sockets {
     pub fn new(gauge: prometheus::IntGauge, upgrades: prometheus::IntCounterVec) -> Sockets {
+        Sockets::with_gauge(Gauge::Given(gauge), upgrades)
+    }
+
+    /// Counts open sockets in `vec`'s series for `label`, made when the first socket
+    /// opens.
+    pub fn labelled(
+        vec: prometheus::IntGaugeVec,
+        label: &str,
+        upgrades: prometheus::IntCounterVec,
+    ) -> Sockets {
+        let made = std::sync::OnceLock::new();
+        let label = label.into();
+        Sockets::with_gauge(Gauge::Labelled { vec, label, made }, upgrades)
+    }
+
+    fn with_gauge(gauge: Gauge, upgrades: prometheus::IntCounterVec) -> Sockets {
         Sockets {
             open: AtomicUsize::new(0),
             cut: watch::channel(false).0,
@@ -82,7 +120,7 @@ struct Open<'a>(&'a Sockets);
 impl Drop for Open<'_> {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::AcqRel);
-        self.0.gauge.dec();
+        self.0.gauge.get().dec();
     }
 }
 
@@ -243,7 +281,7 @@ pub async fn forward_routed(
     *to_client.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *to_client.headers_mut() = upgrade_headers(resp.headers());
     sockets.open.fetch_add(1, Ordering::AcqRel);
-    sockets.gauge.inc();
+    sockets.gauge.get().inc();
     let idle = app.cfg.socket_idle_timeout;
     tokio::spawn(async move {
         let _open = Open(&sockets);
