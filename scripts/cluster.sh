@@ -284,6 +284,15 @@ net_up() {
   ip -n "$SVC_NS" link set lo up
   # Forwarding in that namespace only; the host forwards nothing.
   ip netns exec "$SVC_NS" sh -c 'echo 1 >/proc/sys/net/ipv4/ip_forward'
+  # It routes back out of the interface a packet came in on (every Service packet), so
+  # by default it would send ICMP redirects: pods could learn a route past it, and each
+  # redirect resets the per-host clock of ICMP rate limiting (inet_peer rate_last, shared
+  # with the redirect backoff), so the port-unreachable that answers a Service without
+  # endpoints was suppressed for a pod that had used Services (IcmpOutRateLimitHost; the
+  # fetch timed out instead of being refused). No redirects, and the router's ICMP
+  # answers are not rate limited per host.
+  ip netns exec "$SVC_NS" sh -c 'for f in all default eth0; do echo 0 >/proc/sys/net/ipv4/conf/$f/send_redirects; done
+    echo 0 >/proc/sys/net/ipv4/icmp_ratelimit'
   # A route for the Service range, so that what kube-proxy does not DNAT reaches its
   # forward-hook rules (reject: no endpoints, invalid port; drop: unallocated IP)
   # instead of dying unrouted without an answer, as on a node with a default route.

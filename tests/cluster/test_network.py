@@ -62,7 +62,16 @@ def proxy_rules(ip: str) -> str:
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"(cannot list: {e})"
     lines = [line.strip() for line in out.stdout.splitlines() if ip in line]
-    return "\n".join(lines) or f"(none; nft said: {out.stderr.strip()[:300] or 'nothing'})"
+    rules = "\n".join(lines) or f"(none; nft said: {out.stderr.strip()[:300] or 'nothing'})"
+    # Its ICMP counters: a reject that is rate limited or never sent shows here.
+    try:
+        nstat = subprocess.run(["ip", "netns", "exec", ns, "nstat", "-az"], capture_output=True,
+                               text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        nstat = f"(cannot read: {e})"
+    icmp = [" ".join(line.split()[:2]) for line in nstat.splitlines()
+            if line.startswith(("IcmpOut", "IcmpMsgOut"))]
+    return rules + "\nICMP sent by that namespace: " + ", ".join(icmp)
 
 
 def cluster_ip(cluster: Cluster, namespace: str, name: str) -> str:
@@ -113,9 +122,12 @@ def test_services_route_from_pods_to_other_pods_and_back_to_themselves(cluster: 
             return r
         raise AssertionError(f"not refused (yet): {r}")  # wait_until reports the last one
 
-    # 60 s: past kube-proxy's 30 s full resync, should an event-driven sync be missed
-    # or fail (one fresh-clone run saw only timeouts for 30 s). If it still is not
-    # refused, the failure shows what kube-proxy holds for that address.
+    # 60 s: past kube-proxy's 30 s full resync, should an event-driven sync be missed.
+    # Runs that timed out for 60 s had the reject rule in place: the router namespace's
+    # ICMP redirects kept its per-host ICMP rate limit from refilling, so the
+    # port-unreachable never left (scripts/cluster.sh net_up turns both off). If it still
+    # is not refused, the failure shows kube-proxy's rules for the address and the
+    # namespace's ICMP counters.
     try:
         got = wait_until(refused, 60, "a refused connection to a Service without endpoints")
     except AssertionError as e:
