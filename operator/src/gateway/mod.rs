@@ -407,7 +407,7 @@ impl Gateway {
             e.capacity.notify_waiters();
             let _ = self.metrics.held.remove_label_values(&[key]);
             let _ = self.metrics.websockets.remove_label_values(&[key]);
-            for kind in ["sync", "queue", "per_app"] {
+            for kind in routing::Kind::LABELS {
                 let _ = self.metrics.requests.remove_label_values(&[key, kind]);
             }
             self.changed.send_modify(|v| *v += 1);

@@ -27,6 +27,11 @@ pub(super) enum Kind {
     PerApp = 2,
 }
 
+impl Kind {
+    /// The `kind` label of `fal_gateway_requests_total`, by `Kind as usize`.
+    pub(super) const LABELS: [&'static str; 3] = ["sync", "queue", "per_app"];
+}
+
 impl Gateway {
     /// While terminating (the shutdown delay), every answer closes its connection: a
     /// client's kept-alive connection goes to another gateway next time, while new
@@ -87,7 +92,7 @@ impl Gateway {
     fn count(&self, entry: &Entry, kind: Kind) {
         entry.counters[kind as usize]
             .get_or_init(|| {
-                let kind = ["sync", "queue", "per_app"][kind as usize];
+                let kind = Kind::LABELS[kind as usize];
                 self.metrics
                     .requests
                     .with_label_values(&[entry.key.as_str(), kind])
