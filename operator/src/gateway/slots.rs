@@ -169,7 +169,8 @@ pub(super) async fn acquire(
 ) -> Result<Arc<Replica>, Response<Body>> {
     match entry.try_acquire() {
         Some(r) => Ok(r),
-        None => hold(gw, entry, wait).await,
+        // Boxed: the rare wait keeps every call's future small.
+        None => Box::pin(hold(gw, entry, wait)).await,
     }
 }
 

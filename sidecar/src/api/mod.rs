@@ -184,15 +184,16 @@ pub async fn handle_run(
     }
     if let Some(gate) = app.gate.get() {
         if tokens::is_tokens_path(path) {
-            return tokens::handle(&gate.authorizer, req).await;
+            return Box::pin(tokens::handle(&gate.authorizer, req)).await;
         }
         if let Err(r) = gate.check(&mut req).await {
             return r;
         }
     }
     let path = req.uri().path();
+    // The queue API's futures are boxed: a direct call's stays small (see `forward_to_app`).
     if path == "/fal/queue" || path.starts_with("/fal/queue/") {
-        return queue::handle_per_app(&app, req, "").await;
+        return Box::pin(queue::handle_per_app(&app, req, "")).await;
     }
     forward_to_app(&app, &conn, req).await
 }
@@ -204,7 +205,8 @@ async fn forward_to_app(
 ) -> Response<Body> {
     match &app.upstream {
         Some(up) if websocket::is_upgrade(req.headers()) => {
-            websocket::forward(app, up, req, None).await
+            // Boxed: a direct call's future, moved on every request, stays small.
+            Box::pin(websocket::forward(app, up, req, None)).await
         }
         // A body over the limit is refused as such, whether or not a slot is free.
         Some(_)

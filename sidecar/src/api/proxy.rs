@@ -36,7 +36,9 @@ impl ConnState {
                 .as_ref()
                 .is_none_or(|(to, s)| s.is_closed() || to != upstream.authority())
             {
-                *slot = Some((upstream.authority().to_string(), connect(upstream).await?));
+                // Boxed: the rare connect keeps every call's future small (see `serve`).
+                let sender = Box::pin(connect(upstream)).await?;
+                *slot = Some((upstream.authority().to_string(), sender));
             }
             let (_, sender) = slot.as_mut().expect("just connected");
             if sender.ready().await.is_err() {
@@ -190,7 +192,7 @@ pub async fn send(
             }
             app.metrics.direct_errors.inc();
             if let (Some(h), Some(g)) = (health, generation) {
-                if let Some(exit) = h.exited_since(g, APP_EXIT_GRACE).await {
+                if let Some(exit) = Box::pin(h.exited_since(g, APP_EXIT_GRACE)).await {
                     let state = h.state();
                     return if e.is::<ConnectError>() {
                         let reason = state.down_reason().unwrap_or_else(|| {
