@@ -385,6 +385,7 @@ mod tests {
         assert!(!is_queue_path("predict"));
     }
 }
+
 /// The size of a sync call's future: hyper moves the handler's future into place on
 /// every request, so what only rare paths await (holding for a slot, a WebSocket, the
 /// queue API, connecting) is boxed rather than inlined. (`memmove` was 3 % of the
