@@ -309,7 +309,7 @@ async fn sync_call(
                 ))
             })
         });
-        // Boxed, as the queue API below: a sync call's future stays small.
+        // Boxed, as the queue API in `route_run`: a sync call's future stays small.
         return Box::pin(api::websocket::forward_routed(
             &entry.app,
             req,
