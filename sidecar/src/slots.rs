@@ -93,6 +93,19 @@ pub struct Holding<H> {
     _hold: H,
 }
 
+impl Holding<Slot> {
+    /// `resp` with its body holding a call slot: a streamed answer (the common case)
+    /// holds it with no allocation.
+    pub fn wrap_slot(resp: Response<Body>, slot: Slot) -> Response<Body> {
+        let (parts, body) = resp.into_parts();
+        let body = match body {
+            Body::Incoming(b) => Body::Held(b, slot),
+            other => return Holding::wrap(Response::from_parts(parts, other), slot),
+        };
+        Response::from_parts(parts, body)
+    }
+}
+
 impl<H: Send + Unpin + 'static> Holding<H> {
     /// `resp` with its body holding `hold`.
     pub fn wrap(resp: Response<Body>, hold: H) -> Response<Body> {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName};
+use http::header::HeaderMap;
 use http::uri::{Authority, Scheme};
 use http::Uri;
 use std::pin::Pin;
@@ -29,6 +29,9 @@ pub enum Body {
     Incoming(Incoming),
     /// Streamed, with a size cap (chunked uploads).
     Limited(Limited<Incoming>),
+    /// Streamed, holding a call slot until it is sent or dropped (a direct call's
+    /// answer; `crate::slots::Holding` without its allocation).
+    Held(Incoming, crate::slots::Slot),
     /// Anything else (server-sent events).
     Boxed(UnsyncBoxBody<Bytes, BoxError>),
 }
@@ -53,7 +56,7 @@ impl HttpBody for Body {
                     .filter(|b| !b.is_empty())
                     .map(|b| Ok(Frame::data(b))),
             ),
-            Body::Incoming(b) => Pin::new(b)
+            Body::Incoming(b) | Body::Held(b, _) => Pin::new(b)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(Into::into))),
             Body::Limited(b) => Pin::new(b).poll_frame(cx),
@@ -64,7 +67,7 @@ impl HttpBody for Body {
     fn is_end_stream(&self) -> bool {
         match self {
             Body::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
-            Body::Incoming(b) => b.is_end_stream(),
+            Body::Incoming(b) | Body::Held(b, _) => b.is_end_stream(),
             Body::Limited(b) => b.is_end_stream(),
             Body::Boxed(b) => b.is_end_stream(),
         }
@@ -73,7 +76,7 @@ impl HttpBody for Body {
     fn size_hint(&self) -> SizeHint {
         match self {
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Body::Incoming(b) => b.size_hint(),
+            Body::Incoming(b) | Body::Held(b, _) => b.size_hint(),
             Body::Limited(b) => b.size_hint(),
             Body::Boxed(b) => b.size_hint(),
         }
@@ -153,10 +156,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     if let Some(conn) = headers.get(http::header::CONNECTION).cloned() {
         if let Ok(list) = conn.to_str() {
+            // By `&str`: a name that is not a standard header (`keep-alive`) is then
+            // looked up without building a `HeaderName` (an allocation per message); an
+            // invalid one matches nothing.
             for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
-                    headers.remove(n);
-                }
+                headers.remove(name);
             }
         }
     }
@@ -212,7 +216,11 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_listed_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert("connection", "keep-alive, x-private".parse().unwrap());
+        // Names in any case; one that is not a header name matches nothing.
+        h.insert(
+            "connection",
+            "Keep-Alive, X-Private, bad name".parse().unwrap(),
+        );
         h.insert("x-private", "1".parse().unwrap());
         h.insert("transfer-encoding", "chunked".parse().unwrap());
         h.insert("x-keep", "1".parse().unwrap());

@@ -219,7 +219,7 @@ async fn forward_to_app(
             // A slot for the call until its response body is done, or 503 at once.
             Some(slots) => match slots.try_take() {
                 Some(slot) => {
-                    crate::slots::Holding::wrap(proxy::forward(app, conn, up, req).await, slot)
+                    crate::slots::Holding::wrap_slot(proxy::forward(app, conn, up, req).await, slot)
                 }
                 None => {
                     app.metrics.direct_requests.inc();
