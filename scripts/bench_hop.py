@@ -10,7 +10,8 @@ nginx `return 200` as the app), measured in alternating rounds of one run:
 
 For each: requests/s, p50, p99 (wrk), and the CPU seconds the hop's process spent
 (utime + stime from /proc, every thread; nginx: master and workers; the gateway: the
-whole `local` process, autoscaler included) divided by the requests it served.
+whole `local` process, autoscaler included) divided by the requests it served, and
+how much of it was user space and how much the kernel.
 
 --pin gives the hop a core of its own, the way it runs on a cluster: the hop (nginx or
 `local`) is started on CPU 1, wrk, the replica's sidecar and the app on CPU 0. Each
@@ -63,15 +64,18 @@ http {{
 """
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    ticks = 0
+def cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """(user, kernel) CPU seconds of `pids`, every thread."""
+    user = kernel = 0
     for pid in pids:
         try:
             f = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
         except FileNotFoundError:
             continue
-        ticks += int(f[11]) + int(f[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+        user += int(f[11])
+        kernel += int(f[12])
+    tck = os.sysconf("SC_CLK_TCK")
+    return user / tck, kernel / tck
 
 
 def children(pid: int) -> list[int]:
@@ -122,8 +126,11 @@ def measure(url: str, duration: int, conns: int, pids, cpu: int | None):
     finally:
         if cpu is not None:
             os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
-    spent = cpu_seconds(pids) - before
-    return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "cpu_us_per_req": spent / (rps * duration) * 1e6 if pids else None}
+    after = cpu_seconds(pids)
+    per_req = [(a - b) / (rps * duration) * 1e6 if pids else None for a, b in zip(after, before)]
+    return {"rps": rps, "p50_ms": p50, "p99_ms": p99,
+            "cpu_us_per_req": per_req[0] + per_req[1] if pids else None,
+            "user_us_per_req": per_req[0], "kernel_us_per_req": per_req[1]}
 
 
 def main():
@@ -203,19 +210,22 @@ def main():
             vals = [r[key] for r in runs[name] if r[key] is not None]
             return statistics.median(vals) if vals else None
 
-        res = {k: {m: med(k, m) for m in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req")} for k in paths}
+        res = {k: {m: med(k, m) for m in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req",
+                                                      "user_us_per_req", "kernel_us_per_req")} for k in paths}
         res["pinned"] = a.pin
         res["conns"] = a.conns
         mode = "hop on CPU 1; wrk, sidecar and app on CPU 0" if a.pin else f"{os.cpu_count()} cores shared"
         print(f"\n## Gateway hop vs nginx in the same position ({mode}; wrk -t1 -c{a.conns} "
               f"-d{a.duration}s, median of {a.rounds})\n")
-        print("| path | req/s | p50 ms | p99 ms | hop CPU µs / request |")
-        print("|---|---:|---:|---:|---:|")
+        print("| path | req/s | p50 ms | p99 ms | hop CPU µs / request | of it user / kernel |")
+        print("|---|---:|---:|---:|---:|---:|")
         for name, label in [("direct", "wrk → sidecar → app"), ("nginx", "wrk → **nginx** → sidecar → app"),
                             ("gateway", "wrk → **gateway** → sidecar → app")]:
             r = res[name]
-            cpu = f"{r['cpu_us_per_req']:.1f}" if r["cpu_us_per_req"] is not None else "—"
-            print(f"| {label} | {r['rps']:,.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {cpu} |")
+            has = r["cpu_us_per_req"] is not None
+            cpu = f"{r['cpu_us_per_req']:.1f}" if has else "—"
+            split = f"{r['user_us_per_req']:.1f} / {r['kernel_us_per_req']:.1f}" if has else "—"
+            print(f"| {label} | {r['rps']:,.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {cpu} | {split} |")
         g, n, d = res["gateway"], res["nginx"], res["direct"]
         res["ratios"] = {
             "gateway_cpu_vs_nginx": g["cpu_us_per_req"] / n["cpu_us_per_req"],
@@ -225,6 +235,8 @@ def main():
         }
         rt = res["ratios"]
         print(f"\ngateway CPU per request / nginx's:  {rt['gateway_cpu_vs_nginx']:.2f}   (target ≤ 1.0)")
+        print(f"  user space / nginx's:             {g['user_us_per_req'] / n['user_us_per_req']:.2f}")
+        print(f"  kernel / nginx's:                 {g['kernel_us_per_req'] / n['kernel_us_per_req']:.2f}")
         print(f"gateway throughput / direct:        {rt['gateway_rps_vs_direct']:.2f}   "
               f"(target ≥ 0.8 with the gateway on its own core)")
         print(f"nginx throughput / direct:          {rt['nginx_rps_vs_direct']:.2f}")
