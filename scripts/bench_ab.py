@@ -28,6 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gateway import free_port  # noqa: E402
+
 NGINX_CONF = """worker_processes {workers};
 error_log {dir}/error.log warn;
 pid {dir}/nginx.pid;
@@ -40,12 +43,6 @@ http {{
   {block}
 }}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu(pid: int) -> tuple[float, float]:
