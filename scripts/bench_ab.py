@@ -29,35 +29,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gateway import free_port  # noqa: E402
-
-NGINX_CONF = """worker_processes {workers};
-error_log {dir}/error.log warn;
-pid {dir}/nginx.pid;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fcgi;
-  uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
-  keepalive_requests 1000000;
-  {block}
-}}
-"""
+from bench_gateway import NGINX_TMPL, free_port  # noqa: E402
+from bench_hop import PROXY_TMPL, children, cpu_seconds  # noqa: E402
 
 
 def cpu(pid: int) -> tuple[float, float]:
     """(user, kernel) seconds of `pid` and its children (nginx's workers)."""
-    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    user = kernel = 0
-    for p in [pid, *map(int, kids)]:
-        try:
-            f = Path(f"/proc/{p}/stat").read_text().rsplit(") ", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        user += int(f[11])
-        kernel += int(f[12])
-    tck = os.sysconf("SC_CLK_TCK")
-    return user / tck, kernel / tck
+    return cpu_seconds([pid, *children(pid)])
 
 
 def wait_listening(port: int, what: str, log: Path | None = None) -> None:
@@ -84,10 +62,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fal-bench-ab."))
     procs: list[subprocess.Popen] = []
 
-    def nginx(name: str, workers: int, block: str) -> subprocess.Popen:
+    def nginx(name: str, conf) -> subprocess.Popen:
+        """nginx with the configuration `conf(its directory)`."""
         d = work / name
         d.mkdir()
-        (d / "nginx.conf").write_text(NGINX_CONF.format(workers=workers, dir=d, block=block))
+        (d / "nginx.conf").write_text(conf(d))
         p = subprocess.Popen(["nginx", "-p", str(d), "-c", str(d / "nginx.conf"), "-g", "daemon off;"])
         procs.append(p)
         return p
@@ -95,10 +74,9 @@ def main() -> None:
     try:
         threads = os.cpu_count() or 2
         app, proxy = free_port(), free_port()
-        nginx("app", 1, f'server {{ listen 127.0.0.1:{app}; location / {{ return 200 "ok\\n"; }} }}')
-        targets = {"nginx": (proxy, nginx("proxy", threads, (
-            f"upstream app {{ server 127.0.0.1:{app}; keepalive 256; }} server {{ listen 127.0.0.1:{proxy}; "
-            'location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; } }')))}
+        nginx("app", lambda d: NGINX_TMPL.format(dir=d).replace("@PORT@", str(app)))
+        targets = {"nginx": (proxy, nginx("proxy", lambda d: PROXY_TMPL.format(
+            workers=threads, dir=d, upstream=f"127.0.0.1:{app}", port=proxy)))}
         for name, binary in (("A", a.a), ("B", a.b)):
             run, queue, admin = free_port(), free_port(), free_port()
             log = work / f"{name}.log"
