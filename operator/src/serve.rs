@@ -101,6 +101,7 @@ pub async fn serve_listeners(
         gw.clone(),
         gateway::handle_run,
         limits,
+        None,
         stop.clone(),
         drain,
     )
@@ -114,6 +115,7 @@ pub async fn serve_listeners(
             gw.clone(),
             gateway::handle_queue,
             limits,
+            None,
             stop,
             drain,
         )
@@ -125,6 +127,7 @@ pub async fn serve_listeners(
         admin,
         gateway::handle_admin,
         limits,
+        None,
         quit.clone(),
         drain,
     ));

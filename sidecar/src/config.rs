@@ -194,6 +194,11 @@ pub struct Common {
     /// On SIGTERM, how long in-flight requests (and open WebSockets) get to finish.
     #[arg(long, env = "FAL_SIDECAR_DRAIN_TIMEOUT", default_value = "30", value_parser = secs)]
     pub drain_timeout: Duration,
+    /// Direct calls on the run listener take the fast lane (a proxy path without hyper
+    /// for plain requests; everything else goes through hyper either way). `false`
+    /// sends every request through hyper.
+    #[arg(long, env = "FAL_SIDECAR_FAST_LANE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub fast_lane: bool,
 }
 
 /// A list of delays (a newtype so clap treats it as one value).

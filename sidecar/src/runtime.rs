@@ -304,6 +304,7 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
         app.clone(),
         api::handle_run,
         limits,
+        common.fast_lane.then(|| app.clone()),
         stop_rx.clone(),
         drain,
     )?;
@@ -316,6 +317,7 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
         app.clone(),
         api::handle_queue_host,
         limits,
+        None,
         stop_rx.clone(),
         drain,
     )?);
@@ -325,6 +327,7 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
             app.clone(),
             api::handle_run_host,
             limits,
+            None,
             stop_rx.clone(),
             drain,
         ));
@@ -335,6 +338,7 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
         app.clone(),
         api::handle_admin,
         limits,
+        None,
         quit_rx.clone(),
         drain,
     ));

@@ -50,6 +50,7 @@ pub fn serve_per_thread<S, F, Fut>(
     app: Arc<S>,
     handler: F,
     limits: ConnLimits,
+    lane: Option<Arc<crate::api::App>>,
     stop: watch::Receiver<bool>,
     drain: Duration,
 ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>>
@@ -65,8 +66,13 @@ where
     let mut handles = Vec::new();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     for n in 0..threads.max(1) {
-        let (app, handler, stop, ready) =
-            (app.clone(), handler.clone(), stop.clone(), ready_tx.clone());
+        let (app, handler, stop, ready, lane) = (
+            app.clone(),
+            handler.clone(),
+            stop.clone(),
+            ready_tx.clone(),
+            lane.clone(),
+        );
         let handle = std::thread::Builder::new()
             .name(format!("fal-http-{n}"))
             .spawn(move || {
@@ -90,7 +96,7 @@ where
                         }
                     };
                     let _ = ready.send(Ok(()));
-                    serve(listener, app, handler, limits, stop, drain).await;
+                    serve(listener, app, handler, limits, lane, stop, drain).await;
                 });
             })?;
         handles.push(handle);
@@ -151,12 +157,15 @@ pub async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
 }
 
 /// Serves `listener` until `stop` turns true, then lets open connections finish their
-/// current request (closing idle ones) for up to `drain`.
+/// current request (closing idle ones) for up to `drain`. With `lane` (the run listener
+/// of a sidecar), connections start in the fast lane of direct calls
+/// ([`crate::api::fast`]), and hyper takes over any request the lane hands it.
 pub async fn serve<S, F, Fut>(
     listener: TcpListener,
     app: Arc<S>,
     handler: F,
     limits: ConnLimits,
+    lane: Option<Arc<crate::api::App>>,
     mut stop: watch::Receiver<bool>,
     drain: Duration,
 ) where
@@ -193,47 +202,59 @@ pub async fn serve<S, F, Fut>(
             _ = wait_true(&mut stop) => break,
         };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let handler = handler.clone();
-        let state = Arc::new(ConnState::default());
-        // The edge guard frames every byte before hyper parses it (`edge`): what it
-        // refuses reaches the service as a stand-in request, answered here.
-        let shared = Arc::new(edge::Shared::default());
-        let io = edge::Guarded::new(stream, edge_limits, shared.clone());
-        let svc = service_fn(move |req: Request<Incoming>| {
-            let index = shared.next_request();
-            // After an upgrade request the guard no longer frames: unless the answer
-            // switches protocols, the connection must end with it.
-            let upgrade = req.version() == http::Version::HTTP_11
-                && req.headers().contains_key(http::header::UPGRADE);
-            let fut = match shared.refusal(index) {
-                Some(r) => Err(r), // the stand-in for a refused request
-                None => Ok(handler(app.clone(), state.clone(), req)),
-            };
-            let shared = shared.clone();
-            async move {
-                let response = match fut {
-                    Ok(fut) => fut.await,
-                    Err(r) => return Ok(refusal(r)),
-                };
-                Ok::<_, std::convert::Infallible>(match shared.refusal(index) {
-                    // Its body broke the framing rules after the head went through.
-                    Some(r) => refusal(r),
-                    None if upgrade && response.status() != StatusCode::SWITCHING_PROTOCOLS => {
-                        crate::api::closing(response)
-                    }
-                    None => response,
-                })
-            }
-        });
-        // With upgrades: a WebSocket handshake hands the connection over to a splice
-        // (`api::websocket`), which tracks and drains it from then on.
-        let conn = builder
-            .serve_connection(TokioIo::new(io), svc)
-            .with_upgrades();
+        let (app, handler, builder, lane) =
+            (app.clone(), handler.clone(), builder.clone(), lane.clone());
         let (live, mut stop) = (live.clone(), stop.clone());
         tokio::spawn(async move {
             let _live = live;
+            let (stream, read) = match lane {
+                Some(lane) => {
+                    let timeout = limits.header_read_timeout;
+                    match crate::api::fast::serve(&lane, stream, edge_limits, timeout, &mut stop)
+                        .await
+                    {
+                        crate::api::fast::End::Closed => return,
+                        crate::api::fast::End::HandOff(stream, read) => (stream, read),
+                    }
+                }
+                None => (stream, Vec::new()),
+            };
+            let state = Arc::new(ConnState::default());
+            // The edge guard frames every byte before hyper parses it (`edge`): what it
+            // refuses reaches the service as a stand-in request, answered here.
+            let shared = Arc::new(edge::Shared::default());
+            let io = edge::Guarded::with_prefix(stream, read, edge_limits, shared.clone());
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let index = shared.next_request();
+                // After an upgrade request the guard no longer frames: unless the answer
+                // switches protocols, the connection must end with it.
+                let upgrade = req.version() == http::Version::HTTP_11
+                    && req.headers().contains_key(http::header::UPGRADE);
+                let fut = match shared.refusal(index) {
+                    Some(r) => Err(r), // the stand-in for a refused request
+                    None => Ok(handler(app.clone(), state.clone(), req)),
+                };
+                let shared = shared.clone();
+                async move {
+                    let response = match fut {
+                        Ok(fut) => fut.await,
+                        Err(r) => return Ok(refusal(r)),
+                    };
+                    Ok::<_, std::convert::Infallible>(match shared.refusal(index) {
+                        // Its body broke the framing rules after the head went through.
+                        Some(r) => refusal(r),
+                        None if upgrade && response.status() != StatusCode::SWITCHING_PROTOCOLS => {
+                            crate::api::closing(response)
+                        }
+                        None => response,
+                    })
+                }
+            });
+            // With upgrades: a WebSocket handshake hands the connection over to a splice
+            // (`api::websocket`), which tracks and drains it from then on.
+            let conn = builder
+                .serve_connection(TokioIo::new(io), svc)
+                .with_upgrades();
             tokio::pin!(conn);
             let done = tokio::select! {
                 r = conn.as_mut() => Some(r),

@@ -1,6 +1,7 @@
 //! The HTTP API: the run listener (direct calls + `/fal/queue/*`, generations A and B),
 //! the queue-host listener (generation C), and the admin listener.
 
+pub mod fast;
 pub mod options;
 pub mod proxy;
 pub mod queue;

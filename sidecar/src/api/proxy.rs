@@ -65,7 +65,7 @@ impl ConnState {
 /// The app could not be connected to: the request never reached it.
 #[derive(Debug, thiserror::Error)]
 #[error("connecting to the app failed: {0}")]
-struct ConnectError(std::io::Error);
+pub(super) struct ConnectError(pub(super) std::io::Error);
 
 async fn connect(upstream: &Upstream) -> Result<SendRequest<Body>, BoxError> {
     let stream = tokio::net::TcpStream::connect(upstream.authority())
@@ -135,8 +135,7 @@ pub async fn send(
     upstream: &Upstream,
     req: Request<Body>,
 ) -> Response<Body> {
-    let health = app.app_health.get();
-    let generation = health.map(|h| h.generation());
+    let generation = app.app_health.get().map(|h| h.generation());
     let max = app.cfg.max_body_bytes;
     let (mut parts, body) = req.into_parts();
     // Origin-form on the wire; the client's own Host header goes through unchanged.
@@ -190,48 +189,60 @@ pub async fn send(
             if is_length_limit(e.as_ref()) {
                 return super::closing(too_large(max));
             }
-            app.metrics.direct_errors.inc();
-            if let (Some(h), Some(g)) = (health, generation) {
-                if let Some(exit) = Box::pin(h.exited_since(g, APP_EXIT_GRACE)).await {
-                    let state = h.state();
-                    return if e.is::<ConnectError>() {
-                        let reason = state.down_reason().unwrap_or_else(|| {
-                            format!("the app is restarting (it exited: {exit})")
-                        });
-                        restarting(super::app_down(
-                            &state,
-                            reason,
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "app_restarting",
-                        ))
-                    } else {
-                        let detail = format!(
-                            "the app exited ({exit}) while handling this request; it is being restarted"
-                        );
-                        super::app_down(
-                            &state,
-                            detail,
-                            StatusCode::BAD_GATEWAY,
-                            "runner_disconnected",
-                        )
-                    };
-                }
-            }
-            let detail = format!(
-                "the app at {} did not answer: {}. Check that it is running and listening on that port.",
-                upstream.authority(),
-                error_chain(e.as_ref())
-            );
-            let mut r = error(
-                StatusCode::BAD_GATEWAY,
-                &detail,
-                Some("runner_disconnected"),
-            );
-            r.headers_mut()
-                .insert("retry-after", HeaderValue::from_static("1"));
-            r
+            Box::pin(failed(app, upstream, generation, e)).await
         }
     }
+}
+
+/// The answer to a call the app did not answer (`e`: why), `generation` being the app
+/// process's when the call was sent (`run` mode): 503 `app_restarting` when it could not
+/// be connected to because it is restarting, 502 `runner_disconnected` otherwise.
+pub(super) async fn failed(
+    app: &App,
+    upstream: &Upstream,
+    generation: Option<u64>,
+    e: BoxError,
+) -> Response<Body> {
+    app.metrics.direct_errors.inc();
+    if let (Some(h), Some(g)) = (app.app_health.get(), generation) {
+        if let Some(exit) = h.exited_since(g, APP_EXIT_GRACE).await {
+            let state = h.state();
+            return if e.is::<ConnectError>() {
+                let reason = state
+                    .down_reason()
+                    .unwrap_or_else(|| format!("the app is restarting (it exited: {exit})"));
+                restarting(super::app_down(
+                    &state,
+                    reason,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "app_restarting",
+                ))
+            } else {
+                let detail = format!(
+                    "the app exited ({exit}) while handling this request; it is being restarted"
+                );
+                super::app_down(
+                    &state,
+                    detail,
+                    StatusCode::BAD_GATEWAY,
+                    "runner_disconnected",
+                )
+            };
+        }
+    }
+    let detail = format!(
+        "the app at {} did not answer: {}. Check that it is running and listening on that port.",
+        upstream.authority(),
+        error_chain(e.as_ref())
+    );
+    let mut r = error(
+        StatusCode::BAD_GATEWAY,
+        &detail,
+        Some("runner_disconnected"),
+    );
+    r.headers_mut()
+        .insert("retry-after", HeaderValue::from_static("1"));
+    r
 }
 
 /// Marks an answer that the app never saw (it could not be connected to): a gateway

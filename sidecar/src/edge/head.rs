@@ -23,6 +23,11 @@ pub struct Head {
     /// An HTTP/1.1 request with `Upgrade`: if the app switches protocols, what follows is
     /// no longer HTTP (the service closes the connection when it does not switch).
     pub upgrade: bool,
+    /// HTTP/1.1 (not 1.0).
+    pub http11: bool,
+    /// The head has a hop-by-hop field (`Connection`, `Keep-Alive`, `Upgrade`, … — see
+    /// [`crate::upstream::HOP_BY_HOP`]) or `Expect`: it cannot go to the app byte for byte.
+    pub hop: bool,
 }
 
 /// Where the search for the end of a head (or a trailer section) stands, so that one
@@ -112,9 +117,11 @@ pub fn check_head(buf: &[u8], limits: &Limits) -> Result<Head, Refusal> {
     let (mut length, mut lengths) = (None, 0);
     let mut codings = 0;
     let mut upgrade = false;
+    let mut hop = false;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let value = h.value;
+        hop = hop || crate::upstream::is_hop_by_hop(h.name);
         if name.eq_ignore_ascii_case(b"host") {
             hosts += 1;
             host = Some(value);
@@ -136,6 +143,7 @@ pub fn check_head(buf: &[u8], limits: &Limits) -> Result<Head, Refusal> {
                 ));
             }
         } else if name.eq_ignore_ascii_case(b"expect") {
+            hop = true;
             if !value.eq_ignore_ascii_case(b"100-continue") {
                 return Err(Refusal::new(
                     417,
@@ -185,6 +193,8 @@ pub fn check_head(buf: &[u8], limits: &Limits) -> Result<Head, Refusal> {
         len: buf.len(),
         body,
         upgrade,
+        http11,
+        hop,
     })
 }
 

@@ -59,15 +59,24 @@ pub struct Guarded<T> {
     framed: usize,
     end: End,
     linger: Linger,
+    /// `held` holds bytes read before the guard took the connection, not yet scanned.
+    unscanned: bool,
 }
 
 impl<T> Guarded<T> {
     pub fn new(io: T, limits: Limits, shared: Arc<Shared>) -> Guarded<T> {
+        Guarded::with_prefix(io, Vec::new(), limits, shared)
+    }
+
+    /// A guard over a connection of which `read` was already read (by the fast lane,
+    /// `crate::api::fast`, handing the connection over): those bytes come first.
+    pub fn with_prefix(io: T, read: Vec<u8>, limits: Limits, shared: Arc<Shared>) -> Guarded<T> {
         Guarded {
             io,
             scanner: Scanner::new(limits),
             shared,
-            held: Vec::new(),
+            unscanned: !read.is_empty(),
+            held: read,
             given: 0,
             framed: 0,
             end: End::Open,
@@ -98,6 +107,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
+            if this.unscanned {
+                this.unscanned = false;
+                let scan = this.scanner.scan(&this.held);
+                this.framed = scan.accepted;
+                if let Some(r) = scan.refused {
+                    this.held.truncate(scan.accepted);
+                    this.refuse(r);
+                }
+                continue;
+            }
             if this.given < this.framed {
                 let n = (this.framed - this.given).min(out.remaining());
                 out.put_slice(&this.held[this.given..this.given + n]);

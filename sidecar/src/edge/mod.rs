@@ -44,7 +44,8 @@ use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 
-pub use head::{check_head, Body, Head};
+pub use chunked::{chunk_line, trailer};
+pub use head::{check_head, find_head_end, Body, Head, HeadScan};
 pub use io::Guarded;
 pub use scanner::{Refused, Scan, Scanner};
 

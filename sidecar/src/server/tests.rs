@@ -81,6 +81,7 @@ async fn start() -> (std::net::SocketAddr, Arc<TestApp>, watch::Sender<bool>) {
         app.clone(),
         handle,
         ConnLimits::default(),
+        None,
         stop,
         Duration::from_secs(1),
     ));

@@ -1,0 +1,797 @@
+//! The fast lane of direct calls: the run listener's connections start here, and a
+//! request this proxy needs to understand no further than its framing goes to the app
+//! without hyper — the nginx model. The head is checked by the edge policy's own
+//! [`edge::check_head`] (the same rules as every other request) and forwarded byte for
+//! byte, minus hop-by-hop fields; the body is counted through; the app's answer is parsed
+//! once (httparse), its head rebuilt without hop-by-hop fields, and its body copied
+//! through (a `Content-Length` body counted, a chunked one framed, one that ends with
+//! the connection re-chunked). One task drives both sockets, and a connection's buffers
+//! are reused by every request on it: no allocation, no channel, no timer per request.
+//!
+//! Everything else is handed over to hyper for the rest of the connection, with the
+//! bytes already read ([`End::HandOff`]): a request the edge policy refuses (the guard
+//! answers it), HTTP/1.0, an upgrade, a chunked or oversized upload, `Expect`, the
+//! sidecar's own paths (`/fal/queue…`, `/.well-known/jwks.json`), a function behind
+//! `--keys`, an app that is restarting, no free call slot (answered 503 there), and an
+//! app that cannot be connected to (answered there). Those answers are the same
+//! whichever way a request arrives.
+
+use std::mem::MaybeUninit;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::proxy::{failed, ConnectError};
+use super::App;
+use crate::edge::{self, Body as Framing, HeadScan};
+use crate::shutdown::wait_true;
+use crate::upstream::{is_hop_by_hop, Body, BoxError, Upstream};
+
+/// How a connection's fast lane ends.
+pub enum End {
+    /// Done: closed by either side, drained, timed out, or broken mid-answer.
+    Closed,
+    /// hyper serves the connection from here on, starting with these bytes (read from it
+    /// and not yet served).
+    HandOff(TcpStream, Vec<u8>),
+}
+
+/// Bytes asked of the kernel per read.
+const READ: usize = 16 * 1024;
+/// The largest head of an answer from the app (hyper's client takes ~400 KiB; an app's
+/// head is a few hundred bytes).
+const MAX_ANSWER_HEAD: usize = 64 * 1024;
+/// Most header fields of an answer from the app.
+const MAX_ANSWER_FIELDS: usize = 100;
+/// Most names a `Connection` field may list in a request the lane takes.
+const MAX_CONNECTION_TOKENS: usize = 8;
+
+/// Serves `client` until it closes, or hands it over to hyper.
+pub async fn serve(
+    app: &App,
+    client: TcpStream,
+    limits: edge::Limits,
+    header_timeout: Duration,
+    stop: &mut watch::Receiver<bool>,
+) -> End {
+    let Some(upstream) = &app.upstream else {
+        return End::HandOff(client, Vec::new());
+    };
+    let mut lane = Lane {
+        app,
+        upstream,
+        client,
+        limits,
+        buf: Vec::new(),
+        app_conn: None,
+        abuf: Vec::new(),
+        out: Vec::new(),
+    };
+    let timer = tokio::time::sleep(header_timeout);
+    tokio::pin!(timer);
+    loop {
+        if lane.buf.is_empty() && *stop.borrow() {
+            return End::Closed;
+        }
+        timer.as_mut().reset(Instant::now() + header_timeout);
+        let head_len = match lane.read_head(timer.as_mut(), stop).await {
+            Ok(n) => n,
+            Err(Stop::Closed) => return End::Closed,
+            Err(Stop::HandOff) => return End::HandOff(lane.client, lane.buf),
+        };
+        match lane.call(head_len, timer.as_mut()).await {
+            Next::KeepAlive => {}
+            Next::Close => {
+                let _ = lane.client.shutdown().await;
+                return End::Closed;
+            }
+            Next::Broken => return End::Closed,
+            Next::HandOff => return End::HandOff(lane.client, lane.buf),
+        }
+    }
+}
+
+enum Stop {
+    Closed,
+    HandOff,
+}
+
+/// What follows a call.
+enum Next {
+    KeepAlive,
+    /// The answer said `Connection: close`: close after it (FIN, not reset).
+    Close,
+    /// The connection is out of step (an answer cut short, a body left unread): drop it.
+    Broken,
+    /// Nothing of the request went anywhere: hyper takes it.
+    HandOff,
+}
+
+struct Lane<'a> {
+    app: &'a App,
+    upstream: &'a Upstream,
+    client: TcpStream,
+    limits: edge::Limits,
+    /// The client's bytes read and not yet forwarded (a head, body bytes, pipelined
+    /// requests).
+    buf: Vec<u8>,
+    /// The connection to the app, kept between calls.
+    app_conn: Option<TcpStream>,
+    /// The app's bytes read and not yet forwarded.
+    abuf: Vec<u8>,
+    /// What is written next (a rebuilt head).
+    out: Vec<u8>,
+}
+
+/// How the app's answer is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AnswerBody {
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the app closes: re-chunked for the client.
+    UntilClose,
+}
+
+impl Lane<'_> {
+    /// Reads until `buf` starts with a whole request head; its length.
+    async fn read_head(
+        &mut self,
+        mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<usize, Stop> {
+        let mut at = HeadScan::default();
+        loop {
+            match edge::find_head_end(&self.buf, &mut at) {
+                // The guard refuses it, with the same answer as anywhere else.
+                Err(_) => return Err(Stop::HandOff),
+                Ok(Some(n)) => return Ok(n),
+                Ok(None) if self.buf.len() > self.limits.max_head_bytes => {
+                    return Err(Stop::HandOff)
+                }
+                Ok(None) => {}
+            }
+            self.buf.reserve(READ);
+            let idle = self.buf.is_empty();
+            tokio::select! {
+                biased;
+                r = self.client.read_buf(&mut self.buf) => match r {
+                    Ok(0) if idle => return Err(Stop::Closed),
+                    // The client gave up inside a head: hyper answers what it would.
+                    Ok(0) => return Err(Stop::HandOff),
+                    Ok(_) => {}
+                    Err(_) => return Err(Stop::Closed),
+                },
+                // The slowloris guard (hyper's header-read timeout): close.
+                _ = timer.as_mut() => return Err(Stop::Closed),
+                _ = wait_true(stop), if idle => return Err(Stop::Closed),
+            }
+        }
+    }
+
+    /// Serves the request whose head is the first `head_len` bytes of `buf`.
+    async fn call(
+        &mut self,
+        head_len: usize,
+        mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    ) -> Next {
+        let app = self.app;
+        let Ok(head) = edge::check_head(&self.buf[..head_len], &self.limits) else {
+            return Next::HandOff;
+        };
+        let length = match head.body {
+            Framing::None => 0,
+            Framing::Length(n) if n <= app.cfg.max_body_bytes as u64 => n,
+            _ => return Next::HandOff,
+        };
+        if !head.http11 || head.upgrade || app.gate.get().is_some() {
+            return Next::HandOff;
+        }
+        let (method, target) = request_line(&self.buf[..head_len]);
+        let path = target.split(|b| *b == b'?').next().unwrap_or_default();
+        if path.first() != Some(&b'/')
+            || path == b"/.well-known/jwks.json"
+            || path == b"/fal/queue"
+            || path.starts_with(b"/fal/queue/")
+        {
+            return Next::HandOff;
+        }
+        let health = app.app_health.get();
+        if health.is_some_and(|h| !h.is_up()) {
+            return Next::HandOff;
+        }
+        // The request's hop-by-hop fields: dropped, and `Connection: close` kept in mind.
+        let mut close_after = false;
+        let mut listed = [(0usize, 0usize); MAX_CONNECTION_TOKENS];
+        let mut n_listed = 0;
+        if head.hop {
+            match connection_tokens(&self.buf[..head_len], &mut listed) {
+                Some((n, close)) => (n_listed, close_after) = (n, close),
+                None => return Next::HandOff, // `Expect`, or a long `Connection` list
+            }
+        }
+        let slot = match app.slots.get() {
+            Some(slots) => match slots.try_take() {
+                Some(slot) => Some(slot),
+                None => return Next::HandOff,
+            },
+            None => None,
+        };
+        let generation = health.map(|h| h.generation());
+        let head_method = method == b"HEAD";
+
+        // The head (and the body bytes read with it) to the app.
+        let with_head = (self.buf.len() - head_len).min(length as usize);
+        let first: &[u8] = if head.hop {
+            self.out.clear();
+            copy_without_hop(
+                &self.buf[..head_len],
+                &self.buf,
+                &listed[..n_listed],
+                &mut self.out,
+            );
+            self.out
+                .extend_from_slice(&self.buf[head_len..head_len + with_head]);
+            &self.out
+        } else {
+            &self.buf[..head_len + with_head]
+        };
+        let mut conn = match self.app_conn.take().filter(open_and_quiet) {
+            Some(c) => c,
+            None => match connect(self.upstream).await {
+                Ok(c) => c,
+                Err(_) => return Next::HandOff,
+            },
+        };
+        if conn.write_all(first).await.is_err() {
+            // A kept connection the app closed as we wrote; a fresh one once.
+            conn = match connect(self.upstream).await {
+                Ok(c) => c,
+                Err(_) => return Next::HandOff,
+            };
+            if conn.write_all(first).await.is_err() {
+                return Next::HandOff;
+            }
+        }
+        app.metrics.direct_requests.inc();
+        consume(&mut self.buf, head_len + with_head);
+        // The rest of the body.
+        let mut left = length - with_head as u64;
+        while left > 0 {
+            if self.buf.is_empty() {
+                self.buf.reserve(READ);
+                match self.client.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return Next::Broken,
+                    Ok(_) => {}
+                }
+            }
+            let take = (self.buf.len() as u64).min(left) as usize;
+            if let Err(e) = conn.write_all(&self.buf[..take]).await {
+                // The app went away mid-body: the rest of the body is not read.
+                let r = failed(app, self.upstream, generation, Box::new(e)).await;
+                let _ = self.answer(super::closing(r)).await;
+                return Next::Broken;
+            }
+            consume(&mut self.buf, take);
+            left -= take as u64;
+        }
+
+        // The answer's head, within the request timeout.
+        self.abuf.clear();
+        let deadline = app.cfg.request_timeout;
+        if let Some(limit) = deadline {
+            timer.as_mut().reset(Instant::now() + limit);
+        }
+        let answer = loop {
+            match parse_answer(&self.abuf, head_method) {
+                Ok(Some(a)) if a.status >= 200 => break a,
+                // An interim answer (100, 103): hyper's client drops them too.
+                Ok(Some(a)) => {
+                    consume(&mut self.abuf, a.head_len);
+                    continue;
+                }
+                Ok(None) if self.abuf.len() <= MAX_ANSWER_HEAD => {}
+                Ok(None) => {
+                    let e: BoxError = "the app's answer head is larger than 64 KiB".into();
+                    return self.failed_call(generation, e, &mut conn).await;
+                }
+                Err(e) => return self.failed_call(generation, e, &mut conn).await,
+            }
+            self.abuf.reserve(READ);
+            let read = tokio::select! {
+                biased;
+                r = conn.read_buf(&mut self.abuf) => r,
+                _ = timer.as_mut(), if deadline.is_some() => {
+                    let limit = deadline.unwrap_or_default();
+                    let detail = format!(
+                        "the app did not answer within the request timeout ({} s)",
+                        limit.as_secs_f64()
+                    );
+                    let r = super::error(StatusCode::GATEWAY_TIMEOUT, &detail, Some("request_timeout"));
+                    let _ = self.answer(super::closing(r)).await;
+                    return Next::Broken;
+                }
+                // The client went away: so does the call (the app sees its connection close).
+                gone = client_gone(&self.client, &mut self.buf, self.limits.max_head_bytes) => {
+                    if gone {
+                        return Next::Broken;
+                    }
+                    continue;
+                }
+            };
+            match read {
+                Ok(0) => {
+                    let e: BoxError =
+                        "the connection closed before an answer came (connection closed before message completed)"
+                            .into();
+                    return self.failed_call(generation, e, &mut conn).await;
+                }
+                Ok(_) => {}
+                Err(e) => return self.failed_call(generation, Box::new(e), &mut conn).await,
+            }
+        };
+
+        // The answer's head to the client, with what of its body came with it.
+        self.out.clear();
+        answer.write_head(&self.abuf, close_after, &mut self.out);
+        consume(&mut self.abuf, answer.head_len);
+        let ok = self.copy_answer_body(&mut conn, answer.body).await;
+        drop(slot);
+        match ok {
+            Some(reusable) => {
+                if reusable && answer.keep_alive {
+                    self.app_conn = Some(conn);
+                }
+                if close_after {
+                    Next::Close
+                } else {
+                    Next::KeepAlive
+                }
+            }
+            None => Next::Broken,
+        }
+    }
+
+    /// Writes `out` (the answer's head) and the answer's body to the client: `Some(whether
+    /// the app connection is fit for another call)`, `None` when either side broke.
+    async fn copy_answer_body(&mut self, conn: &mut TcpStream, body: AnswerBody) -> Option<bool> {
+        match body {
+            AnswerBody::None => {
+                self.client.write_all(&self.out).await.ok()?;
+                Some(self.abuf.is_empty())
+            }
+            AnswerBody::Length(n) => {
+                let now = (self.abuf.len() as u64).min(n) as usize;
+                self.out.extend_from_slice(&self.abuf[..now]);
+                self.client.write_all(&self.out).await.ok()?;
+                let extra = self.abuf.len() > now;
+                self.abuf.clear();
+                let mut left = n - now as u64;
+                while left > 0 {
+                    self.abuf.reserve(READ);
+                    if conn.read_buf(&mut self.abuf).await.ok()? == 0 {
+                        return None;
+                    }
+                    let take = (self.abuf.len() as u64).min(left) as usize;
+                    self.client.write_all(&self.abuf[..take]).await.ok()?;
+                    left -= take as u64;
+                    if self.abuf.len() > take {
+                        self.abuf.clear();
+                        return Some(false); // more than it said: not reused
+                    }
+                    self.abuf.clear();
+                }
+                Some(!extra)
+            }
+            AnswerBody::Chunked => {
+                self.client.write_all(&self.out).await.ok()?;
+                let mut chunks = Chunks::default();
+                loop {
+                    let (framed, done) = chunks.frame(&self.abuf, &self.limits).ok()?;
+                    self.client.write_all(&self.abuf[..framed]).await.ok()?;
+                    consume(&mut self.abuf, framed);
+                    if done {
+                        return Some(self.abuf.is_empty());
+                    }
+                    self.abuf.reserve(READ);
+                    if conn.read_buf(&mut self.abuf).await.ok()? == 0 {
+                        return None;
+                    }
+                }
+            }
+            AnswerBody::UntilClose => {
+                self.client.write_all(&self.out).await.ok()?;
+                loop {
+                    if !self.abuf.is_empty() {
+                        self.out.clear();
+                        push_hex(&mut self.out, self.abuf.len());
+                        self.out.extend_from_slice(b"\r\n");
+                        self.out.extend_from_slice(&self.abuf);
+                        self.out.extend_from_slice(b"\r\n");
+                        self.client.write_all(&self.out).await.ok()?;
+                        self.abuf.clear();
+                    }
+                    self.abuf.reserve(READ);
+                    if conn.read_buf(&mut self.abuf).await.ok()? == 0 {
+                        self.client.write_all(b"0\r\n\r\n").await.ok()?;
+                        return Some(false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The app did not answer (it closed, broke the connection, or sent no HTTP): the
+    /// same answer as on hyper's path. The request was read whole, so the client
+    /// connection stays in step.
+    async fn failed_call(
+        &mut self,
+        generation: Option<u64>,
+        e: BoxError,
+        conn: &mut TcpStream,
+    ) -> Next {
+        let _ = conn.shutdown().await;
+        let r = Box::pin(failed(self.app, self.upstream, generation, e)).await;
+        let close = r.headers().contains_key(http::header::CONNECTION);
+        match self.answer(r).await {
+            Ok(()) if !close => Next::KeepAlive,
+            _ => Next::Broken,
+        }
+    }
+
+    /// Writes an answer made here (a buffered body) to the client.
+    async fn answer(&mut self, r: Response<Body>) -> std::io::Result<()> {
+        let (parts, body) = r.into_parts();
+        let body = match body {
+            Body::Full(b) => b.unwrap_or_default(),
+            _ => Bytes::new(),
+        };
+        self.out.clear();
+        self.out.extend_from_slice(b"HTTP/1.1 ");
+        self.out.extend_from_slice(parts.status.as_str().as_bytes());
+        self.out.push(b' ');
+        self.out
+            .extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+        for (name, value) in &parts.headers {
+            self.out.extend_from_slice(name.as_str().as_bytes());
+            self.out.extend_from_slice(b": ");
+            self.out.extend_from_slice(value.as_bytes());
+            self.out.extend_from_slice(b"\r\n");
+        }
+        self.out.extend_from_slice(b"content-length: ");
+        self.out
+            .extend_from_slice(body.len().to_string().as_bytes());
+        self.out.extend_from_slice(b"\r\n\r\n");
+        self.out.extend_from_slice(&body);
+        self.client.write_all(&self.out).await
+    }
+}
+
+/// Connects to the app (what fails here fails before the request went anywhere).
+async fn connect(upstream: &Upstream) -> Result<TcpStream, ConnectError> {
+    let s = TcpStream::connect(upstream.authority())
+        .await
+        .map_err(ConnectError)?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// Whether a kept connection to the app is still open with nothing unasked-for on it
+/// (the app closes idle connections when it likes). No system call unless the socket
+/// has signalled something since its last read.
+fn open_and_quiet(c: &TcpStream) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    match c.poll_read_ready(&mut cx) {
+        Poll::Pending => true,
+        Poll::Ready(Err(_)) => false,
+        Poll::Ready(Ok(())) => {
+            matches!(c.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        }
+    }
+}
+
+/// Waits until the client's socket has something: `true` when the client closed (or
+/// broke) it; bytes it sent meanwhile (its next request) are kept in `buf`, up to a
+/// head's worth (after that this waits no more, and the call runs to its end).
+async fn client_gone(client: &TcpStream, buf: &mut Vec<u8>, max: usize) -> bool {
+    if buf.len() > max {
+        std::future::pending::<()>().await;
+    }
+    loop {
+        if client.readable().await.is_err() {
+            return true;
+        }
+        buf.reserve(READ);
+        match client.try_read_buf(buf) {
+            Ok(0) => return true,
+            Ok(_) => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Drops the first `n` bytes of `buf`.
+fn consume(buf: &mut Vec<u8>, n: usize) {
+    if n >= buf.len() {
+        buf.clear();
+    } else {
+        buf.drain(..n);
+    }
+}
+
+/// The method and target of a head the edge policy accepted (`METHOD SP target SP
+/// version`).
+fn request_line(head: &[u8]) -> (&[u8], &[u8]) {
+    let line = &head[..memchr::memchr(b'\r', head).unwrap_or(head.len())];
+    let mut parts = line.splitn(3, |b| *b == b' ');
+    let method = parts.next().unwrap_or_default();
+    let target = parts.next().unwrap_or_default();
+    (method, target)
+}
+
+/// The field lines of an accepted head: `(name, value, the whole line with its CRLF)`,
+/// as offsets into the head.
+fn field_lines(head: &[u8]) -> impl Iterator<Item = (&[u8], &[u8], &[u8])> {
+    let start = memchr::memmem::find(head, b"\r\n").map_or(head.len(), |n| n + 2);
+    let mut rest = &head[start..];
+    std::iter::from_fn(move || {
+        let end = memchr::memmem::find(rest, b"\r\n")?;
+        if end == 0 {
+            return None;
+        }
+        let line = &rest[..end + 2];
+        rest = &rest[end + 2..];
+        let colon = memchr::memchr(b':', line)?;
+        let value = line[colon + 1..end].trim_ascii();
+        Some((&line[..colon], value, line))
+    })
+}
+
+/// The names a request's `Connection` fields list, as ranges of `head` (into `out`), and
+/// whether one is `close`; `None` for a head the lane does not take (`Expect`, or more
+/// names than `out` holds).
+fn connection_tokens(
+    head: &[u8],
+    out: &mut [(usize, usize); MAX_CONNECTION_TOKENS],
+) -> Option<(usize, bool)> {
+    let (mut n, mut close) = (0, false);
+    for (name, value, _) in field_lines(head) {
+        if name.eq_ignore_ascii_case(b"expect") {
+            return None;
+        }
+        if !name.eq_ignore_ascii_case(b"connection") {
+            continue;
+        }
+        for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+            if token.is_empty() {
+                continue;
+            }
+            close |= token.eq_ignore_ascii_case(b"close");
+            if n == out.len() {
+                return None;
+            }
+            let at = token.as_ptr() as usize - head.as_ptr() as usize;
+            out[n] = (at, at + token.len());
+            n += 1;
+        }
+    }
+    Some((n, close))
+}
+
+/// Copies `head` into `out` without its hop-by-hop field lines and those `listed` (ranges
+/// of `whole`, which `head` starts).
+fn copy_without_hop(head: &[u8], whole: &[u8], listed: &[(usize, usize)], out: &mut Vec<u8>) {
+    let line_end = memchr::memmem::find(head, b"\r\n").map_or(head.len(), |n| n + 2);
+    out.extend_from_slice(&head[..line_end]);
+    for (name, _, line) in field_lines(head) {
+        let named = listed
+            .iter()
+            .any(|&(a, b)| whole[a..b].eq_ignore_ascii_case(name));
+        let hop = std::str::from_utf8(name).is_ok_and(is_hop_by_hop);
+        if !hop && !named {
+            out.extend_from_slice(line);
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// An answer's head, parsed.
+struct Answer {
+    head_len: usize,
+    status: u16,
+    body: AnswerBody,
+    /// The app keeps the connection open after this answer.
+    keep_alive: bool,
+}
+
+/// Parses the answer head at the start of `buf`: `None` while incomplete.
+fn parse_answer(buf: &[u8], head_method: bool) -> Result<Option<Answer>, BoxError> {
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_ANSWER_FIELDS];
+    let mut r = httparse::Response::new(&mut []);
+    let head_len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut r,
+        buf,
+        &mut fields,
+    ) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(format!("the app's answer is not HTTP/1.1: {e}").into()),
+    };
+    let status = r.code.unwrap_or_default();
+    let http11 = r.version == Some(1);
+    if status == 101 {
+        return Err("the app switched protocols when no upgrade was asked for".into());
+    }
+    let (mut length, mut chunked, mut coded, mut close, mut keep) =
+        (None, false, false, false, false);
+    for h in r.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let v = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or("the app's answer has an invalid Content-Length")?;
+            if length.is_some_and(|l| l != v) {
+                return Err("the app's answer has two different Content-Lengths".into());
+            }
+            length = Some(v);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            coded = true;
+            chunked = h
+                .value
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            for t in h.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                close |= t.eq_ignore_ascii_case(b"close");
+                keep |= t.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+    }
+    let body = if head_method || status < 200 || status == 204 || status == 304 {
+        AnswerBody::None
+    } else if coded {
+        if chunked {
+            AnswerBody::Chunked
+        } else {
+            AnswerBody::UntilClose
+        }
+    } else {
+        match length {
+            Some(n) => AnswerBody::Length(n),
+            None => AnswerBody::UntilClose,
+        }
+    };
+    let keep_alive = !close && (http11 || keep) && body != AnswerBody::UntilClose;
+    Ok(Some(Answer {
+        head_len,
+        status,
+        body,
+        keep_alive,
+    }))
+}
+
+impl Answer {
+    /// The head the client gets: HTTP/1.1, the app's status and fields minus hop-by-hop
+    /// ones (and those its `Connection` lists), framing as this proxy sends the body.
+    fn write_head(&self, buf: &[u8], close: bool, out: &mut Vec<u8>) {
+        let head = &buf[..self.head_len];
+        let line_end = memchr::memmem::find(head, b"\r\n").unwrap_or(0);
+        // `HTTP/1.x SP code SP reason`: the client speaks 1.1 whatever the app does.
+        out.extend_from_slice(b"HTTP/1.1");
+        out.extend_from_slice(&head[8.min(line_end)..line_end]);
+        out.extend_from_slice(b"\r\n");
+        let mut listed = [(0usize, 0usize); MAX_CONNECTION_TOKENS];
+        let mut n = 0;
+        for (name, value, _) in field_lines(head) {
+            if name.eq_ignore_ascii_case(b"connection") {
+                for t in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                    if !t.is_empty() && n < listed.len() {
+                        let at = t.as_ptr() as usize - head.as_ptr() as usize;
+                        listed[n] = (at, at + t.len());
+                        n += 1;
+                    }
+                }
+            }
+        }
+        for (name, _, line) in field_lines(head) {
+            let hop = std::str::from_utf8(name).is_ok_and(is_hop_by_hop);
+            let named = listed[..n]
+                .iter()
+                .any(|&(a, b)| head[a..b].eq_ignore_ascii_case(name));
+            if !hop && !named {
+                out.extend_from_slice(line);
+            }
+        }
+        match self.body {
+            AnswerBody::Chunked | AnswerBody::UntilClose => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n")
+            }
+            AnswerBody::None | AnswerBody::Length(_) => {}
+        }
+        if close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Where a chunked body being copied through stands.
+#[derive(Debug, Default)]
+enum Chunks {
+    #[default]
+    Line,
+    Data(u64),
+    DataEnd,
+    Trailer(HeadScan),
+}
+
+impl Chunks {
+    /// How many bytes at the start of `buf` are framed (may go to the client), and whether
+    /// the body ends with them.
+    fn frame(&mut self, buf: &[u8], limits: &edge::Limits) -> Result<(usize, bool), BoxError> {
+        let mut pos = 0;
+        loop {
+            let rest = &buf[pos..];
+            match self {
+                Chunks::Line => match edge::chunk_line(rest).map_err(refused)? {
+                    None => return Ok((pos, false)),
+                    Some((n, 0)) => {
+                        pos += n;
+                        *self = Chunks::Trailer(HeadScan::default());
+                    }
+                    Some((n, size)) => {
+                        pos += n;
+                        *self = Chunks::Data(size);
+                    }
+                },
+                Chunks::Data(left) => {
+                    if rest.is_empty() {
+                        return Ok((pos, false));
+                    }
+                    let take = (*left).min(rest.len() as u64);
+                    pos += take as usize;
+                    *left -= take;
+                    if *left == 0 {
+                        *self = Chunks::DataEnd;
+                    }
+                }
+                Chunks::DataEnd => match rest {
+                    [] | [b'\r'] => return Ok((pos, false)),
+                    [b'\r', b'\n', ..] => {
+                        pos += 2;
+                        *self = Chunks::Line;
+                    }
+                    _ => return Err("a chunk of the app's answer is longer than its size".into()),
+                },
+                Chunks::Trailer(at) => match edge::trailer(rest, at, limits).map_err(refused)? {
+                    None => return Ok((pos, false)),
+                    Some(n) => return Ok((pos + n, true)),
+                },
+            }
+        }
+    }
+}
+
+fn refused(r: edge::Refusal) -> BoxError {
+    format!("the app's chunked answer is not valid: {}", r.detail).into()
+}
+
+/// Appends `n` in lower-case hex.
+fn push_hex(out: &mut Vec<u8>, n: usize) {
+    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        out.push(b"0123456789abcdef"[(n >> (i * 4)) & 0xf]);
+    }
+}
+
+#[cfg(test)]
+mod tests;
