@@ -304,7 +304,9 @@ pub async fn run(common: Common, mode: Mode) -> anyhow::Result<i32> {
         app.clone(),
         api::handle_run,
         limits,
-        common.fast_lane.then(|| app.clone()),
+        common
+            .fast_lane
+            .then(|| api::fast::lane(Arc::new(api::fast::Direct(app.clone())))),
         stop_rx.clone(),
         drain,
     )?;

@@ -50,7 +50,7 @@ pub fn serve_per_thread<S, F, Fut>(
     app: Arc<S>,
     handler: F,
     limits: ConnLimits,
-    lane: Option<Arc<crate::api::App>>,
+    lane: Option<crate::api::fast::Lane>,
     stop: watch::Receiver<bool>,
     drain: Duration,
 ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>>
@@ -165,7 +165,7 @@ pub async fn serve<S, F, Fut>(
     app: Arc<S>,
     handler: F,
     limits: ConnLimits,
-    lane: Option<Arc<crate::api::App>>,
+    lane: Option<crate::api::fast::Lane>,
     mut stop: watch::Receiver<bool>,
     drain: Duration,
 ) where
@@ -210,9 +210,7 @@ pub async fn serve<S, F, Fut>(
             let (stream, read) = match lane {
                 Some(lane) => {
                     let timeout = limits.header_read_timeout;
-                    match crate::api::fast::serve(&lane, stream, edge_limits, timeout, &mut stop)
-                        .await
-                    {
+                    match lane(stream, edge_limits, timeout, stop.clone()).await {
                         crate::api::fast::End::Closed => return,
                         crate::api::fast::End::HandOff(stream, read) => (stream, read),
                     }

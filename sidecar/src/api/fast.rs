@@ -31,6 +31,7 @@ use super::proxy::{failed, ConnectError};
 use super::App;
 use crate::edge::{self, Body as Framing, HeadScan};
 use crate::shutdown::wait_true;
+use crate::slots::REPLICA_HEADER;
 use crate::upstream::{is_hop_by_hop, Body, BoxError, Upstream};
 
 /// How a connection's fast lane ends.
@@ -52,20 +53,135 @@ const MAX_ANSWER_FIELDS: usize = 100;
 /// Most names a `Connection` field may list in a request the lane takes.
 const MAX_CONNECTION_TOKENS: usize = 8;
 
+/// Where the lane sends plain requests: the sidecar's own app ([`Direct`]), or in the
+/// gateway a replica of the function a path names.
+pub trait Router: Send + Sync + 'static {
+    type Call: Call;
+    /// The call a plain request makes (a slot taken for it), or `None`: hyper takes the
+    /// connection from this request on.
+    fn route(&self, req: &Plain<'_>) -> Option<Self::Call>;
+}
+
+/// A plain request: an HTTP/1.1 head the edge policy accepted, no upgrade, no `Expect`,
+/// a `Content-Length` body or none, an origin-form target.
+pub struct Plain<'a> {
+    pub head: &'a [u8],
+    pub method: &'a [u8],
+    pub target: &'a [u8],
+    /// The target's path (before any `?`).
+    pub path: &'a [u8],
+    pub length: u64,
+}
+
+/// One call the lane makes, held until its answer's body is done.
+pub trait Call: Send + Sync {
+    /// Whose limits, metrics and failure answers apply.
+    fn app(&self) -> &App;
+    fn upstream(&self) -> &Upstream;
+    /// Bytes at the start of the target that the app does not get (the gateway's
+    /// `/{namespace}/{name}`).
+    fn strip(&self) -> usize {
+        0
+    }
+    /// The request went out (once per call).
+    fn sent(&self);
+    /// The answer is the connection's last.
+    fn last(&self) -> bool {
+        false
+    }
+    /// The app answered 503 with `X-Fal-Replica: {reason}`: it did not run the call.
+    /// `true`: the call gives its slot back and hyper takes the request (the lane still
+    /// holds all of it) to send it elsewhere; `false`: the answer goes to the client.
+    fn not_run(&mut self, _reason: &str) -> bool {
+        false
+    }
+}
+
+/// The sidecar's router: its own app.
+pub struct Direct(pub std::sync::Arc<App>);
+
+/// A direct call, with its call slot.
+pub struct DirectCall {
+    app: std::sync::Arc<App>,
+    _slot: Option<crate::slots::Slot>,
+}
+
+impl Router for Direct {
+    type Call = DirectCall;
+
+    fn route(&self, req: &Plain<'_>) -> Option<DirectCall> {
+        let app = &self.0;
+        let path = req.path;
+        if app.upstream.is_none()
+            || app.gate.get().is_some()
+            || path == b"/.well-known/jwks.json"
+            || path == b"/fal/queue"
+            || path.starts_with(b"/fal/queue/")
+            || app.app_health.get().is_some_and(|h| !h.is_up())
+            || req.length > app.cfg.max_body_bytes as u64
+        {
+            return None;
+        }
+        let slot = match app.slots.get() {
+            Some(slots) => Some(slots.try_take()?),
+            None => None,
+        };
+        Some(DirectCall {
+            app: app.clone(),
+            _slot: slot,
+        })
+    }
+}
+
+impl Call for DirectCall {
+    fn app(&self) -> &App {
+        &self.app
+    }
+
+    fn upstream(&self) -> &Upstream {
+        self.app
+            .upstream
+            .as_ref()
+            .expect("routed only with an upstream")
+    }
+
+    fn sent(&self) {
+        self.app.metrics.direct_requests.inc();
+    }
+}
+
+/// A connection's way in: the lane over a router, as the accept loop runs it
+/// (`crate::server::serve`): the stream, the edge limits, the header-read timeout, the
+/// stop flag.
+pub type Lane = std::sync::Arc<
+    dyn Fn(
+            TcpStream,
+            edge::Limits,
+            Duration,
+            watch::Receiver<bool>,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = End> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// The lane over `router`.
+pub fn lane<R: Router>(router: std::sync::Arc<R>) -> Lane {
+    std::sync::Arc::new(move |client, limits, timeout, mut stop| {
+        let router = router.clone();
+        Box::pin(async move { serve(&*router, client, limits, timeout, &mut stop).await })
+    })
+}
+
 /// Serves `client` until it closes, or hands it over to hyper.
-pub async fn serve(
-    app: &App,
+pub async fn serve<R: Router>(
+    router: &R,
     client: TcpStream,
     limits: edge::Limits,
     header_timeout: Duration,
     stop: &mut watch::Receiver<bool>,
 ) -> End {
-    let Some(upstream) = &app.upstream else {
-        return End::HandOff(client, Vec::new());
-    };
-    let mut lane = Lane {
-        app,
-        upstream,
+    let mut lane = Conn {
+        router,
         client,
         limits,
         buf: Vec::new(),
@@ -85,7 +201,7 @@ pub async fn serve(
             Err(Stop::Closed) => return End::Closed,
             Err(Stop::HandOff) => return End::HandOff(lane.client, lane.buf),
         };
-        match lane.call(head_len, timer.as_mut()).await {
+        match lane.call(head_len, timer.as_mut(), stop).await {
             Next::KeepAlive => {}
             Next::Close => {
                 let _ = lane.client.shutdown().await;
@@ -113,16 +229,16 @@ enum Next {
     HandOff,
 }
 
-struct Lane<'a> {
-    app: &'a App,
-    upstream: &'a Upstream,
+/// One client connection in the lane.
+struct Conn<'a, R> {
+    router: &'a R,
     client: TcpStream,
     limits: edge::Limits,
     /// The client's bytes read and not yet forwarded (a head, body bytes, pipelined
     /// requests).
     buf: Vec<u8>,
-    /// The connection to the app, kept between calls.
-    app_conn: Option<TcpStream>,
+    /// The connection to the app (and where it goes), kept between calls.
+    app_conn: Option<(String, TcpStream)>,
     /// The app's bytes read and not yet forwarded.
     abuf: Vec<u8>,
     /// What is written next (a rebuilt head).
@@ -139,7 +255,7 @@ enum AnswerBody {
     UntilClose,
 }
 
-impl Lane<'_> {
+impl<R: Router> Conn<'_, R> {
     /// Reads until `buf` starts with a whole request head; its length.
     async fn read_head(
         &mut self,
@@ -180,30 +296,22 @@ impl Lane<'_> {
         &mut self,
         head_len: usize,
         mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
+        stop: &watch::Receiver<bool>,
     ) -> Next {
-        let app = self.app;
         let Ok(head) = edge::check_head(&self.buf[..head_len], &self.limits) else {
             return Next::HandOff;
         };
         let length = match head.body {
             Framing::None => 0,
-            Framing::Length(n) if n <= app.cfg.max_body_bytes as u64 => n,
-            _ => return Next::HandOff,
+            Framing::Length(n) => n,
+            Framing::Chunked => return Next::HandOff,
         };
-        if !head.http11 || head.upgrade || app.gate.get().is_some() {
+        if !head.http11 || head.upgrade {
             return Next::HandOff;
         }
         let (method, target) = request_line(&self.buf[..head_len]);
         let path = target.split(|b| *b == b'?').next().unwrap_or_default();
-        if path.first() != Some(&b'/')
-            || path == b"/.well-known/jwks.json"
-            || path == b"/fal/queue"
-            || path.starts_with(b"/fal/queue/")
-        {
-            return Next::HandOff;
-        }
-        let health = app.app_health.get();
-        if health.is_some_and(|h| !h.is_up()) {
+        if path.first() != Some(&b'/') {
             return Next::HandOff;
         }
         // The request's hop-by-hop fields: dropped, and `Connection: close` kept in mind.
@@ -216,24 +324,32 @@ impl Lane<'_> {
                 None => return Next::HandOff, // `Expect`, or a long `Connection` list
             }
         }
-        let slot = match app.slots.get() {
-            Some(slots) => match slots.try_take() {
-                Some(slot) => Some(slot),
-                None => return Next::HandOff,
-            },
-            None => None,
+        let plain = Plain {
+            head: &self.buf[..head_len],
+            method,
+            target,
+            path,
+            length,
         };
-        let generation = health.map(|h| h.generation());
+        let Some(mut call) = self.router.route(&plain) else {
+            return Next::HandOff;
+        };
+        let app = call.app();
+        let generation = app.app_health.get().map(|h| h.generation());
         let head_method = method == b"HEAD";
 
         // The head (and the body bytes read with it) to the app.
         let with_head = (self.buf.len() - head_len).min(length as usize);
-        let first: &[u8] = if head.hop {
+        let strip = call.strip();
+        let first: &[u8] = if head.hop || strip > 0 {
             self.out.clear();
-            copy_without_hop(
+            let target = (method, &target[strip.min(target.len())..]);
+            let listed = &listed[..n_listed];
+            rebuild_head(
                 &self.buf[..head_len],
                 &self.buf,
-                &listed[..n_listed],
+                target,
+                listed,
                 &mut self.out,
             );
             self.out
@@ -242,16 +358,17 @@ impl Lane<'_> {
         } else {
             &self.buf[..head_len + with_head]
         };
-        let mut conn = match self.app_conn.take().filter(open_and_quiet) {
-            Some(c) => c,
-            None => match connect(self.upstream).await {
-                Ok(c) => c,
+        let upstream = call.upstream();
+        let (to, mut conn) = match self.app_conn.take() {
+            Some((to, c)) if to == upstream.authority() && open_and_quiet(&c) => (to, c),
+            _ => match connect(upstream).await {
+                Ok(c) => (upstream.authority().to_string(), c),
                 Err(_) => return Next::HandOff,
             },
         };
         if conn.write_all(first).await.is_err() {
             // A kept connection the app closed as we wrote; a fresh one once.
-            conn = match connect(self.upstream).await {
+            conn = match connect(upstream).await {
                 Ok(c) => c,
                 Err(_) => return Next::HandOff,
             };
@@ -259,35 +376,42 @@ impl Lane<'_> {
                 return Next::HandOff;
             }
         }
-        app.metrics.direct_requests.inc();
-        consume(&mut self.buf, head_len + with_head);
-        // The rest of the body.
-        let mut left = length - with_head as u64;
-        while left > 0 {
-            if self.buf.is_empty() {
-                self.buf.reserve(READ);
-                match self.client.read_buf(&mut self.buf).await {
-                    Ok(0) | Err(_) => return Next::Broken,
-                    Ok(_) => {}
-                }
-            }
-            let take = (self.buf.len() as u64).min(left) as usize;
-            if let Err(e) = conn.write_all(&self.buf[..take]).await {
-                // The app went away mid-body: the rest of the body is not read.
-                let r = failed(app, self.upstream, generation, Box::new(e)).await;
-                let _ = self.answer(super::closing(r)).await;
-                return Next::Broken;
-            }
-            consume(&mut self.buf, take);
-            left -= take as u64;
+        call.sent();
+        // A request the lane holds whole stays in `buf` until its answer's head has come:
+        // a replica that did not run it hands it to hyper, which sends it elsewhere.
+        let sent = head_len + with_head;
+        let whole = with_head as u64 == length;
+        if !whole {
+            consume(&mut self.buf, sent);
         }
-
-        // The answer's head, within the request timeout.
-        self.abuf.clear();
+        // The rest of the body, then the answer's head, within the request timeout (as
+        // on hyper's path, where it bounds sending the request and its answer's head).
         let deadline = app.cfg.request_timeout;
         if let Some(limit) = deadline {
             timer.as_mut().reset(Instant::now() + limit);
         }
+        let left = length - with_head as u64;
+        if left > 0 {
+            let upload = upload(&mut self.client, &mut self.buf, &mut conn, left);
+            let sent = tokio::select! {
+                biased;
+                sent = upload => sent,
+                _ = timer.as_mut(), if deadline.is_some() => Err(None),
+            };
+            match sent {
+                Ok(()) => {}
+                Err(None) => return self.timed_out(deadline).await,
+                // The client went away mid-body.
+                Err(Some(Upload::Client)) => return Next::Broken,
+                // The app went away mid-body: the rest of the body is not read.
+                Err(Some(Upload::App(e))) => {
+                    let r = failed(app, upstream, generation, Box::new(e)).await;
+                    let _ = self.answer(super::closing(r)).await;
+                    return Next::Broken;
+                }
+            }
+        }
+        self.abuf.clear();
         let answer = loop {
             match parse_answer(&self.abuf, head_method) {
                 Ok(Some(a)) if a.status >= 200 => break a,
@@ -299,24 +423,21 @@ impl Lane<'_> {
                 Ok(None) if self.abuf.len() <= MAX_ANSWER_HEAD => {}
                 Ok(None) => {
                     let e: BoxError = "the app's answer head is larger than 64 KiB".into();
-                    return self.failed_call(generation, e, &mut conn).await;
+                    return self
+                        .failed_call(&call, generation, e, &mut conn, whole.then_some(sent))
+                        .await;
                 }
-                Err(e) => return self.failed_call(generation, e, &mut conn).await,
+                Err(e) => {
+                    return self
+                        .failed_call(&call, generation, e, &mut conn, whole.then_some(sent))
+                        .await
+                }
             }
             self.abuf.reserve(READ);
             let read = tokio::select! {
                 biased;
                 r = conn.read_buf(&mut self.abuf) => r,
-                _ = timer.as_mut(), if deadline.is_some() => {
-                    let limit = deadline.unwrap_or_default();
-                    let detail = format!(
-                        "the app did not answer within the request timeout ({} s)",
-                        limit.as_secs_f64()
-                    );
-                    let r = super::error(StatusCode::GATEWAY_TIMEOUT, &detail, Some("request_timeout"));
-                    let _ = self.answer(super::closing(r)).await;
-                    return Next::Broken;
-                }
+                _ = timer.as_mut(), if deadline.is_some() => return self.timed_out(deadline).await,
                 // The client went away: so does the call (the app sees its connection close).
                 gone = client_gone(&self.client, &mut self.buf, self.limits.max_head_bytes) => {
                     if gone {
@@ -327,26 +448,47 @@ impl Lane<'_> {
             };
             match read {
                 Ok(0) => {
-                    let e: BoxError =
-                        "the connection closed before an answer came (connection closed before message completed)"
-                            .into();
-                    return self.failed_call(generation, e, &mut conn).await;
+                    let e: BoxError = "it closed the connection without an answer".into();
+                    return self
+                        .failed_call(&call, generation, e, &mut conn, whole.then_some(sent))
+                        .await;
                 }
                 Ok(_) => {}
-                Err(e) => return self.failed_call(generation, Box::new(e), &mut conn).await,
+                Err(e) => {
+                    let e = Box::new(e);
+                    return self
+                        .failed_call(&call, generation, e, &mut conn, whole.then_some(sent))
+                        .await;
+                }
             }
         };
 
-        // The answer's head to the client, with what of its body came with it.
+        if whole {
+            if answer.status == 503 {
+                let fields = field_lines(&self.abuf[..answer.head_len]);
+                let reason = fields
+                    .filter(|(name, _, _)| name.eq_ignore_ascii_case(REPLICA_HEADER.as_bytes()))
+                    .find_map(|(_, value, _)| std::str::from_utf8(value).ok());
+                if reason.is_some_and(|r| call.not_run(r)) {
+                    // Not run: hyper sends it again (the app connection is dropped).
+                    self.abuf.clear();
+                    return Next::HandOff;
+                }
+            }
+            consume(&mut self.buf, sent);
+        }
+        // The answer's head to the client, with what of its body came with it. Draining,
+        // it is the connection's last (as hyper's graceful shutdown does).
+        let close_after = close_after || *stop.borrow() || call.last();
         self.out.clear();
         answer.write_head(&self.abuf, close_after, &mut self.out);
         consume(&mut self.abuf, answer.head_len);
         let ok = self.copy_answer_body(&mut conn, answer.body).await;
-        drop(slot);
+        drop(call);
         match ok {
             Some(reusable) => {
                 if reusable && answer.keep_alive {
-                    self.app_conn = Some(conn);
+                    self.app_conn = Some((to, conn));
                 }
                 if close_after {
                     Next::Close
@@ -432,17 +574,38 @@ impl Lane<'_> {
     /// connection stays in step.
     async fn failed_call(
         &mut self,
+        call: &R::Call,
         generation: Option<u64>,
         e: BoxError,
         conn: &mut TcpStream,
+        held: Option<usize>,
     ) -> Next {
         let _ = conn.shutdown().await;
-        let r = Box::pin(failed(self.app, self.upstream, generation, e)).await;
+        if let Some(n) = held {
+            consume(&mut self.buf, n);
+        }
+        let r = Box::pin(failed(call.app(), call.upstream(), generation, e)).await;
         let close = r.headers().contains_key(http::header::CONNECTION);
         match self.answer(r).await {
             Ok(()) if !close => Next::KeepAlive,
             _ => Next::Broken,
         }
+    }
+
+    /// The request timeout passed: 504, and the connection closes (the abandoned call
+    /// dies with the app connection, as on hyper's path).
+    async fn timed_out(&mut self, limit: Option<Duration>) -> Next {
+        let detail = format!(
+            "the app did not answer within the request timeout ({} s)",
+            limit.unwrap_or_default().as_secs_f64()
+        );
+        let r = super::error(
+            StatusCode::GATEWAY_TIMEOUT,
+            &detail,
+            Some("request_timeout"),
+        );
+        let _ = self.answer(super::closing(r)).await;
+        Next::Broken
     }
 
     /// Writes an answer made here (a buffered body) to the client.
@@ -472,6 +635,38 @@ impl Lane<'_> {
         self.out.extend_from_slice(&body);
         self.client.write_all(&self.out).await
     }
+}
+
+/// Which side broke while a request body was copied to the app.
+enum Upload {
+    Client,
+    App(std::io::Error),
+}
+
+/// Copies the `left` bytes of a request body still to come from the client (those in
+/// `buf` first) to the app; what the client sent after them stays in `buf`.
+async fn upload(
+    client: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    app: &mut TcpStream,
+    mut left: u64,
+) -> Result<(), Option<Upload>> {
+    while left > 0 {
+        if buf.is_empty() {
+            buf.reserve(READ);
+            match client.read_buf(buf).await {
+                Ok(0) | Err(_) => return Err(Some(Upload::Client)),
+                Ok(_) => {}
+            }
+        }
+        let take = (buf.len() as u64).min(left) as usize;
+        app.write_all(&buf[..take])
+            .await
+            .map_err(|e| Some(Upload::App(e)))?;
+        consume(buf, take);
+        left -= take as u64;
+    }
+    Ok(())
 }
 
 /// Connects to the app (what fails here fails before the request went anywhere).
@@ -586,11 +781,23 @@ fn connection_tokens(
     Some((n, close))
 }
 
-/// Copies `head` into `out` without its hop-by-hop field lines and those `listed` (ranges
-/// of `whole`, which `head` starts).
-fn copy_without_hop(head: &[u8], whole: &[u8], listed: &[(usize, usize)], out: &mut Vec<u8>) {
-    let line_end = memchr::memmem::find(head, b"\r\n").map_or(head.len(), |n| n + 2);
-    out.extend_from_slice(&head[..line_end]);
+/// Writes the head the app gets into `out`: the request line with `target` (`(method,
+/// target)`, the target maybe shortened), and the field lines of `head` without its
+/// hop-by-hop ones and those `listed` (ranges of `whole`, which `head` starts).
+fn rebuild_head(
+    head: &[u8],
+    whole: &[u8],
+    (method, target): (&[u8], &[u8]),
+    listed: &[(usize, usize)],
+    out: &mut Vec<u8>,
+) {
+    out.extend_from_slice(method);
+    out.push(b' ');
+    if target.first() != Some(&b'/') {
+        out.push(b'/'); // the path was all prefix: `/ns/name` or `/ns/name?q`
+    }
+    out.extend_from_slice(target);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, _, line) in field_lines(head) {
         let named = listed
             .iter()

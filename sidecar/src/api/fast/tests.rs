@@ -20,11 +20,29 @@ x-secret: 1\r\nX-Kept: 2\r\nTE: trailers\r\nProxy-Authorization: Basic eA==\r\n\
     let (n, close) = connection_tokens(head, &mut listed).unwrap();
     assert_eq!((n, close), (2, false));
     let mut out = Vec::new();
-    copy_without_hop(head, head, &listed[..n], &mut out);
+    rebuild_head(head, head, (b"GET", b"/"), &listed[..n], &mut out);
     assert_eq!(
         String::from_utf8(out).unwrap(),
         "GET / HTTP/1.1\r\nHost: h\r\nX-Kept: 2\r\n\r\n"
     );
+}
+
+#[test]
+fn a_shortened_target_is_a_path_still() {
+    let head = b"POST /ns/fn/run?x=1 HTTP/1.1\r\nHost: h\r\n\r\n";
+    for (rest, line) in [
+        (&b"/run?x=1"[..], "POST /run?x=1 HTTP/1.1"),
+        (b"?x=1", "POST /?x=1 HTTP/1.1"),
+        (b"", "POST / HTTP/1.1"),
+        (b"//x", "POST //x HTTP/1.1"),
+    ] {
+        let mut out = Vec::new();
+        rebuild_head(head, head, (b"POST", rest), &[], &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("{line}\r\nHost: h\r\n\r\n")
+        );
+    }
 }
 
 #[test]
