@@ -101,7 +101,9 @@ pub async fn serve_listeners(
         gw.clone(),
         gateway::handle_run,
         limits,
-        None,
+        Some(fal_sidecar::api::fast::lane(Arc::new(gateway::Lane(
+            gw.clone(),
+        )))),
         stop.clone(),
         drain,
     )

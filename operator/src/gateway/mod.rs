@@ -30,10 +30,12 @@
 mod admin;
 mod housekeeping;
 pub mod kube;
+mod lane;
 mod routing;
 mod slots;
 
 pub use admin::{functions_json, handle_admin, Admin, Describe};
+pub use lane::Lane;
 pub use routing::{function_from_host, handle_queue, handle_run, is_queue_path, split_function};
 
 use std::collections::HashMap;

@@ -89,7 +89,7 @@ impl Gateway {
         })
     }
 
-    fn count(&self, entry: &Entry, kind: Kind) {
+    pub(super) fn count(&self, entry: &Entry, kind: Kind) {
         entry.counters[kind as usize]
             .get_or_init(|| {
                 let kind = Kind::LABELS[kind as usize];

@@ -21,7 +21,7 @@ const FULL_BACKOFF: Duration = Duration::from_millis(20);
 
 impl Entry {
     /// Takes a slot on the least busy replica with one free.
-    fn try_acquire(&self) -> Option<Arc<Replica>> {
+    pub(super) fn try_acquire(&self) -> Option<Arc<Replica>> {
         let max = self
             .info
             .read()
@@ -112,6 +112,11 @@ pub(super) fn refused<B>(gw: &Gateway, entry: &Entry, replica: &Replica, resp: &
         .get(fal_sidecar::slots::REPLICA_HEADER)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("full");
+    refused_for(gw, entry, replica, reason);
+}
+
+/// [`refused`], with the header's value (`full`, `restarting`) at hand.
+pub(super) fn refused_for(gw: &Gateway, entry: &Entry, replica: &Replica, reason: &str) {
     gw.metrics
         .not_run
         .with_label_values(&[entry.key.as_str(), reason])

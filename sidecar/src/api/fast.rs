@@ -1,6 +1,7 @@
-//! The fast lane of direct calls: the run listener's connections start here, and a
-//! request this proxy needs to understand no further than its framing goes to the app
-//! without hyper — the nginx model. The head is checked by the edge policy's own
+//! The fast lane of direct calls: the run listener's connections start here (the
+//! sidecar's, and the gateway's with its own [`Router`]), and a request this proxy needs
+//! to understand no further than its framing goes to the app without hyper — the nginx
+//! model. The head is checked by the edge policy's own
 //! [`edge::check_head`] (the same rules as every other request) and forwarded byte for
 //! byte, minus hop-by-hop fields; the body is counted through; the app's answer is parsed
 //! once (httparse), its head rebuilt without hop-by-hop fields, and its body copied
@@ -43,8 +44,9 @@ pub enum End {
     HandOff(TcpStream, Vec<u8>),
 }
 
-/// Bytes asked of the kernel per read.
-const READ: usize = 16 * 1024;
+/// Bytes asked of the kernel per read (nginx's proxy buffers are 4–8 KiB too): a
+/// connection keeps two such buffers, one per side.
+const READ: usize = 8 * 1024;
 /// The largest head of an answer from the app (hyper's client takes ~400 KiB; an app's
 /// head is a few hundred bytes).
 const MAX_ANSWER_HEAD: usize = 64 * 1024;
@@ -73,6 +75,15 @@ pub struct Plain<'a> {
     pub length: u64,
 }
 
+impl<'a> Plain<'a> {
+    /// The value of the first field line named `name` (any case).
+    pub fn field(&self, name: &str) -> Option<&'a [u8]> {
+        field_lines(self.head)
+            .find(|(n, _, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, value, _)| value)
+    }
+}
+
 /// One call the lane makes, held until its answer's body is done.
 pub trait Call: Send + Sync {
     /// Whose limits, metrics and failure answers apply.
@@ -85,6 +96,11 @@ pub trait Call: Send + Sync {
     }
     /// The request went out (once per call).
     fn sent(&self);
+    /// A body up to this size is read whole before the call goes out, so that the
+    /// request is still at hand should the app not run it ([`Call::not_run`]).
+    fn replay_bytes(&self) -> u64 {
+        0
+    }
     /// The answer is the connection's last.
     fn last(&self) -> bool {
         false
@@ -199,7 +215,7 @@ pub async fn serve<R: Router>(
         let head_len = match lane.read_head(timer.as_mut(), stop).await {
             Ok(n) => n,
             Err(Stop::Closed) => return End::Closed,
-            Err(Stop::HandOff) => return End::HandOff(lane.client, lane.buf),
+            Err(Stop::HandOff) => return lane.hand_off(),
         };
         match lane.call(head_len, timer.as_mut(), stop).await {
             Next::KeepAlive => {}
@@ -208,7 +224,7 @@ pub async fn serve<R: Router>(
                 return End::Closed;
             }
             Next::Broken => return End::Closed,
-            Next::HandOff => return End::HandOff(lane.client, lane.buf),
+            Next::HandOff => return lane.hand_off(),
         }
     }
 }
@@ -256,6 +272,14 @@ enum AnswerBody {
 }
 
 impl<R: Router> Conn<'_, R> {
+    /// hyper takes the connection, with the bytes read; they move with it for the
+    /// connection's life (a WebSocket's), so only their own size.
+    fn hand_off(self) -> End {
+        let mut read = self.buf;
+        read.shrink_to_fit();
+        End::HandOff(self.client, read)
+    }
+
     /// Reads until `buf` starts with a whole request head; its length.
     async fn read_head(
         &mut self,
@@ -334,9 +358,19 @@ impl<R: Router> Conn<'_, R> {
         let Some(mut call) = self.router.route(&plain) else {
             return Next::HandOff;
         };
+        let head_method = method == b"HEAD";
+        if length > 0 && length <= call.replay_bytes() {
+            while ((self.buf.len() - head_len) as u64) < length {
+                self.buf.reserve(READ);
+                match self.client.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return Next::Broken,
+                    Ok(_) => {}
+                }
+            }
+        }
+        let (method, target) = request_line(&self.buf[..head_len]);
         let app = call.app();
         let generation = app.app_health.get().map(|h| h.generation());
-        let head_method = method == b"HEAD";
 
         // The head (and the body bytes read with it) to the app.
         let with_head = (self.buf.len() - head_len).min(length as usize);

@@ -202,3 +202,19 @@ fn hex_sizes() {
         assert_eq!(String::from_utf8(out).unwrap(), format!("{n:x}"));
     }
 }
+
+#[test]
+fn a_plain_request_names_its_fields() {
+    let head = b"GET /x HTTP/1.1\r\nHost: h:1\r\nauthorization: Key a:b\r\nX-Empty:\r\n\r\n";
+    let plain = Plain {
+        head,
+        method: b"GET",
+        target: b"/x",
+        path: b"/x",
+        length: 0,
+    };
+    assert_eq!(plain.field("host"), Some(&b"h:1"[..]));
+    assert_eq!(plain.field("Authorization"), Some(&b"Key a:b"[..]));
+    assert_eq!(plain.field("x-empty"), Some(&b""[..]));
+    assert_eq!(plain.field("cookie"), None);
+}

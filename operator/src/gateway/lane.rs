@@ -1,0 +1,124 @@
+//! The gateway's side of the fast lane (`fal_sidecar::api::fast`): a plain sync call
+//! `/{namespace}/{name}[/{path}]` that needs no key (keys off, or a public function, and
+//! no credential sent) and finds a free replica slot at once goes to the replica
+//! without hyper, its target shortened to `/{path}`. Everything else is handed to
+//! `routing.rs` with the bytes already read, and served there as before: keys and
+//! tokens, holding a call while the function scales, the queue API, WebSockets, the
+//! per-app host, and a call a replica refused without running it (sent again from
+//! there, its bytes intact).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use fal_sidecar::api::fast::{Call, Plain, Router};
+use fal_sidecar::api::App;
+use fal_sidecar::auth::AuthMode;
+use fal_sidecar::job::now_ms;
+use fal_sidecar::upstream::Upstream;
+
+use super::routing::{function_from_host, is_queue_path, split_function, Kind};
+use super::slots::{refused_for, SlotGuard};
+use super::{Gateway, REPLAY_BODY_BYTES};
+use crate::function::is_dns_label;
+
+/// The run listener's router.
+pub struct Lane(pub Arc<Gateway>);
+
+/// A sync call with its replica slot.
+pub struct LaneCall {
+    gw: Arc<Gateway>,
+    slot: SlotGuard,
+    strip: usize,
+}
+
+impl Router for Lane {
+    type Call = LaneCall;
+
+    fn route(&self, req: &Plain<'_>) -> Option<LaneCall> {
+        let gw = &self.0;
+        if let (Some(domain), Some(host)) = (gw.cfg.domain.as_deref(), req.field("host")) {
+            let host = std::str::from_utf8(host).ok()?;
+            if function_from_host(domain, host).is_some() {
+                return None;
+            }
+        }
+        // A credential, or a token in the query: the key check (routing.rs) takes it.
+        let target = std::str::from_utf8(req.target).ok()?;
+        if req.field("authorization").is_some() || target.contains("fal_jwt_token") {
+            return None;
+        }
+        let path = std::str::from_utf8(req.path).ok()?;
+        let (ns, name, rest) = split_function(path)?;
+        if is_queue_path(rest) || !is_dns_label(ns) || !is_dns_label(name) {
+            return None;
+        }
+        // `{ns}/{name}` on the stack: no allocation for the lookup.
+        let mut key = [0u8; 128];
+        let n = ns.len() + 1 + name.len();
+        if n > key.len() {
+            return None;
+        }
+        key[..ns.len()].copy_from_slice(ns.as_bytes());
+        key[ns.len()] = b'/';
+        key[ns.len() + 1..n].copy_from_slice(name.as_bytes());
+        let entry = gw.entry(std::str::from_utf8(&key[..n]).ok()?)?;
+        let mode = entry.info.read().unwrap_or_else(|e| e.into_inner()).auth;
+        if (gw.auth.required() && mode != AuthMode::Public)
+            || req.length > entry.app.cfg.max_body_bytes as u64
+        {
+            return None;
+        }
+        entry.last_sync_ms.store(now_ms(), Ordering::Relaxed);
+        entry.sync.fetch_add(1, Ordering::AcqRel);
+        let mut slot = SlotGuard {
+            entry: entry.clone(),
+            replica: None,
+        };
+        // No slot free now: held in routing.rs (the guard's drop undoes the count).
+        slot.replica = Some(entry.try_acquire()?);
+        Some(LaneCall {
+            gw: gw.clone(),
+            slot,
+            strip: 2 + n,
+        })
+    }
+}
+
+impl Call for LaneCall {
+    fn app(&self) -> &App {
+        &self.slot.entry.app
+    }
+
+    fn upstream(&self) -> &Upstream {
+        &self
+            .slot
+            .replica
+            .as_ref()
+            .expect("a routed call holds its replica until not_run")
+            .upstream
+    }
+
+    fn strip(&self) -> usize {
+        self.strip
+    }
+
+    fn sent(&self) {
+        self.gw.count(&self.slot.entry, Kind::Sync);
+    }
+
+    fn replay_bytes(&self) -> u64 {
+        REPLAY_BODY_BYTES
+    }
+
+    fn last(&self) -> bool {
+        self.gw.terminating.load(Ordering::Relaxed)
+    }
+
+    fn not_run(&mut self, reason: &str) -> bool {
+        if let Some(replica) = self.slot.replica.clone() {
+            self.slot.release();
+            refused_for(&self.gw, &self.slot.entry, &replica, reason);
+        }
+        true
+    }
+}
