@@ -252,3 +252,12 @@ def test_the_lane_can_be_turned_off(make_sidecar):
     status, fields, body, _ = Reader(s).answer()
     # hyper rebuilds the head (lower-case names) where the lane forwards it as sent.
     assert status == 200 and body == b"POST /head HTTP/1.1\r\nhost: h\r\ncontent-length: 2\r\n\r\nhi", body
+
+
+def test_a_head_over_the_limit_is_431_even_when_it_arrives_whole(raw):
+    # Just over the default --max-header-bytes (64 KiB), in one write: the lane must not
+    # take it because its end came in the same read that crossed the limit.
+    s = connect(raw)
+    s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * (64 * 1024) + b"\r\n\r\n")
+    status, fields, body, _ = Reader(s).answer()
+    assert status == 431 and fields["connection"] == "close", body

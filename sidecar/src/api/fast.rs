@@ -322,6 +322,10 @@ impl<R: Router> Conn<'_, R> {
         mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
         stop: &watch::Receiver<bool>,
     ) -> Next {
+        // Too large (the guard answers 431), or refused: hyper's path answers it.
+        if head_len > self.limits.max_head_bytes {
+            return Next::HandOff;
+        }
         let Ok(head) = edge::check_head(&self.buf[..head_len], &self.limits) else {
             return Next::HandOff;
         };
