@@ -7,7 +7,7 @@
 //! per-app host, and a call a replica refused without running it (sent again from
 //! there, its bytes intact).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use fal_sidecar::api::fast::{Call, Plain, Router};
@@ -29,6 +29,17 @@ pub struct LaneCall {
     gw: Arc<Gateway>,
     slot: SlotGuard,
     strip: usize,
+    /// Sent, and not handed back to `routing.rs`: counted once it ends (a call handed
+    /// back is counted there).
+    sent: AtomicBool,
+}
+
+impl Drop for LaneCall {
+    fn drop(&mut self) {
+        if *self.sent.get_mut() {
+            self.gw.count(&self.slot.entry, Kind::Sync);
+        }
+    }
 }
 
 impl Router for Lane {
@@ -80,6 +91,7 @@ impl Router for Lane {
             gw: gw.clone(),
             slot,
             strip: 2 + n,
+            sent: AtomicBool::new(false),
         })
     }
 }
@@ -103,7 +115,7 @@ impl Call for LaneCall {
     }
 
     fn sent(&self) {
-        self.gw.count(&self.slot.entry, Kind::Sync);
+        self.sent.store(true, Ordering::Relaxed);
     }
 
     fn replay_bytes(&self) -> u64 {
@@ -115,6 +127,7 @@ impl Call for LaneCall {
     }
 
     fn not_run(&mut self, reason: &str) -> bool {
+        *self.sent.get_mut() = false;
         if let Some(replica) = self.slot.replica.clone() {
             self.slot.release();
             refused_for(&self.gw, &self.slot.entry, &replica, reason);
