@@ -317,6 +317,40 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn bytes_read_before_the_guard_come_first_framed_as_any() {
+        // What the fast lane read: a whole request, then half of the next head.
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let shared = Arc::new(Shared::default());
+        let post = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nab";
+        let prefix = [&post[..], &GET[..10]].concat();
+        let mut guard = Guarded::with_prefix(server, prefix, LIMITS, shared.clone());
+        let mut client = client;
+        client.write_all(&GET[10..]).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 7];
+        loop {
+            let n = guard.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(out, [&post[..], GET].concat());
+        // A refusal among them is the stand-in, as when read by the guard itself.
+        let (_client, server) = tokio::io::duplex(1024);
+        let bad = b"GET / HTTP/1.1\r\nHost: h\r\nHost: i\r\n\r\n";
+        let shared = Arc::new(Shared::default());
+        let mut guard =
+            Guarded::with_prefix(server, [GET, &bad[..]].concat(), LIMITS, shared.clone());
+        let mut out = vec![0u8; 1024];
+        let n = guard.read(&mut out).await.unwrap();
+        let m = guard.read(&mut out[n..]).await.unwrap();
+        assert_eq!(&out[..n + m], [GET, STAND_IN].concat());
+        assert_eq!(shared.refusal(1).map(|r| r.status), Some(400));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_refused_head_becomes_the_stand_in() {
         let bad = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxy";
         let (out, r, shared) = read_all(&[GET, bad, GET]).await;
