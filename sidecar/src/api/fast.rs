@@ -770,21 +770,21 @@ fn request_line(head: &[u8]) -> (&[u8], &[u8]) {
     (method, target)
 }
 
-/// The field lines of an accepted head: `(name, value, the whole line with its CRLF)`,
-/// as offsets into the head.
+/// The field lines of a head: `(name, value, the line without its line end)`. A request
+/// head's lines end in CRLF (the edge checked); an answer's may end in a bare LF.
 fn field_lines(head: &[u8]) -> impl Iterator<Item = (&[u8], &[u8], &[u8])> {
-    let start = memchr::memmem::find(head, b"\r\n").map_or(head.len(), |n| n + 2);
+    let start = memchr::memchr(b'\n', head).map_or(head.len(), |n| n + 1);
     let mut rest = &head[start..];
     std::iter::from_fn(move || {
-        let end = memchr::memmem::find(rest, b"\r\n")?;
-        if end == 0 {
+        let nl = memchr::memchr(b'\n', rest)?;
+        let line = &rest[..nl];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        rest = &rest[nl + 1..];
+        if line.is_empty() {
             return None;
         }
-        let line = &rest[..end + 2];
-        rest = &rest[end + 2..];
         let colon = memchr::memchr(b':', line)?;
-        let value = line[colon + 1..end].trim_ascii();
-        Some((&line[..colon], value, line))
+        Some((&line[..colon], line[colon + 1..].trim_ascii(), line))
     })
 }
 
@@ -843,6 +843,7 @@ fn rebuild_head(
         let hop = std::str::from_utf8(name).is_ok_and(is_hop_by_hop);
         if !hop && !named {
             out.extend_from_slice(line);
+            out.extend_from_slice(b"\r\n");
         }
     }
     out.extend_from_slice(b"\r\n");
@@ -929,7 +930,12 @@ impl Answer {
     /// ones (and those its `Connection` lists), framing as this proxy sends the body.
     fn write_head(&self, buf: &[u8], close: bool, out: &mut Vec<u8>) {
         let head = &buf[..self.head_len];
-        let line_end = memchr::memmem::find(head, b"\r\n").unwrap_or(0);
+        let line_end = memchr::memchr(b'\n', head).unwrap_or(0);
+        let line_end = if line_end > 0 && head[line_end - 1] == b'\r' {
+            line_end - 1
+        } else {
+            line_end
+        };
         // `HTTP/1.x SP code SP reason`: the client speaks 1.1 whatever the app does.
         out.extend_from_slice(b"HTTP/1.1");
         out.extend_from_slice(&head[8.min(line_end)..line_end]);
@@ -954,6 +960,7 @@ impl Answer {
                 .any(|&(a, b)| head[a..b].eq_ignore_ascii_case(name));
             if !hop && !named {
                 out.extend_from_slice(line);
+                out.extend_from_slice(b"\r\n");
             }
         }
         match self.body {

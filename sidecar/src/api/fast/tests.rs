@@ -218,3 +218,16 @@ fn a_plain_request_names_its_fields() {
     assert_eq!(plain.field("x-empty"), Some(&b""[..]));
     assert_eq!(plain.field("cookie"), None);
 }
+
+#[test]
+fn an_answer_with_bare_lf_line_ends_reaches_the_client_with_crlf() {
+    let raw = b"HTTP/1.1 200 OK\nX-A: 1\nConnection: keep-alive\nContent-Length: 2\n\nok";
+    let a = answer(raw, false);
+    assert_eq!((a.body, a.head_len), (AnswerBody::Length(2), raw.len() - 2));
+    let mut out = Vec::new();
+    a.write_head(raw, false, &mut out);
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 2\r\n\r\n"
+    );
+}
