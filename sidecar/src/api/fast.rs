@@ -383,13 +383,7 @@ impl<R: Router> Conn<'_, R> {
             self.out.clear();
             let target = (method, &target[strip.min(target.len())..]);
             let listed = &listed[..n_listed];
-            rebuild_head(
-                &self.buf[..head_len],
-                &self.buf,
-                target,
-                listed,
-                &mut self.out,
-            );
+            rebuild_head(&self.buf[..head_len], target, listed, &mut self.out);
             self.out
                 .extend_from_slice(&self.buf[head_len..head_len + with_head]);
             &self.out
@@ -821,10 +815,9 @@ fn connection_tokens(
 
 /// Writes the head the app gets into `out`: the request line with `target` (`(method,
 /// target)`, the target maybe shortened), and the field lines of `head` without its
-/// hop-by-hop ones and those `listed` (ranges of `whole`, which `head` starts).
+/// hop-by-hop ones and those `listed` (ranges of `head`).
 fn rebuild_head(
     head: &[u8],
-    whole: &[u8],
     (method, target): (&[u8], &[u8]),
     listed: &[(usize, usize)],
     out: &mut Vec<u8>,
@@ -836,17 +829,23 @@ fn rebuild_head(
     }
     out.extend_from_slice(target);
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    copy_fields(head, listed, out);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Copies the field lines of `head` into `out` (CRLF line ends), except hop-by-hop ones
+/// and those `listed` by a `Connection` field (ranges of `head`).
+fn copy_fields(head: &[u8], listed: &[(usize, usize)], out: &mut Vec<u8>) {
     for (name, _, line) in field_lines(head) {
         let named = listed
             .iter()
-            .any(|&(a, b)| whole[a..b].eq_ignore_ascii_case(name));
+            .any(|&(a, b)| head[a..b].eq_ignore_ascii_case(name));
         let hop = std::str::from_utf8(name).is_ok_and(is_hop_by_hop);
         if !hop && !named {
             out.extend_from_slice(line);
             out.extend_from_slice(b"\r\n");
         }
     }
-    out.extend_from_slice(b"\r\n");
 }
 
 /// An answer's head, parsed.
@@ -953,16 +952,7 @@ impl Answer {
                 }
             }
         }
-        for (name, _, line) in field_lines(head) {
-            let hop = std::str::from_utf8(name).is_ok_and(is_hop_by_hop);
-            let named = listed[..n]
-                .iter()
-                .any(|&(a, b)| head[a..b].eq_ignore_ascii_case(name));
-            if !hop && !named {
-                out.extend_from_slice(line);
-                out.extend_from_slice(b"\r\n");
-            }
-        }
+        copy_fields(head, &listed[..n], out);
         match self.body {
             AnswerBody::Chunked | AnswerBody::UntilClose => {
                 out.extend_from_slice(b"transfer-encoding: chunked\r\n")
