@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -98,6 +99,19 @@ def wait_until(fn: Callable[[], Any], timeout: float = 10.0, interval: float = 0
             detail = f"; last error: {last_exc!r}" if last_exc else f"; last value: {last_val!r}"
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}{detail}")
         time.sleep(interval)
+
+
+def send_in_background(s: socket.socket, data: bytes) -> threading.Thread:
+    """Sends `data` on `s` from a thread (an answer may come before all of it is sent);
+    a send the other side refused ends it quietly."""
+    def send() -> None:
+        try:
+            s.sendall(data)
+        except OSError:
+            pass
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    return t
 
 
 def new_key(prefix: str = "k") -> str:

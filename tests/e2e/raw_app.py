@@ -18,7 +18,8 @@ LOCK = threading.Lock()
 
 
 def read_request(conn: socket.socket, data: bytes) -> tuple[bytes, bytes, bytes] | None:
-    """(head, body, rest) of the next request, or None at EOF."""
+    """(head, body, rest) of the next request, or None at EOF. The `/early…` and
+    `/duplex` paths answer before reading the body: their body is left unread."""
     while b"\r\n\r\n" not in data:
         chunk = conn.recv(65536)
         if not chunk:
@@ -30,6 +31,8 @@ def read_request(conn: socket.socket, data: bytes) -> tuple[bytes, bytes, bytes]
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length":
             length = int(value.strip())
+    if head.split(b" ", 2)[1].startswith((b"/early", b"/duplex")):
+        return head + b"\r\n\r\n", b"", rest
     while len(rest) < length:
         chunk = conn.recv(65536)
         if not chunk:
@@ -87,6 +90,30 @@ def serve(conn: socket.socket) -> None:
                         STATE["cancelled"] += 1
                     return
                 conn.sendall(answer(b"slow"))
+            elif path == "/early-close":
+                # Refuses the body unread and closes (a reset, with the body unread).
+                conn.sendall(answer(b'{"detail": "too large for this app"}', "413 Content Too Large"))
+                return
+            elif path == "/early-open":
+                # Refuses the body unread and keeps the connection, reading nothing more.
+                conn.sendall(answer(b'{"detail": "who are you?"}', "401 Unauthorized"))
+                time.sleep(8)
+                return
+            elif path == "/duplex":
+                # Starts its answer, then reads the whole body, then ends the answer with
+                # the body's length: full duplex, as an app streaming progress may do.
+                length = int(next(v for n, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+                                  if n.strip().lower() == b"content-length").strip())
+                conn.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n8\r\nreading \r\n")
+                got = len(data)
+                while got < length:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    got += len(chunk)
+                data = b""
+                end = b"%d bytes" % got
+                conn.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(end), end))
             elif path == "/log":
                 with LOCK:
                     conn.sendall(answer(json.dumps(STATE).encode()))

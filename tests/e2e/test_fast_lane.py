@@ -6,6 +6,7 @@ goes away, and the hand-over to hyper in the middle of a connection."""
 
 from __future__ import annotations
 
+import email.utils
 import json
 import socket
 import sys
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import send_in_background
 
 HERE = Path(__file__).resolve().parent
 RAW_APP = [sys.executable, "-u", str(HERE / "raw_app.py")]
@@ -106,8 +108,9 @@ def test_the_head_reaches_the_app_as_sent_minus_hop_by_hop_fields(raw):
     s.sendall(b"POST /head?q=1 HTTP/1.1\r\nHost: example.test\r\nX-One: a b\r\n"
               b"Connection: keep-alive, X-Private\r\nX-Private: secret\r\nKeep-Alive: timeout=5\r\n"
               b"TE: trailers\r\nContent-Length: 5\r\n\r\nhello")
-    status, _, body, _ = Reader(s).answer()
-    assert status == 200
+    status, fields, body, _ = Reader(s).answer()
+    # The app sent no Date: the lane adds one, as a proxy must (RFC 9110) and hyper does.
+    assert status == 200 and email.utils.parsedate_to_datetime(fields["date"]).year >= 2024
     assert body == (b"POST /head?q=1 HTTP/1.1\r\nHost: example.test\r\nX-One: a b\r\n"
                     b"Content-Length: 5\r\n\r\nhello")
     # Without hop-by-hop fields the head goes byte for byte, and so does a larger body.
@@ -261,3 +264,66 @@ def test_a_head_over_the_limit_is_431_even_when_it_arrives_whole(raw):
     s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * (64 * 1024) + b"\r\n\r\n")
     status, fields, body, _ = Reader(s).answer()
     assert status == 431 and fields["connection"] == "close", body
+
+
+@pytest.mark.parametrize("path,status", [("/early-close", 413), ("/early-open", 401)])
+def test_an_answer_before_the_body_is_read_reaches_the_client(raw, path, status):
+    # The app answers without reading an 8 MiB body: then closes (its kernel resets the
+    # connection over the unread bytes), or keeps the connection and reads nothing. The
+    # client gets the app's answer, not a 502 and not a wait, and the connection closes
+    # cleanly after the client sent its body (no reset over the answer).
+    s = connect(raw)
+    body = b"x" * (8 * 1024 * 1024)
+    sender = send_in_background(s, b"POST %s HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n"
+                                % (path.encode(), len(body)) + body)
+    r = Reader(s)
+    got, fields, answer_body, _ = r.answer()
+    assert got == status and fields["connection"] == "close", (got, fields, answer_body)
+    assert json.loads(answer_body)["detail"]
+    sender.join(10)
+    assert not sender.is_alive()
+    assert s.recv(65536) == b""
+    # The next connection is served as usual.
+    s = connect(raw)
+    s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert Reader(s).answer()[2] == b"ok"
+
+
+def test_an_app_that_answers_while_it_reads_the_body_gets_all_of_it(raw):
+    s = connect(raw)
+    body = b"y" * (4 * 1024 * 1024)
+    sender = send_in_background(s, b"POST /duplex HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n"
+                                % len(body) + body)
+    status, _, answer_body, _ = Reader(s).answer()
+    assert status == 200 and answer_body == b"reading %d bytes" % len(body), answer_body
+    sender.join(10)
+    s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert Reader(s).answer()[2] == b"ok"
+
+
+def test_expect_100_continue_is_answered_and_the_body_follows(raw):
+    # curl sends `Expect: 100-continue` with a body over 1 MiB and waits for the 100.
+    s = connect(raw)
+    r = Reader(s)
+    payload = b"z" * (2 * 1024 * 1024)
+    s.sendall(b"PUT /head HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+              % len(payload))
+    while b"\r\n\r\n" not in r.buf:
+        assert r._more()
+    assert r.buf.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), r.buf
+    r.buf = r.buf[len(b"HTTP/1.1 100 Continue\r\n\r\n"):]
+    s.sendall(payload)
+    status, _, body, _ = r.answer()
+    # The app gets the field, as on hyper's path, and the whole body.
+    assert status == 200 and body == (b"PUT /head HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n"
+                                      b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+    # An answer before the body: the 100, then the app's answer, and the connection closes.
+    s = connect(raw)
+    r = Reader(s)
+    sender = send_in_background(s, b"POST /early-close HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n"
+                                b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+    assert r.answer()[0] == 100
+    status, fields, _, _ = r.answer()
+    assert status == 413 and fields["connection"] == "close"
+    sender.join(10)
+    assert s.recv(65536) == b""

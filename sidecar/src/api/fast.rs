@@ -11,7 +11,7 @@
 //!
 //! Everything else is handed over to hyper for the rest of the connection, with the
 //! bytes already read ([`End::HandOff`]): a request the edge policy refuses (the guard
-//! answers it), HTTP/1.0, an upgrade, a chunked or oversized upload, `Expect`, the
+//! answers it), HTTP/1.0, an upgrade, a chunked or oversized upload, the
 //! sidecar's own paths (`/fal/queue…`, `/.well-known/jwks.json`), a function behind
 //! `--keys`, an app that is restarting, no free call slot (answered 503 there), and an
 //! app that cannot be connected to (answered there). Those answers are the same
@@ -52,6 +52,10 @@ const READ: usize = 8 * 1024;
 const MAX_ANSWER_HEAD: usize = 64 * 1024;
 /// Most header fields of an answer from the app.
 const MAX_ANSWER_FIELDS: usize = 100;
+/// The interim answer to `Expect: 100-continue`.
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+/// Longest wait for more of a request body the answer came before (see `linger`).
+const LINGER: Duration = Duration::from_secs(5);
 /// Most names a `Connection` field may list in a request the lane takes.
 const MAX_CONNECTION_TOKENS: usize = 8;
 
@@ -64,8 +68,8 @@ pub trait Router: Send + Sync + 'static {
     fn route(&self, req: &Plain<'_>) -> Option<Self::Call>;
 }
 
-/// A plain request: an HTTP/1.1 head the edge policy accepted, no upgrade, no `Expect`,
-/// a `Content-Length` body or none, an origin-form target.
+/// A plain request: an HTTP/1.1 head the edge policy accepted, no upgrade, a
+/// `Content-Length` body or none, an origin-form target.
 pub struct Plain<'a> {
     pub head: &'a [u8],
     pub method: &'a [u8],
@@ -343,13 +347,13 @@ impl<R: Router> Conn<'_, R> {
             return Next::HandOff;
         }
         // The request's hop-by-hop fields: dropped, and `Connection: close` kept in mind.
-        let mut close_after = false;
+        let (mut close_after, mut expect) = (false, false);
         let mut listed = [(0usize, 0usize); MAX_CONNECTION_TOKENS];
         let mut n_listed = 0;
         if head.hop {
             match connection_tokens(&self.buf[..head_len], &mut listed) {
-                Some((n, close)) => (n_listed, close_after) = (n, close),
-                None => return Next::HandOff, // `Expect`, or a long `Connection` list
+                Some((n, close, e)) => (n_listed, close_after, expect) = (n, close, e),
+                None => return Next::HandOff, // a long `Connection` list
             }
         }
         let plain = Plain {
@@ -363,6 +367,15 @@ impl<R: Router> Conn<'_, R> {
             return Next::HandOff;
         };
         let head_method = method == b"HEAD";
+        // `Expect: 100-continue` (curl's, for a body over 1 MiB): the client may wait for
+        // this before it sends the body, as hyper's server and nginx answer it. The field
+        // goes on to the app, as on hyper's path; an interim answer of the app's is dropped.
+        if expect
+            && ((self.buf.len() - head_len) as u64) < length
+            && self.client.write_all(CONTINUE).await.is_err()
+        {
+            return Next::Broken;
+        }
         if length > 0 && length <= call.replay_bytes() {
             while ((self.buf.len() - head_len) as u64) < length {
                 self.buf.reserve(READ);
@@ -422,48 +435,40 @@ impl<R: Router> Conn<'_, R> {
         if let Some(limit) = deadline {
             timer.as_mut().reset(Instant::now() + limit);
         }
-        let left = length - with_head as u64;
-        if left > 0 {
-            let upload = upload(&mut self.client, &mut self.buf, &mut conn, left);
+        self.abuf.clear();
+        // Body bytes the app did not take: it answered first, or went away.
+        let mut unsent = length - with_head as u64;
+        if unsent > 0 {
+            let upload = upload(
+                &mut self.client,
+                &mut self.buf,
+                &conn,
+                &mut self.abuf,
+                head_method,
+                &mut unsent,
+            );
             let sent = tokio::select! {
                 biased;
-                sent = upload => sent,
+                sent = upload => sent.map_err(Some),
                 _ = timer.as_mut(), if deadline.is_some() => Err(None),
             };
             match sent {
-                Ok(()) => {}
+                Ok(()) | Err(Some(Upload::AppDone)) => {}
                 Err(None) => return self.timed_out(deadline).await,
-                // The client went away mid-body.
                 Err(Some(Upload::Client)) => return Next::Broken,
-                // The app went away mid-body: the rest of the body is not read.
-                Err(Some(Upload::App(e))) => {
-                    let r = failed(app, upstream, generation, Box::new(e)).await;
-                    let _ = self.answer(super::closing(r)).await;
-                    return Next::Broken;
-                }
             }
         }
-        self.abuf.clear();
-        let answer = loop {
+        let answer: Result<Answer, BoxError> = loop {
             match parse_answer(&self.abuf, head_method) {
-                Ok(Some(a)) if a.status >= 200 => break a,
+                Ok(Some(a)) if a.status >= 200 => break Ok(a),
                 // An interim answer (100, 103): hyper's client drops them too.
                 Ok(Some(a)) => {
                     consume(&mut self.abuf, a.head_len);
                     continue;
                 }
                 Ok(None) if self.abuf.len() <= MAX_ANSWER_HEAD => {}
-                Ok(None) => {
-                    let e: BoxError = "the app's answer head is larger than 64 KiB".into();
-                    return self
-                        .failed_call(&call, generation, e, &mut conn, whole.then_some(sent))
-                        .await;
-                }
-                Err(e) => {
-                    return self
-                        .failed_call(&call, generation, e, &mut conn, whole.then_some(sent))
-                        .await
-                }
+                Ok(None) => break Err("the app's answer head is larger than 64 KiB".into()),
+                Err(e) => break Err(e),
             }
             self.abuf.reserve(READ);
             let read = tokio::select! {
@@ -479,19 +484,18 @@ impl<R: Router> Conn<'_, R> {
                 }
             };
             match read {
-                Ok(0) => {
-                    let e: BoxError = "it closed the connection without an answer".into();
-                    return self
-                        .failed_call(&call, generation, e, &mut conn, whole.then_some(sent))
-                        .await;
-                }
+                Ok(0) => break Err("it closed the connection without an answer".into()),
                 Ok(_) => {}
-                Err(e) => {
-                    let e = Box::new(e);
-                    return self
-                        .failed_call(&call, generation, e, &mut conn, whole.then_some(sent))
-                        .await;
-                }
+                Err(e) => break Err(Box::new(e)),
+            }
+        };
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                let held = whole.then_some(sent);
+                return self
+                    .failed_call(&call, generation, e, &mut conn, held, unsent)
+                    .await;
             }
         };
 
@@ -511,13 +515,16 @@ impl<R: Router> Conn<'_, R> {
         }
         // The answer's head to the client, with what of its body came with it. Draining,
         // it is the connection's last (as hyper's graceful shutdown does).
-        let close_after = close_after || *stop.borrow() || call.last();
+        let close_after = close_after || unsent > 0 || *stop.borrow() || call.last();
         self.out.clear();
         answer.write_head(&self.abuf, close_after, &mut self.out);
         consume(&mut self.abuf, answer.head_len);
         let ok = self.copy_answer_body(&mut conn, answer.body).await;
         drop(call);
         match ok {
+            // An early answer: the app connection is out of step (dropped), and the
+            // client's connection closes once the rest of its body is read.
+            Some(_) if unsent > 0 => self.linger(unsent).await,
             Some(reusable) => {
                 if reusable && answer.keep_alive {
                     self.app_conn = Some((to, conn));
@@ -611,17 +618,46 @@ impl<R: Router> Conn<'_, R> {
         e: BoxError,
         conn: &mut TcpStream,
         held: Option<usize>,
+        unsent: u64,
     ) -> Next {
         let _ = conn.shutdown().await;
         if let Some(n) = held {
             consume(&mut self.buf, n);
         }
-        let r = Box::pin(failed(call.app(), call.upstream(), generation, e)).await;
+        let mut r = Box::pin(failed(call.app(), call.upstream(), generation, e)).await;
+        if unsent > 0 {
+            r = super::closing(r);
+        }
         let close = r.headers().contains_key(http::header::CONNECTION);
         match self.answer(r).await {
             Ok(()) if !close => Next::KeepAlive,
+            Ok(()) if unsent > 0 => self.linger(unsent).await,
             _ => Next::Broken,
         }
+    }
+
+    /// After an answer sent before the whole request body came (`unsent` bytes of it
+    /// still with the client): the answer said `Connection: close`, so the write side is
+    /// shut (FIN) and what the client still sends of its body is read and dropped, up
+    /// to those bytes or [`LINGER`] without any, before the socket closes. Closing with
+    /// unread bytes would reset the connection, and a reset can destroy the answer
+    /// before the client reads it (nginx's lingering close).
+    async fn linger(&mut self, mut unsent: u64) -> Next {
+        let _ = self.client.shutdown().await;
+        let held = (self.buf.len() as u64).min(unsent);
+        unsent -= held;
+        self.buf.clear();
+        while unsent > 0 {
+            self.buf.reserve(READ);
+            match tokio::time::timeout(LINGER, self.client.read_buf(&mut self.buf)).await {
+                Ok(Ok(n)) if n > 0 => {
+                    unsent = unsent.saturating_sub(n as u64);
+                    self.buf.clear();
+                }
+                _ => break,
+            }
+        }
+        Next::Broken
     }
 
     /// The request timeout passed: 504, and the connection closes (the abandoned call
@@ -669,36 +705,123 @@ impl<R: Router> Conn<'_, R> {
     }
 }
 
-/// Which side broke while a request body was copied to the app.
+/// Why copying a request body to the app stopped short.
 enum Upload {
+    /// The client went away mid-body.
     Client,
-    App(std::io::Error),
+    /// The app answered in full before it took the whole body (a 413, a 401; its answer
+    /// is in the answer buffer), or closed or broke the connection: what it said is
+    /// read next.
+    AppDone,
 }
 
 /// Copies the `left` bytes of a request body still to come from the client (those in
-/// `buf` first) to the app; what the client sent after them stays in `buf`.
+/// `buf` first) to the app, counting `left` down; what the client sent after them stays
+/// in `buf`. The app's socket is watched all along, as hyper's client does: what it
+/// sends meanwhile is kept in `answer` (up to [`MAX_ANSWER_HEAD`]), and the copy stops
+/// once that is a whole answer or the app closed or refused a write. So an app that
+/// answers early and closes is heard (not a 502 for the write it refused), and one that
+/// answers early and stops reading does not leave the call waiting; an app that starts
+/// answering while it still reads the body gets all of it.
 async fn upload(
     client: &mut TcpStream,
     buf: &mut Vec<u8>,
-    app: &mut TcpStream,
-    mut left: u64,
-) -> Result<(), Option<Upload>> {
-    while left > 0 {
+    app: &TcpStream,
+    answer: &mut Vec<u8>,
+    head_method: bool,
+    left: &mut u64,
+) -> Result<(), Upload> {
+    while *left > 0 {
+        let listen = answer.len() < MAX_ANSWER_HEAD;
         if buf.is_empty() {
             buf.reserve(READ);
-            match client.read_buf(buf).await {
-                Ok(0) | Err(_) => return Err(Some(Upload::Client)),
-                Ok(_) => {}
+            tokio::select! {
+                biased;
+                r = client.read_buf(buf) => match r {
+                    Ok(0) | Err(_) => return Err(Upload::Client),
+                    Ok(_) => {}
+                },
+                said = app_said(app, answer), if listen => if said.done(answer, head_method) {
+                    return Err(Upload::AppDone);
+                },
             }
+            continue;
         }
-        let take = (buf.len() as u64).min(left) as usize;
-        app.write_all(&buf[..take])
-            .await
-            .map_err(|e| Some(Upload::App(e)))?;
-        consume(buf, take);
-        left -= take as u64;
+        let take = (buf.len() as u64).min(*left) as usize;
+        match app.try_write(&buf[..take]) {
+            Ok(n) => {
+                consume(buf, n);
+                *left -= n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::select! {
+                    biased;
+                    w = app.writable() => if w.is_err() {
+                        return Err(Upload::AppDone);
+                    },
+                    said = app_said(app, answer), if listen => if said.done(answer, head_method) {
+                        return Err(Upload::AppDone);
+                    },
+                }
+            }
+            // Refused (reset, broken pipe): an answer sent before may be waiting.
+            Err(_) => return Err(Upload::AppDone),
+        }
     }
     Ok(())
+}
+
+/// What the app's socket had while a request body was being sent.
+enum Said {
+    /// Readiness with nothing behind it.
+    Nothing,
+    /// Bytes of an answer (added to the answer buffer).
+    Bytes,
+    /// It closed or broke the connection.
+    Gone,
+}
+
+impl Said {
+    /// Whether the body need not be sent further: the app is gone, or the answer buffer
+    /// holds a whole final answer (or something that is not HTTP).
+    fn done(&self, answer: &[u8], head_method: bool) -> bool {
+        match self {
+            Said::Nothing => false,
+            Said::Gone => true,
+            Said::Bytes => {
+                let mut at = 0;
+                loop {
+                    match parse_answer(&answer[at..], head_method) {
+                        Ok(Some(a)) if a.status < 200 => at += a.head_len,
+                        Ok(Some(a)) => {
+                            let body = answer.len() - at - a.head_len;
+                            return match a.body {
+                                AnswerBody::None => true,
+                                AnswerBody::Length(n) => body as u64 >= n,
+                                AnswerBody::Chunked | AnswerBody::UntilClose => false,
+                            };
+                        }
+                        Ok(None) => return false,
+                        Err(_) => return true,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Waits until the app's socket has something, and reads it into `answer`.
+async fn app_said(app: &TcpStream, answer: &mut Vec<u8>) -> Said {
+    if app.readable().await.is_err() {
+        return Said::Gone;
+    }
+    answer.reserve(READ);
+    match app.try_read_buf(answer) {
+        Ok(0) => Said::Gone,
+        Ok(_) => Said::Bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Said::Nothing,
+        Err(_) => Said::Gone,
+    }
 }
 
 /// Connects to the app (what fails here fails before the request went anywhere).
@@ -745,6 +868,27 @@ async fn client_gone(client: &TcpStream, buf: &mut Vec<u8>, max: usize) -> bool 
     }
 }
 
+/// A `date` field line of now. A proxy forwarding an answer without one adds it (RFC
+/// 9110, 6.6.1), as hyper's server and nginx do; formatted once a second per thread.
+fn push_date(out: &mut Vec<u8>) {
+    thread_local! {
+        static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
+    }
+    let now = std::time::SystemTime::now();
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(at, date)| {
+        if *at != secs || date.is_empty() {
+            *at = secs;
+            *date = httpdate::fmt_http_date(now);
+        }
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(date.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    });
+}
+
 /// Drops the first `n` bytes of `buf`.
 fn consume(buf: &mut Vec<u8>, n: usize) {
     if n >= buf.len() {
@@ -783,16 +927,17 @@ fn field_lines(head: &[u8]) -> impl Iterator<Item = (&[u8], &[u8], &[u8])> {
 }
 
 /// The names a request's `Connection` fields list, as ranges of `head` (into `out`), and
-/// whether one is `close`; `None` for a head the lane does not take (`Expect`, or more
-/// names than `out` holds).
+/// whether one is `close`, and whether the head has `Expect` (`100-continue`); `None`
+/// for a head the lane does not take (more names than `out` holds).
 fn connection_tokens(
     head: &[u8],
     out: &mut [(usize, usize); MAX_CONNECTION_TOKENS],
-) -> Option<(usize, bool)> {
-    let (mut n, mut close) = (0, false);
+) -> Option<(usize, bool, bool)> {
+    let (mut n, mut close, mut expect) = (0, false, false);
     for (name, value, _) in field_lines(head) {
         if name.eq_ignore_ascii_case(b"expect") {
-            return None;
+            expect = true; // `100-continue`: the edge policy refuses any other
+            continue;
         }
         if !name.eq_ignore_ascii_case(b"connection") {
             continue;
@@ -810,7 +955,7 @@ fn connection_tokens(
             n += 1;
         }
     }
-    Some((n, close))
+    Some((n, close, expect))
 }
 
 /// Writes the head the app gets into `out`: the request line with `target` (`(method,
@@ -855,6 +1000,8 @@ struct Answer {
     body: AnswerBody,
     /// The app keeps the connection open after this answer.
     keep_alive: bool,
+    /// It has a `Date` field.
+    dated: bool,
 }
 
 /// Parses the answer head at the start of `buf`: `None` while incomplete.
@@ -877,8 +1024,11 @@ fn parse_answer(buf: &[u8], head_method: bool) -> Result<Option<Answer>, BoxErro
     }
     let (mut length, mut chunked, mut coded, mut close, mut keep) =
         (None, false, false, false, false);
+    let mut dated = false;
     for h in r.headers.iter() {
-        if h.name.eq_ignore_ascii_case("content-length") {
+        if h.name.eq_ignore_ascii_case("date") {
+            dated = true;
+        } else if h.name.eq_ignore_ascii_case("content-length") {
             let v = std::str::from_utf8(h.value)
                 .ok()
                 .and_then(|v| v.trim().parse::<u64>().ok())
@@ -921,6 +1071,7 @@ fn parse_answer(buf: &[u8], head_method: bool) -> Result<Option<Answer>, BoxErro
         status,
         body,
         keep_alive,
+        dated,
     }))
 }
 
@@ -953,6 +1104,9 @@ impl Answer {
             }
         }
         copy_fields(head, &listed[..n], out);
+        if !self.dated {
+            push_date(out);
+        }
         match self.body {
             AnswerBody::Chunked | AnswerBody::UntilClose => {
                 out.extend_from_slice(b"transfer-encoding: chunked\r\n")

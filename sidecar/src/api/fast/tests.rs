@@ -17,7 +17,7 @@ fn hop_by_hop_fields_and_those_connection_lists_are_not_forwarded() {
         b"GET / HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: 5\r\n\
 x-secret: 1\r\nX-Kept: 2\r\nTE: trailers\r\nProxy-Authorization: Basic eA==\r\n\r\n";
     let mut listed = [(0, 0); MAX_CONNECTION_TOKENS];
-    let (n, close) = connection_tokens(head, &mut listed).unwrap();
+    let (n, close, _) = connection_tokens(head, &mut listed).unwrap();
     assert_eq!((n, close), (2, false));
     let mut out = Vec::new();
     rebuild_head(head, (b"GET", b"/"), &listed[..n], &mut out);
@@ -46,12 +46,18 @@ fn a_shortened_target_is_a_path_still() {
 }
 
 #[test]
-fn connection_close_is_seen_and_expect_or_long_lists_go_to_hyper() {
+fn connection_close_and_expect_are_seen_and_long_lists_go_to_hyper() {
     let mut listed = [(0, 0); MAX_CONNECTION_TOKENS];
     let close = b"GET / HTTP/1.1\r\nHost: h\r\nconnection: Close\r\n\r\n";
-    assert_eq!(connection_tokens(close, &mut listed), Some((1, true)));
+    assert_eq!(
+        connection_tokens(close, &mut listed),
+        Some((1, true, false))
+    );
     let expect = b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n\r\n";
-    assert_eq!(connection_tokens(expect, &mut listed), None);
+    assert_eq!(
+        connection_tokens(expect, &mut listed),
+        Some((0, false, true))
+    );
     let many = b"GET / HTTP/1.1\r\nHost: h\r\nConnection: a,b,c,d,e,f,g,h,i\r\n\r\n";
     assert_eq!(connection_tokens(many, &mut listed), None);
 }
@@ -137,23 +143,28 @@ fn broken_answers_are_errors() {
 #[test]
 fn the_clients_head_is_http11_without_hop_by_hop_fields() {
     let raw = b"HTTP/1.0 201 Created\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n\
-Content-Type: text/plain\r\nContent-Length: 2\r\n\r\nok";
+Content-Type: text/plain\r\nDate: Fri, 04 Dec 2026 12:00:00 GMT\r\nContent-Length: 2\r\n\r\nok";
     let a = answer(raw, false);
     let mut out = Vec::new();
     a.write_head(raw, false, &mut out);
     assert_eq!(
         String::from_utf8(out).unwrap(),
-        "HTTP/1.1 201 Created\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n"
+        "HTTP/1.1 201 Created\r\nContent-Type: text/plain\r\nDate: Fri, 04 Dec 2026 12:00:00 GMT\r\n\
+Content-Length: 2\r\n\r\n"
     );
-    // Re-chunked, and the client asked to close.
+    // Re-chunked, and the client asked to close; an answer without a date gets one.
     let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n";
     let a = answer(raw, false);
     let mut out = Vec::new();
     a.write_head(raw, true, &mut out);
-    assert_eq!(
-        String::from_utf8(out).unwrap(),
-        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
-    );
+    let out = String::from_utf8(out).unwrap();
+    let date = out
+        .strip_prefix("HTTP/1.1 200 OK\r\ndate: ")
+        .and_then(|rest| {
+            rest.strip_suffix("\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+        })
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(httpdate::parse_http_date(date).is_ok(), "{date}");
 }
 
 /// Frames `body` fed in pieces of `step` bytes, as the lane does: what is forwarded, and
@@ -221,13 +232,13 @@ fn a_plain_request_names_its_fields() {
 
 #[test]
 fn an_answer_with_bare_lf_line_ends_reaches_the_client_with_crlf() {
-    let raw = b"HTTP/1.1 200 OK\nX-A: 1\nConnection: keep-alive\nContent-Length: 2\n\nok";
+    let raw = b"HTTP/1.1 200 OK\nX-A: 1\nConnection: keep-alive\nDate: x\nContent-Length: 2\n\nok";
     let a = answer(raw, false);
     assert_eq!((a.body, a.head_len), (AnswerBody::Length(2), raw.len() - 2));
     let mut out = Vec::new();
     a.write_head(raw, false, &mut out);
     assert_eq!(
         String::from_utf8(out).unwrap(),
-        "HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 2\r\n\r\n"
+        "HTTP/1.1 200 OK\r\nX-A: 1\r\nDate: x\r\nContent-Length: 2\r\n\r\n"
     );
 }
