@@ -11,7 +11,9 @@ import hashlib
 import json
 import secrets
 import shutil
+import socket
 import subprocess
+import sys
 import time
 import uuid
 
@@ -305,3 +307,51 @@ def test_open_without_keys_and_closed_with_require_auth(make_local):
     assert_refused(closed.http.post(f"{closed.run_url}/team-a/echo/test", json={}), 401, "needs an API key")
     assert closed.http.post(f"{closed.run_url}/team-a/pub/test", json={}).status_code == 200
     assert "no FalKey declared" not in closed.log_tail(400)
+
+
+RAW_APP = [sys.executable, "-u", str(REPO / "tests" / "e2e" / "raw_app.py")]
+
+
+def raw_call(loc, path: str, *fields: str) -> tuple[int, bytes]:
+    """One request on its own connection: (status, body). `X-Case` keeps its case
+    through the fast lane, which forwards field lines as sent; hyper's path lowers it."""
+    host, port = loc.run_url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=20) as s:
+        s.sendall((f"POST {path} HTTP/1.1\r\nHost: h\r\nX-Case: 1\r\n" + "".join(f + "\r\n" for f in fields)
+                   + "Content-Length: 2\r\nConnection: close\r\n\r\nhi").encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_keyed_calls_take_the_fast_lane_and_leave_their_key_there(make_local):
+    """A sync call with a key that opens the function goes through the gateway's fast
+    lane (field lines as sent) without its Authorization field; every call the key
+    check refuses, or that a rate limit governs, is answered by routing.rs as before."""
+    a_doc, a_key = falkey("ci", "team-a")
+    b_doc, b_key = falkey("ci", "team-b")
+    rated_doc, rated_key = falkey("rated", "team-a", rateLimit={"requestsPerSecond": 100, "burst": 100})
+    loc = make_local([function("raw", "team-a", command=RAW_APP, minReplicas=1, maxReplicas=1),
+                      a_doc, b_doc, rated_doc])
+    loc.wait_ready("team-a/raw", 1)
+    status, head = raw_call(loc, "/team-a/raw/head", f"Authorization: Key {a_key}")
+    assert status == 200 and head.startswith(b"POST /head HTTP/1.1\r\n"), head
+    assert b"\r\nX-Case: 1\r\n" in head, head  # the lane took it
+    assert b"authorization" not in head.lower() and a_key.split(":")[1].encode() not in head
+    # A rate-limited key: routing.rs (the budget is counted there), key dropped too.
+    status, head = raw_call(loc, "/team-a/raw/head", f"authorization: key {rated_key}")
+    assert status == 200 and b"\r\nx-case: 1\r\n" in head and b"authorization" not in head.lower(), head
+    # Refusals, each with its detail.
+    wrong = a_key.split(":")[0] + ":" + "0" * 64
+    for fields, status, words in [
+        ([f"Authorization: Key {wrong}"], 401, b"wrong secret"),
+        ([f"Authorization: Key {a_key}", f"Authorization: Key {a_key}"], 401, b"more than one"),
+        ([f"Authorization: Key {b_key}"], 403, b"team-b"),
+        (["Authorization: Bearer not-a-token"], 401, b""),
+        ([], 401, b"API key"),
+    ]:
+        got, body = raw_call(loc, "/team-a/raw/head", *fields)
+        assert got == status and words in body, (fields, got, body)
+        assert a_key.split(":")[1].encode() not in body

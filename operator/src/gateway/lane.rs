@@ -1,17 +1,21 @@
 //! The gateway's side of the fast lane (`fal_sidecar::api::fast`): a plain sync call
-//! `/{namespace}/{name}[/{path}]` that needs no key (keys off, or a public function, and
-//! no credential sent) and finds a free replica slot at once goes to the replica
-//! without hyper, its target shortened to `/{path}`. Everything else is handed to
-//! `routing.rs` with the bytes already read, and served there as before: keys and
-//! tokens, holding a call while the function scales, the queue API, WebSockets, the
-//! per-app host, and a call a replica refused without running it (sent again from
-//! there, its bytes intact).
+//! `/{namespace}/{name}[/{path}]` that is admitted without waiting and finds a free
+//! replica slot at once goes to the replica without hyper, its target shortened to
+//! `/{path}`. Admitted here: no credential where none is needed (keys off, or a public
+//! function), or one `Authorization: Key <id>:<secret>` that opens the function, of a
+//! key without a rate limit; the key is checked as `Authorizer::check` checks it, and
+//! the field does not reach the app. Everything else is handed to `routing.rs` with
+//! the bytes already read, and served there as before: refusals (401, 403), rate
+//! limits, tokens, other schemes, holding a call while the function scales, the queue
+//! API, WebSockets, the per-app host, and a call a replica refused without running it
+//! (sent again from there, its bytes intact).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use fal_sidecar::api::fast::{Call, Plain, Router};
 use fal_sidecar::api::App;
+use fal_sidecar::auth::header::{parse_authorization, Credential, Parsed};
 use fal_sidecar::auth::AuthMode;
 use fal_sidecar::job::now_ms;
 use fal_sidecar::upstream::Upstream;
@@ -29,6 +33,8 @@ pub struct LaneCall {
     gw: Arc<Gateway>,
     slot: SlotGuard,
     strip: usize,
+    /// It carries a key of ours (checked, or keys are off): the field stays here.
+    keyed: bool,
     /// Sent, and not handed back to `routing.rs`: counted once it ends (a call handed
     /// back is counted there).
     sent: AtomicBool,
@@ -53,9 +59,9 @@ impl Router for Lane {
                 return None;
             }
         }
-        // A credential, or a token in the query: the key check (routing.rs) takes it.
+        // A token in the query: the token check (routing.rs) takes it.
         let target = std::str::from_utf8(req.target).ok()?;
-        if req.field("authorization").is_some() || target.contains("fal_jwt_token") {
+        if target.contains("fal_jwt_token") {
             return None;
         }
         let path = std::str::from_utf8(req.path).ok()?;
@@ -74,11 +80,10 @@ impl Router for Lane {
         key[ns.len() + 1..n].copy_from_slice(name.as_bytes());
         let entry = gw.entry(std::str::from_utf8(&key[..n]).ok()?)?;
         let mode = entry.info.read().unwrap_or_else(|e| e.into_inner()).auth;
-        if (gw.auth.required() && mode != AuthMode::Public)
-            || req.length > entry.app.cfg.max_body_bytes as u64
-        {
+        if req.length > entry.app.cfg.max_body_bytes as u64 {
             return None;
         }
+        let keyed = admitted(gw, req, ns, name, mode)?;
         entry.last_sync_ms.store(now_ms(), Ordering::Relaxed);
         entry.sync.fetch_add(1, Ordering::AcqRel);
         let mut slot = SlotGuard {
@@ -91,9 +96,35 @@ impl Router for Lane {
             gw: gw.clone(),
             slot,
             strip: 2 + n,
+            keyed,
             sent: AtomicBool::new(false),
         })
     }
+}
+
+/// Whether the lane may take a call to `{ns}/{name}` as its credentials stand, and
+/// whether it carries one of ours (`Some(true)`: the field is dropped); `None`: the key
+/// check in `routing.rs` decides (and answers a refusal). The rules are
+/// `Authorizer::decide`'s, for the cases it admits without a rate limit.
+fn admitted(gw: &Gateway, req: &Plain<'_>, ns: &str, name: &str, mode: AuthMode) -> Option<bool> {
+    let mut fields = req.fields("authorization");
+    let field = fields.next();
+    if fields.next().is_some() {
+        return None; // more than one: refused there
+    }
+    let Some(field) = field else {
+        return (!gw.auth.required() || mode == AuthMode::Public).then_some(false);
+    };
+    let Parsed::Ours(Credential::Key { id, secret }) = parse_authorization(field) else {
+        return None; // a token, another scheme, a malformed key
+    };
+    if gw.auth.required() {
+        let key = gw.auth.key(id, secret, now_ms()).ok()?;
+        if key.rate.is_some() || key.refuses(ns, name, mode).is_some() {
+            return None;
+        }
+    }
+    Some(true)
 }
 
 impl Call for LaneCall {
@@ -124,6 +155,10 @@ impl Call for LaneCall {
 
     fn last(&self) -> bool {
         self.gw.terminating.load(Ordering::Relaxed)
+    }
+
+    fn drops_authorization(&self) -> bool {
+        self.keyed
     }
 
     fn not_run(&mut self, reason: &str) -> bool {

@@ -82,8 +82,13 @@ pub struct Plain<'a> {
 impl<'a> Plain<'a> {
     /// The value of the first field line named `name` (any case).
     pub fn field(&self, name: &str) -> Option<&'a [u8]> {
+        self.fields(name).next()
+    }
+
+    /// The values of every field line named `name` (any case).
+    pub fn fields<'n>(&self, name: &'n str) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
         field_lines(self.head)
-            .find(|(n, _, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .filter(move |(n, _, _)| n.eq_ignore_ascii_case(name.as_bytes()))
             .map(|(_, value, _)| value)
     }
 }
@@ -107,6 +112,11 @@ pub trait Call: Send + Sync {
     }
     /// The answer is the connection's last.
     fn last(&self) -> bool {
+        false
+    }
+    /// The request's `Authorization` fields stay here: the router checked the key they
+    /// carry, and a credential never reaches the app.
+    fn drops_authorization(&self) -> bool {
         false
     }
     /// The app answered 503 with `X-Fal-Replica: {reason}`: it did not run the call.
@@ -366,6 +376,19 @@ impl<R: Router> Conn<'_, R> {
         let Some(mut call) = self.router.route(&plain) else {
             return Next::HandOff;
         };
+        if call.drops_authorization() {
+            let head = &self.buf[..head_len];
+            for (name, _, _) in field_lines(head) {
+                if name.eq_ignore_ascii_case(b"authorization") {
+                    if n_listed == listed.len() {
+                        return Next::HandOff;
+                    }
+                    let at = name.as_ptr() as usize - head.as_ptr() as usize;
+                    listed[n_listed] = (at, at + name.len());
+                    n_listed += 1;
+                }
+            }
+        }
         let head_method = method == b"HEAD";
         // `Expect: 100-continue` (curl's, for a body over 1 MiB): the client may wait for
         // this before it sends the body, as hyper's server and nginx answer it. The field
@@ -392,7 +415,7 @@ impl<R: Router> Conn<'_, R> {
         // The head (and the body bytes read with it) to the app.
         let with_head = (self.buf.len() - head_len).min(length as usize);
         let strip = call.strip();
-        let first: &[u8] = if head.hop || strip > 0 {
+        let first: &[u8] = if head.hop || strip > 0 || n_listed > 0 {
             self.out.clear();
             let target = (method, &target[strip.min(target.len())..]);
             let listed = &listed[..n_listed];
