@@ -27,16 +27,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gateway import REPO, Procs, accepts, free_port, get_json, nginx_app_cmd, start_redis, wait  # noqa: E402
+from bench_gateway import wrk as gateway_wrk  # noqa: E402
 
 
 def wrk(url: str, duration: int, conns: int, header: str | None) -> float:
-    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{duration}s"]
-    if header:
-        cmd += ["-H", header]
-    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
-    if "Non-2xx" in out:
-        raise SystemExit(f"wrk saw errors against {url}:\n{out}")
-    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    """Requests/s of one wrk run (bench_gateway's; it stops on any error answer)."""
+    return gateway_wrk(url, duration, conns, headers=(header,) if header else ())[0]
 
 
 def cpu_seconds(pid: int) -> float:

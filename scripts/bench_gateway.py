@@ -103,10 +103,13 @@ http {{
 """
 
 
-def wrk(url: str, duration: int, conns: int, script: str | None = None) -> tuple[float, float, float]:
+def wrk(url: str, duration: int, conns: int, script: str | None = None,
+        headers: tuple[str, ...] = ()) -> tuple[float, float, float]:
     cmd = ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency"]
     if script:
         cmd += ["-s", script]
+    for h in headers:
+        cmd += ["-H", h]
     out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 

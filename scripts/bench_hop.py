@@ -20,6 +20,10 @@ replica and its app, which `local` spawns: they are moved to CPU 0 at once, with
 HTTP thread (FAL_SIDECAR_WORKER_THREADS=1, as a one-core start would give them).
 Without --pin every process shares both cores.
 
+--key declares a FalKey beside the function, so the gateway requires a key, and sends
+`Authorization: Key …` on every path: the gateway checks it (and drops it) per request;
+nginx and the replica pass it along.
+
 Usage: scripts/bench_hop.py --operator target/release/fal-operator
            --sidecar target/release/fal-sidecar [--pin] [--json out.json] [--png out.png]
 """
@@ -117,12 +121,12 @@ def spawn_on(procs: Procs, cpu: int | None, cmd, **kw):
     return procs.spawn(cmd, preexec_fn=lambda: os.sched_setaffinity(0, {cpu}), **kw)
 
 
-def measure(url: str, duration: int, conns: int, pids, cpu: int | None):
+def measure(url: str, duration: int, conns: int, pids, cpu: int | None, headers: tuple[str, ...] = ()):
     before = cpu_seconds(pids)
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})  # wrk inherits it
     try:
-        rps, p50, p99 = wrk(url, duration, conns)
+        rps, p50, p99 = wrk(url, duration, conns, headers=headers)
     finally:
         if cpu is not None:
             os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
@@ -141,6 +145,7 @@ def main():
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--conns", type=int, default=32)
     ap.add_argument("--pin", action="store_true")
+    ap.add_argument("--key", action="store_true", help="keys on: every call carries a key the gateway checks")
     ap.add_argument("--json", help="write the numbers here")
     ap.add_argument("--png", help="draw the comparison here (scripts/benchplot.py)")
     a = ap.parse_args()
@@ -158,7 +163,16 @@ def main():
               "spec": {"image": "bench:1", "command": app_cmd, "keepAlive": 3600, "minReplicas": 1,
                        "maxReplicas": 1, "maxConcurrency": 1024}}
         manifest = work / "functions.yaml"
-        manifest.write_text(json.dumps(fn))
+        docs, headers = [fn], ()
+        if a.key:
+            import hashlib
+            import uuid
+            key_id, secret = str(uuid.uuid4()), uuid.uuid4().hex * 2
+            docs.append({"apiVersion": "fal.serverless.dev/v1alpha1", "kind": "FalKey",
+                         "metadata": {"name": "bench", "namespace": "bench"},
+                         "spec": {"keyId": key_id, "secretSha256": hashlib.sha256(secret.encode()).hexdigest()}})
+            headers = (f"Authorization: Key {key_id}:{secret}",)
+        manifest.write_text("\n---\n".join(json.dumps(d) for d in docs))
         run_p, queue_p, admin_p = free_port(), free_port(), free_port()
         env = {**os.environ, "RUST_LOG": "warn"}
         if a.pin:
@@ -196,7 +210,7 @@ def main():
             "gateway": (f"http://127.0.0.1:{run_p}/bench/fast/", [local.pid]),
         }
         for url, _ in paths.values():  # warm every pool
-            wrk(url, 1, a.conns)
+            wrk(url, 1, a.conns, headers=headers)
         runs: dict[str, list[dict]] = {k: [] for k in paths}
         # Each round starts with another path (over 3 rounds every path runs once
         # first, once second, once last), so no path always follows the same one.
@@ -204,7 +218,7 @@ def main():
         for r in range(a.rounds):
             for name in order[r % len(order):] + order[:r % len(order)]:
                 url, pids = paths[name]
-                runs[name].append(measure(url, a.duration, a.conns, pids, load_cpu))
+                runs[name].append(measure(url, a.duration, a.conns, pids, load_cpu, headers))
 
         def med(name, key):
             vals = [r[key] for r in runs[name] if r[key] is not None]
@@ -213,8 +227,11 @@ def main():
         res = {k: {m: med(k, m) for m in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req",
                                                       "user_us_per_req", "kernel_us_per_req")} for k in paths}
         res["pinned"] = a.pin
+        res["keyed"] = a.key
         res["conns"] = a.conns
         mode = "hop on CPU 1; wrk, sidecar and app on CPU 0" if a.pin else f"{os.cpu_count()} cores shared"
+        if a.key:
+            mode += "; every call with a key"
         print(f"\n## Gateway hop vs nginx in the same position ({mode}; wrk -t1 -c{a.conns} "
               f"-d{a.duration}s, median of {a.rounds})\n")
         print("| path | req/s | p50 ms | p99 ms | hop CPU µs / request | of it user / kernel |")
