@@ -64,6 +64,20 @@ asyncio.run(main())
 '''
 
 
+def switches(pids: list[int]) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of every thread of `pids` so far."""
+    vol = invol = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                st = (task / "status").read_text()
+            except OSError:
+                continue
+            vol += int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", st, re.M).group(1))
+            invol += int(re.search(r"^nonvoluntary_ctxt_switches:\s+(\d+)", st, re.M).group(1))
+    return vol, invol
+
+
 def rss_kb(pid: int) -> int:
     return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
 
@@ -171,6 +185,7 @@ def main():
         # Two nginx WebSocket proxies in the gateway's and the sidecar's positions.
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         ngx_front, ngx_back = free_port(), free_port()
+        ngx_pids: list[int] = []
         # Proxies start on their CPU (not moved there later): a process sizes its thread
         # pools from the CPUs it may use, as it would on a node of its own.
         for name, listen, to in (("front", ngx_front, ngx_back), ("back", ngx_back, direct_port)):
@@ -178,6 +193,7 @@ def main():
             conf.write_text(NGINX_CONF.format(dir=work, name=name, listen=listen, to=to))
             pin(0, cpu_proxy)
             ngx = procs.spawn([nginx, "-p", str(work), "-c", str(conf), "-g", "daemon off;"])
+            ngx_pids.append(ngx.pid)
             pin(0, cpu_client)
             wait(lambda: accepts(listen), what=f"nginx ({name})")
             for pid in [ngx.pid, *descendants(ngx.pid)]:
@@ -218,6 +234,14 @@ def main():
 
         rt = {"direct": [], "gateway": [], "nginx": []}
         tp = {"direct": [], "gateway": [], "nginx": []}
+        # The proxies' processes (gateway and sidecars; the nginx pair), for their
+        # context switches per message: how many messages a wake-up carries.
+        proxies = {
+            "gateway": [p for p in [local.pid, *descendants(local.pid)]
+                        if "python" not in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].decode()],
+            "nginx": [q for p in ngx_pids for q in [p, *descendants(p)]],
+        }
+        cs = {"gateway": [], "nginx": []}
         paths = [("direct", direct), ("gateway", gateway), ("nginx", nginx_url)]
         # A first pass, not counted: this process (the client) is slower on its first
         # thousands of messages (its heap grows), which would count against whichever
@@ -229,7 +253,12 @@ def main():
         for r in range(a.rounds):
             for name, url in paths[r % 3:] + paths[:r % 3]:
                 rt[name].extend(asyncio.run(round_trips(url, a.round_trips)))
+                before_cs = switches(proxies.get(name, []))
                 tp[name].append(asyncio.run(throughput(url, 100, a.seconds)))
+                if name in cs:
+                    after_cs = switches(proxies[name])
+                    msgs = tp[name][-1] * a.seconds
+                    cs[name].append(tuple((x - y) / msgs for x, y in zip(after_cs, before_cs)))
         tpm = {k: statistics.median(v) for k, v in tp.items()}
 
         time.sleep(2)
@@ -263,6 +292,8 @@ def main():
 | straight to the app | {tpm['direct']:.0f} | 1.00× |
 | through the gateway and the sidecar | {tpm['gateway']:.0f} | {tpm['gateway'] / tpm['direct']:.2f}× (target ≥ 0.80×) |
 | through two nginx proxies (one process each) | {tpm['nginx']:.0f} | {tpm['nginx'] / tpm['direct']:.2f}× |
+
+context switches of the proxies per message (voluntary / involuntary, median): gateway + sidecar {statistics.median(c[0] for c in cs['gateway']):.2f} / {statistics.median(c[1] for c in cs['gateway']):.2f}, the nginx pair {statistics.median(c[0] for c in cs['nginx']):.2f} / {statistics.median(c[1] for c in cs['nginx']):.2f}
 
 gateway (fal-operator local) RSS: {before / 1024:.1f} MB idle, {during / 1024:.1f} MB with {opened} sockets open
 → **{per_socket:.1f} KiB per open idle socket** (target ≤ 16 KiB)
