@@ -18,7 +18,15 @@ asyncio on the same 2 cores, so ratios matter, not absolute numbers. With `--pin
 cores) the client and every app process run on CPU 0 and the proxies (gateway and
 sidecars, or the nginx pair) on CPU 1: the proxies' cost no longer comes out of the
 client's and the app's CPU, as when the gateway runs on its own node.
-Usage: scripts/bench_ws.py --operator target/release/fal-operator --sidecar target/release/fal-sidecar [--pin]
+--native BIN uses `sidecar/examples/ws_load.rs` (built with `cargo build --release -p
+fal-sidecar --example ws_load`) as the echo app of the measured function and of the
+direct path, and as the client of the echo and throughput parts: with Python at both
+ends its event loop bounds the messages per second, and its pace changes from run to
+run and with the order of the paths, so the proxies in between are not what is measured.
+(The idle sockets stay with the Python client and app.)
+
+Usage: scripts/bench_ws.py --operator target/release/fal-operator --sidecar target/release/fal-sidecar
+           [--pin] [--native target/release/examples/ws_load]
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import os
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,6 +85,12 @@ def switches(pids: list[int]) -> tuple[int, int]:
             vol += int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", st, re.M).group(1))
             invol += int(re.search(r"^nonvoluntary_ctxt_switches:\s+(\d+)", st, re.M).group(1))
     return vol, invol
+
+
+def is_app(pid: int) -> bool:
+    """An app process (Python, or the native echo app), not a proxy."""
+    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return "python" in cmd[0].decode() or any(b"ws_load" in c for c in cmd[:1])
 
 
 def rss_kb(pid: int) -> int:
@@ -152,6 +167,14 @@ def pin(pid: int, cpu: int | None) -> None:
         os.sched_setaffinity(pid, {cpu})
 
 
+def native(bin_: str, url: str, *args) -> dict:
+    """One run of the native client (`ws_load load|rtt`) against a ws:// URL."""
+    hostport, _, path = url.removeprefix("ws://").partition("/")
+    out = subprocess.run([bin_, args[0], hostport, "/" + path, *map(str, args[1:])], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def pct(xs, p):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
@@ -167,6 +190,7 @@ def main():
     ap.add_argument("--idle-sockets", type=int, default=5000)
     ap.add_argument("--pin", action="store_true", help="client and apps on CPU 0, proxies on CPU 1")
     ap.add_argument("--png", help="draw the comparison here (scripts/benchplot.py)")
+    ap.add_argument("--native", metavar="WS_LOAD", help="native echo app and client (sidecar/examples/ws_load.rs)")
     a = ap.parse_args()
     if a.pin and (os.cpu_count() or 1) < 2:
         sys.exit("--pin needs 2 CPUs")
@@ -180,7 +204,8 @@ def main():
         app.write_text(ECHO_APP)
         redis_port = start_redis(procs, work)
         direct_port = free_port()
-        procs.spawn([sys.executable, str(app)], env={**os.environ, "PORT": str(direct_port)})
+        echo_cmd = [a.native, "echo"] if a.native else [sys.executable, str(app)]
+        procs.spawn(echo_cmd, env={**os.environ, "PORT": str(direct_port)})
         wait(lambda: accepts(direct_port), what="the direct app")
         # Two nginx WebSocket proxies in the gateway's and the sidecar's positions.
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -205,9 +230,10 @@ def main():
         replicas = max(1, -(-a.idle_sockets // 1000))
 
         def function(name: str, n: int) -> dict:
+            command = echo_cmd if name == "ws" else [sys.executable, str(app)]
             return {"apiVersion": "fal.serverless.dev/v1alpha1", "kind": "FalFunction",
                     "metadata": {"name": name, "namespace": "bench"},
-                    "spec": {"image": "bench:1", "command": [sys.executable, str(app)], "minReplicas": n,
+                    "spec": {"image": "bench:1", "command": command, "minReplicas": n,
                              "maxReplicas": n, "maxConcurrency": per_replica, "keepAlive": 3600,
                              "auth": "public"}}
         manifest = work / "fn.yaml"
@@ -224,10 +250,9 @@ def main():
         wait(lambda: sum(f["readyReplicas"] for f in get_json(f"http://127.0.0.1:{admin_p}/functions"))
              == 1 + replicas, timeout=120, what="the replicas")
         if a.pin:
-            # gateway and sidecars on the proxy CPU, the apps (python) on the client's
+            # gateway and sidecars on the proxy CPU, the apps on the client's
             for pid in [local.pid, *descendants(local.pid)]:
-                python = "python" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-                pin(pid, cpu_client if python else cpu_proxy)
+                pin(pid, cpu_client if is_app(pid) else cpu_proxy)
         direct = f"ws://127.0.0.1:{direct_port}/"
         gateway = f"ws://127.0.0.1:{run_p}/bench/ws/"
         nginx_url = f"ws://127.0.0.1:{ngx_front}/"
@@ -237,8 +262,7 @@ def main():
         # The proxies' processes (gateway and sidecars; the nginx pair), for their
         # context switches per message: how many messages a wake-up carries.
         proxies = {
-            "gateway": [p for p in [local.pid, *descendants(local.pid)]
-                        if "python" not in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].decode()],
+            "gateway": [p for p in [local.pid, *descendants(local.pid)] if not is_app(p)],
             "nginx": [q for p in ngx_pids for q in [p, *descendants(p)]],
         }
         cs = {"gateway": [], "nginx": []}
@@ -247,19 +271,37 @@ def main():
         # thousands of messages (its heap grows), which would count against whichever
         # path came first. Then each round starts with another path, so over 3 rounds
         # every path is measured once first, once second and once last.
+        def round_trips_of(url: str, n: int) -> list[float]:
+            if a.native:
+                r = native(a.native, url, "rtt", n)
+                return [r["p50_ms"], r["p99_ms"]]  # kept per round; see rt_stat
+            return asyncio.run(round_trips(url, n))
+
+        def throughput_of(url: str, seconds: float) -> float:
+            if a.native:
+                return native(a.native, url, "load", 100, seconds)["messages_per_s"]
+            return asyncio.run(throughput(url, 100, seconds))
+
         for name, url in paths:
-            asyncio.run(round_trips(url, 200))
-            asyncio.run(throughput(url, 100, 1))
+            round_trips_of(url, 200)
+            throughput_of(url, 1)
         for r in range(a.rounds):
             for name, url in paths[r % 3:] + paths[:r % 3]:
-                rt[name].extend(asyncio.run(round_trips(url, a.round_trips)))
+                rt[name].extend(round_trips_of(url, a.round_trips))
                 before_cs = switches(proxies.get(name, []))
-                tp[name].append(asyncio.run(throughput(url, 100, a.seconds)))
+                tp[name].append(throughput_of(url, a.seconds))
                 if name in cs:
                     after_cs = switches(proxies[name])
                     msgs = tp[name][-1] * a.seconds
                     cs[name].append(tuple((x - y) / msgs for x, y in zip(after_cs, before_cs)))
         tpm = {k: statistics.median(v) for k, v in tp.items()}
+
+        def rt_stat(name: str, p: int) -> float:
+            """p50/p99 of the round trips: over all of them (Python client), or the median
+            of each round's (the native client reports [p50, p99] per round)."""
+            if a.native:
+                return statistics.median(rt[name][0 if p == 50 else 1::2])
+            return pct(rt[name], p)
 
         time.sleep(2)
         before = rss_kb(local.pid)
@@ -281,11 +323,11 @@ def main():
         print(f"""
 ## WebSockets (fal-operator local: gateway -> fal-sidecar -> an asyncio echo app; {os.cpu_count()} cores, {"client and apps on CPU 0, proxies on CPU 1" if a.pin else "shared by everything"})
 
-| echo, one socket, {a.round_trips} x {a.rounds} round trips | p50 | p99 |
+| echo, one socket, {a.round_trips} x {a.rounds} round trips{" (native client and app)" if a.native else ""} | p50 | p99 |
 |---|---|---|
-| straight to the app | {pct(rt['direct'], 50):.3f} ms | {pct(rt['direct'], 99):.3f} ms |
-| through the gateway and the sidecar | {pct(rt['gateway'], 50):.3f} ms | {pct(rt['gateway'], 99):.3f} ms |
-| through two nginx proxies (one process each) | {pct(rt['nginx'], 50):.3f} ms | {pct(rt['nginx'], 99):.3f} ms |
+| straight to the app | {rt_stat('direct', 50):.3f} ms | {rt_stat('direct', 99):.3f} ms |
+| through the gateway and the sidecar | {rt_stat('gateway', 50):.3f} ms | {rt_stat('gateway', 99):.3f} ms |
+| through two nginx proxies (one process each) | {rt_stat('nginx', 50):.3f} ms | {rt_stat('nginx', 99):.3f} ms |
 
 | 100 sockets echoing at once, {a.seconds:g} s, median of {a.rounds} (rounds: {", ".join(f"{g / d:.2f}" for g, d in zip(tp["gateway"], tp["direct"]))} vs direct) | messages/s | vs direct |
 |---|---|---|
@@ -303,7 +345,7 @@ gateway (fal-operator local) RSS: {before / 1024:.1f} MB idle, {during / 1024:.1
             from benchplot import plot
             plot(a.png, f"WebSocket echo ({'pinned' if a.pin else 'shared cores'}): msg/s over 100 sockets, "
                  "RTT of one",
-                 [(lbl, {"rps": tpm[k], "p50_ms": pct(rt[k], 50), "p99_ms": pct(rt[k], 99)})
+                 [(lbl, {"rps": tpm[k], "p50_ms": rt_stat(k, 50), "p99_ms": rt_stat(k, 99)})
                   for k, lbl in [("direct", "direct"), ("nginx", "2 nginx hops"), ("gateway", "gateway+sidecar")]],
                  baseline="direct", units=("messages/s", "ms round trip"))
     finally:
