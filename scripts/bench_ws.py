@@ -90,7 +90,7 @@ def switches(pids: list[int]) -> tuple[int, int]:
 def is_app(pid: int) -> bool:
     """An app process (Python, or the native echo app), not a proxy."""
     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    return "python" in cmd[0].decode() or any(b"ws_load" in c for c in cmd[:1])
+    return "python" in cmd[0].decode() or b"ws_load" in cmd[0]
 
 
 def rss_kb(pid: int) -> int:
