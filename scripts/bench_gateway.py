@@ -150,6 +150,25 @@ class Procs:
                 os.killpg(p.pid, signal.SIGKILL)
 
 
+def switches(pids) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches so far of every thread of `pids`: a
+    voluntary one is a sleep (nothing to do), an involuntary one a preemption."""
+    vol = invol = 0
+    for pid in pids:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                st = (task / "status").read_text()
+            except OSError:
+                continue
+            vol += int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", st, re.M).group(1))
+            invol += int(re.search(r"^nonvoluntary_ctxt_switches:\s+(\d+)", st, re.M).group(1))
+    return vol, invol
+
+
 def start_redis(procs: "Procs", work: Path) -> int:
     """A throwaway redis-server (no persistence) on a free port; returns once it accepts."""
     port = free_port()

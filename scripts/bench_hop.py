@@ -11,7 +11,10 @@ nginx `return 200` as the app), measured in alternating rounds of one run:
 For each: requests/s, p50, p99 (wrk), and the CPU seconds the hop's process spent
 (utime + stime from /proc, every thread; nginx: master and workers; the gateway: the
 whole `local` process, autoscaler included) divided by the requests it served, and
-how much of it was user space and how much the kernel.
+how much of it was user space and how much the kernel. A second table gives what each
+path costs the rest of the machine: the replica's (sidecar and app) CPU per request;
+per request, the hop's sleeps (voluntary context switches), the sleeps and preemptions
+of the replica's sidecar and of its app, and wrk's context switches.
 
 --pin gives the hop a core of its own, the way it runs on a cluster: the hop (nginx or
 `local`) is started on CPU 1, wrk, the replica's sidecar and the app on CPU 0. Each
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -41,7 +45,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gateway import Procs, accepts, free_port, get_json, nginx_app_cmd, start_redis, wait, wrk  # noqa: E402
+from bench_gateway import (Procs, accepts, free_port, get_json, nginx_app_cmd, start_redis, switches,  # noqa: E402
+                           wait, wrk)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,8 +126,13 @@ def spawn_on(procs: Procs, cpu: int | None, cmd, **kw):
     return procs.spawn(cmd, preexec_fn=lambda: os.sched_setaffinity(0, {cpu}), **kw)
 
 
-def measure(url: str, duration: int, conns: int, pids, cpu: int | None, headers: tuple[str, ...] = ()):
+def measure(url: str, duration: int, conns: int, pids, cpu: int | None, headers: tuple[str, ...] = (),
+            sidecar: list[int] | None = None, app: list[int] | None = None):
+    sidecar, app = sidecar or [], app or []
+    replica = sidecar + app
     before = cpu_seconds(pids)
+    sw_before = (switches(pids), switches(sidecar), switches(app), resource.getrusage(resource.RUSAGE_CHILDREN))
+    rep_before = cpu_seconds(replica)
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})  # wrk inherits it
     try:
@@ -131,10 +141,24 @@ def measure(url: str, duration: int, conns: int, pids, cpu: int | None, headers:
         if cpu is not None:
             os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     after = cpu_seconds(pids)
-    per_req = [(a - b) / (rps * duration) * 1e6 if pids else None for a, b in zip(after, before)]
+    rep_after = cpu_seconds(replica)
+    wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    n = rps * duration
+    per_req = [(a - b) / n * 1e6 if pids else None for a, b in zip(after, before)]
+    w0 = sw_before[3]
+    sc, ap = switches(sidecar), switches(app)
     return {"rps": rps, "p50_ms": p50, "p99_ms": p99,
             "cpu_us_per_req": per_req[0] + per_req[1] if pids else None,
-            "user_us_per_req": per_req[0], "kernel_us_per_req": per_req[1]}
+            "user_us_per_req": per_req[0], "kernel_us_per_req": per_req[1],
+            # What the hop costs the rest of the machine: the replica's CPU and the
+            # sleeps and preemptions of the hop, the replica (sidecar and app) and wrk.
+            "replica_cpu_us_per_req": (sum(rep_after) - sum(rep_before)) / n * 1e6,
+            "hop_sleeps_per_req": (switches(pids)[0] - sw_before[0][0]) / n if pids else None,
+            "sidecar_sleeps_per_req": (sc[0] - sw_before[1][0]) / n,
+            "sidecar_preemptions_per_req": (sc[1] - sw_before[1][1]) / n,
+            "app_sleeps_per_req": (ap[0] - sw_before[2][0]) / n,
+            "app_preemptions_per_req": (ap[1] - sw_before[2][1]) / n,
+            "wrk_switches_per_req": (wrk_after.ru_nvcsw + wrk_after.ru_nivcsw - w0.ru_nvcsw - w0.ru_nivcsw) / n}
 
 
 def main():
@@ -188,6 +212,8 @@ def main():
                             ["bench/fast"]["local"]["replicas"] if r["phase"] == "ready"],
                    timeout=60, what="the replica")[0]
         replica_pids = descendants(local.pid)
+        sidecar_pids = [p for p in replica_pids if Path(f"/proc/{p}/comm").read_text().strip() == "fal-sidecar"]
+        app_pids = [p for p in replica_pids if p not in sidecar_pids]
         if a.pin:
             pin_tree(replica_pids, load_cpu)
         side_addr = rep["run"]
@@ -218,14 +244,18 @@ def main():
         for r in range(a.rounds):
             for name in order[r % len(order):] + order[:r % len(order)]:
                 url, pids = paths[name]
-                runs[name].append(measure(url, a.duration, a.conns, pids, load_cpu, headers))
+                runs[name].append(measure(url, a.duration, a.conns, pids, load_cpu, headers, sidecar_pids,
+                                          app_pids))
 
         def med(name, key):
             vals = [r[key] for r in runs[name] if r[key] is not None]
             return statistics.median(vals) if vals else None
 
-        res = {k: {m: med(k, m) for m in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req",
-                                                      "user_us_per_req", "kernel_us_per_req")} for k in paths}
+        res = {k: {m: med(k, m) for m in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "user_us_per_req",
+                                          "kernel_us_per_req", "replica_cpu_us_per_req", "hop_sleeps_per_req",
+                                          "sidecar_sleeps_per_req", "sidecar_preemptions_per_req",
+                                          "app_sleeps_per_req", "app_preemptions_per_req",
+                                          "wrk_switches_per_req")} for k in paths}
         res["pinned"] = a.pin
         res["keyed"] = a.key
         res["conns"] = a.conns
@@ -243,6 +273,15 @@ def main():
             cpu = f"{r['cpu_us_per_req']:.1f}" if has else "—"
             split = f"{r['user_us_per_req']:.1f} / {r['kernel_us_per_req']:.1f}" if has else "—"
             print(f"| {label} | {r['rps']:,.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {cpu} | {split} |")
+        print("\n| path | replica (sidecar + app) CPU µs / request | per request: hop sleeps | sidecar sleeps / "
+              "preemptions | app sleeps / preemptions | wrk switches |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name in paths:
+            r = res[name]
+            hop = f"{r['hop_sleeps_per_req']:.2f}" if r["hop_sleeps_per_req"] is not None else "—"
+            print(f"| {name} | {r['replica_cpu_us_per_req']:.1f} | {hop} | {r['sidecar_sleeps_per_req']:.2f} / "
+                  f"{r['sidecar_preemptions_per_req']:.2f} | {r['app_sleeps_per_req']:.2f} / "
+                  f"{r['app_preemptions_per_req']:.2f} | {r['wrk_switches_per_req']:.2f} |")
         g, n, d = res["gateway"], res["nginx"], res["direct"]
         res["ratios"] = {
             "gateway_cpu_vs_nginx": g["cpu_us_per_req"] / n["cpu_us_per_req"],

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gateway import REPO, Procs, accepts, free_port, get_json, start_redis, wait  # noqa: E402
+from bench_gateway import REPO, Procs, accepts, free_port, get_json, start_redis, switches, wait  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests" / "e2e"))
 from helpers import descendants  # noqa: E402
@@ -71,20 +71,6 @@ async def main():
 
 asyncio.run(main())
 '''
-
-
-def switches(pids: list[int]) -> tuple[int, int]:
-    """(voluntary, involuntary) context switches of every thread of `pids` so far."""
-    vol = invol = 0
-    for pid in pids:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            try:
-                st = (task / "status").read_text()
-            except OSError:
-                continue
-            vol += int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", st, re.M).group(1))
-            invol += int(re.search(r"^nonvoluntary_ctxt_switches:\s+(\d+)", st, re.M).group(1))
-    return vol, invol
 
 
 def is_app(pid: int) -> bool:
