@@ -99,6 +99,11 @@ def empty_and_compact(port: int) -> None:
     append ~70 MB, and a rewrite (a fork and a full write) in the middle of a round cut
     its rate by a third, in whichever round crossed the size."""
     cli(port, "FLUSHALL")
+    compact(port)
+
+
+def compact(port: int) -> None:
+    """An AOF rewrite, waited for (a replica's too: it keeps an append-only file of its own)."""
     cli(port, "BGREWRITEAOF")
     for _ in range(600):
         info = cli(port, "INFO", "persistence")

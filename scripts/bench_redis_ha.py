@@ -8,17 +8,22 @@
 
 Submits go straight into the store (`store_bench`, no HTTP), so the sidecars' HTTP
 work does not hide the store. Rounds alternate the variants; medians are reported.
-Every run starts from empty servers (FLUSHALL, and the replica has applied it): a
-store that kept every earlier run's jobs slows down as it grows, and the variant that
-always ran second on a server paid for it.
+Every run starts from empty servers (FLUSHALL, the replica has applied it, and every
+append-only file is rewritten small): a store that kept every earlier run's jobs slows
+down as it grows, and the variant that always ran second on a server paid for it.
 
 Each variant runs at every concurrency of `--concurrency` (default 64 and 256). With
 `--store-replicas 1` a write waits for the replica's round trip, so at 64 concurrent
 submits the primary idles between groups (latency bounds the throughput); the peak of
 each variant over the concurrencies is its capacity, and both ratios are printed.
+`--wait-bound WAIT_BOUND` (the `wait_bound` example) adds the bound: a client with no
+store in between, the store's submit script in pipelines of 1-16 with and without
+`WAIT 1` after them, at the same number of submits out; the best ratio over the shapes
+is what grouping writes under one `WAIT` can reach on this machine.
 Failover times are measured by tests/e2e/test_redis_ha.py (HA-MEASURE lines).
 
 Usage: scripts/bench_redis_ha.py [--seconds N] [--rounds N] [--concurrency N[,N...]]
+                                 [--store-bench STORE_BENCH] [--wait-bound WAIT_BOUND]
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from bench_redis import cli, free_port, start_redis, stop_all  # noqa: E402
+from bench_redis import cli, compact, empty_and_compact, free_port, start_redis, stop_all  # noqa: E402
 
 
 def server(work: Path, name: str, *extra: str):
@@ -55,6 +60,37 @@ def bench(binary: Path, url: str, seconds: int, conc: int, functions: int, repli
     return float(out[0]), float(out[1]), float(out[2]), int(out[3])
 
 
+def wait_bound(binary: Path, primary: int, args, concs: list[int], empty) -> None:
+    """The bound: every shape (connections x pipeline) at each concurrency, WAIT 0 and
+    WAIT 1 alternating over the rounds, each run on emptied servers; medians."""
+    shapes = [(c, g) for c in concs for g in (1, 2, 4, 8, 16) if c % g == 0]
+    got: dict[tuple[int, int, int], list[tuple[float, float, int]]] = {}
+    for r in range(args.rounds):
+        for c, g in shapes:
+            for w in ((0, 1) if r % 2 == 0 else (1, 0)):
+                empty()
+                run = subprocess.run([str(binary), f"redis://127.0.0.1:{primary}/0", str(args.seconds),
+                                      str(c // g), str(g), str(w)], check=True, capture_output=True, text=True)
+                for why in sorted(set(run.stderr.splitlines())):
+                    print(f"{c // g} x {g}, WAIT {w}: {why}", file=sys.stderr)
+                out = run.stdout.split()
+                got.setdefault((c, g, w), []).append((float(out[0]), float(out[1]), int(out[2])))
+    med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v), sum(x[2] for x in v))
+           for k, v in got.items()}
+    print(f"\n## The bound: the store's submit script straight from a client, groups of G under one WAIT "
+          f"({args.seconds} s x {args.rounds} rounds, medians, emptied servers)\n")
+    print("| submits out | connections x G | no WAIT: submits/s, p50 | WAIT 1: submits/s, p50 | ratio | errors |")
+    print("|---|---|---|---|---|---|")
+    for c, g in shapes:
+        a, b = med[c, g, 0], med[c, g, 1]
+        print(f"| {c} | {c // g} x {g} | {a[0]:,.0f}, {a[1]:.2f} ms | {b[0]:,.0f}, {b[1]:.2f} ms | "
+              f"{b[0] / a[0]:.2f}x | {a[2] + b[2]} |")
+    for c in concs:
+        best0 = max(med[k][0] for k in med if k[0] == c and k[2] == 0)
+        best1, g1 = max((med[k][0], k[1]) for k in med if k[0] == c and k[2] == 1)
+        print(f"{c} out: best with WAIT 1 ({c // g1} x {g1}) / best without: **{best1 / best0:.2f}x**")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=5)
@@ -64,6 +100,8 @@ def main() -> None:
     ap.add_argument("--png", help="draw the replicas comparison here, one file per concurrency "
                     "(NAME-64.png, ...; scripts/benchplot.py)")
     ap.add_argument("--store-bench", help="a built store_bench example (default: build it now)")
+    ap.add_argument("--wait-bound", help="a built wait_bound example: also measure what any client could "
+                    "get from the primary and its replica with WAIT 1 (see the docstring)")
     args = ap.parse_args()
     if args.store_bench:
         binary = Path(args.store_bench)
@@ -119,9 +157,10 @@ def main() -> None:
 
         def empty(name: str) -> None:
             for port in servers[name]:
-                cli(port, "FLUSHALL")
+                empty_and_compact(port)
             if name.startswith("primary+replica"):
                 cli(primary, "WAIT", "1", "10000")  # the replica has emptied too
+                compact(replica)  # and its append-only file is small again
 
         got: dict[tuple[str, int], list[tuple[float, float, float, int]]] = {k: [] for k in variants}
         # Redis CPU per 1,000 submits of the busiest server of each variant: what one
@@ -166,6 +205,8 @@ def main() -> None:
         print(f"peak over the concurrencies: --store-replicas 0 {peak[0][0]:,.0f}/s ({peak[0][1]} concurrent), "
               f"--store-replicas 1 {peak[1][0]:,.0f}/s ({peak[1][1]} concurrent): "
               f"**{peak[1][0] / peak[0][0]:.2f}x** (target >= 0.8)")
+        if args.wait_bound:
+            wait_bound(Path(args.wait_bound), primary, args, concs, lambda: empty(pair[0]))
         if args.png:
             sys.path.insert(0, str(Path(__file__).resolve().parent))
             from benchplot import plot
