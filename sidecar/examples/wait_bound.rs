@@ -148,7 +148,9 @@ async fn main() {
         errors += e;
     }
     all.sort();
-    let p50 = all.get(all.len() / 2).map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    let p50 = all
+        .get(all.len() / 2)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
     println!(
         "{:.0} {:.3} {}",
         all.len() as f64 / seconds as f64,
