@@ -11,28 +11,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fal_sidecar::job::{new_id, now_ms, JobSpec, Priority};
+use fal_sidecar::job::new_id;
 use fal_sidecar::store::embedded::EmbeddedStore;
 use fal_sidecar::store::redis::{Durability, RedisHub, Subscribe};
 use fal_sidecar::store::Store;
 
-fn spec() -> JobSpec {
-    JobSpec {
-        id: new_id(),
-        owner: "bench".into(),
-        endpoint: "/".into(),
-        query: None,
-        method: "POST".into(),
-        headers: vec![("content-type".into(), "application/json".into())],
-        priority: Priority::Normal,
-        start_deadline_ms: None,
-        webhook_url: None,
-        no_retry: false,
-        submitted_at_ms: now_ms(),
-        idempotency: None,
-        tenant: None,
-    }
-}
+mod common;
+use common::spec;
 
 #[tokio::main]
 async fn main() {

@@ -14,29 +14,14 @@
 
 use std::time::{Duration, Instant};
 
-use fal_sidecar::job::{new_id, now_ms, JobSpec, Priority};
+use fal_sidecar::job::{new_id, now_ms};
+
+mod common;
+use common::spec;
 
 const PRELUDE: &str = include_str!("../src/store/redis/lua/prelude.lua");
 const SUBMIT: &str = include_str!("../src/store/redis/lua/submit.lua");
 const FUNCTIONS: usize = 16;
-
-fn spec() -> JobSpec {
-    JobSpec {
-        id: new_id(),
-        owner: "bench".into(),
-        endpoint: "/".into(),
-        query: None,
-        method: "POST".into(),
-        headers: vec![("content-type".into(), "application/json".into())],
-        priority: Priority::Normal,
-        start_deadline_ms: None,
-        webhook_url: None,
-        no_retry: false,
-        submitted_at_ms: now_ms(),
-        idempotency: None,
-        tenant: None,
-    }
-}
 
 /// One run of the submit script, as `RedisStore::submit` sends it.
 fn submit(pipe: &mut redis::Pipeline, sha: &str, prefix: &str) {
